@@ -1,0 +1,153 @@
+"""Frozen, validated settings for each stage, serialisable to and from plain dicts (JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, TypeVar
+
+from .errors import DistdmError
+
+T = TypeVar("T", bound="_Config")
+
+
+class _Config:
+    """Mixin: validation hook plus dict round-trip for frozen dataclasses."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise DistdmError on a nonsense setting."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the settings (JSON-serialisable)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+        """Build from a dict, rejecting unknown keys with a clear message."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - names
+        if unknown:
+            raise DistdmError(f"{cls.__name__}: unknown settings {sorted(unknown)}; known: {sorted(names)}")
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**fixed)
+
+    def replace(self: T, **changes: Any) -> T:
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise DistdmError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise DistdmError(f"{name} must be one of {list(options)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_Config):
+    """How the target model (and every retrain) is trained: plain SGD by default."""
+
+    epochs: int = 30
+    lr: float = 0.1
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive("epochs", self.epochs)
+        _positive("lr", self.lr)
+        _positive("batch_size", self.batch_size)
+        _positive("momentum", self.momentum, allow_zero=True)
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+        _choice("optimizer", self.optimizer, ("sgd", "adam"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig(_Config):
+    """How training data is partitioned into attribution units."""
+
+    per_class: int = 10
+    features: str = "penultimate"  # penultimate | inputs
+    kind: str = "kmeans"  # kmeans | classwise | index
+    seed: int = 0
+    n_init: int = 10
+
+    def validate(self) -> None:
+        _positive("per_class", self.per_class)
+        _choice("features", self.features, ("penultimate", "inputs"))
+        _choice("kind", self.kind, ("kmeans", "classwise", "index"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(_Config):
+    """How one synthetic set per cluster is distilled (SPEC.md section 1.3 and 6)."""
+
+    target: str = "trajectory"  # trajectory (reverse gradient matching) | influence
+    ipc: int = 1
+    iterations: int = 50  # image-update steps per sampled start (trajectory) or in total
+    starts: int = 10  # sampled trajectory starts t
+    step: int = 4  # s
+    pairing: str = "alg1"  # alg1 | eq6 | same
+    distance: str = "cosine"  # cosine | mse
+    reduction: str = "sum"  # sum | mean
+    direction: str = "reverse"  # reverse | match
+    lr_img: float = 0.1
+    momentum_img: float = 0.5
+    soft_labels: bool = False
+    lr_label: float = 0.1
+    real_batch: int = 256
+    calibration: str = "none"  # none | mass | norm
+    damping: float = 0.01  # influence target: lambda in (H + lambda I)
+    metric: str = "hessian"  # influence target: hessian | euclidean
+    seed: int = 0
+
+    def validate(self) -> None:
+        _choice("target", self.target, ("trajectory", "influence"))
+        _positive("ipc", self.ipc)
+        _positive("iterations", self.iterations)
+        _positive("starts", self.starts)
+        _positive("step", self.step)
+        _choice("pairing", self.pairing, ("alg1", "eq6", "same"))
+        _choice("distance", self.distance, ("cosine", "mse"))
+        _choice("reduction", self.reduction, ("sum", "mean"))
+        _choice("direction", self.direction, ("reverse", "match"))
+        _positive("lr_img", self.lr_img)
+        _positive("momentum_img", self.momentum_img, allow_zero=True)
+        _positive("lr_label", self.lr_label)
+        _positive("real_batch", self.real_batch)
+        _choice("calibration", self.calibration, ("none", "mass", "norm"))
+        _positive("damping", self.damping, allow_zero=True)
+        _choice("metric", self.metric, ("hessian", "euclidean"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineConfig(_Config):
+    """How perturbations are drawn, emulated by fine-tuning, and regressed (SPEC.md section 2)."""
+
+    perturbations_per_cluster: float = 4.0  # |P| = this * K (SPEC 6: |P| = K is not enough)
+    steps: int = 1  # T fine-tune steps per mask
+    lr: float | None = None  # None: the training lr
+    weighting: str = "exp"  # exp | kernelshap | uniform
+    ridge: float = 1e-3
+    holdout: float = 0.2  # fraction of perturbations held out to report the fit error
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive("perturbations_per_cluster", self.perturbations_per_cluster)
+        _positive("steps", self.steps)
+        if self.lr is not None:
+            _positive("lr", self.lr)
+        _choice("weighting", self.weighting, ("exp", "kernelshap", "uniform"))
+        _positive("ridge", self.ridge, allow_zero=True)
+        if not 0 <= self.holdout < 1:
+            raise DistdmError(f"holdout must be in [0, 1), got {self.holdout!r}")
