@@ -22,6 +22,7 @@ from .engine import (
     train_variants,
 )
 from .errors import DistdmError
+from .store import RunStore
 
 
 @dataclasses.dataclass
@@ -36,6 +37,7 @@ class Task:
     loss: str | LossFn = "ce"
     reduction: str = "mean"
     strategy: str = "auto"
+    store: RunStore | None = None  # where attributors cache expensive work (retrains), if given
 
     def __post_init__(self) -> None:
         if len(self.clusters.assignment) != self.data.n_train:
