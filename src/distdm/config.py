@@ -109,6 +109,8 @@ class DistillConfig(_Config):
     calibration: str = "none"  # none | mass | norm
     damping: float = 0.01  # influence target: lambda in (H + lambda I)
     metric: str = "hessian"  # influence target: hessian | euclidean
+    cg_iterations: int = 50  # influence target: CG steps for d_k = (H + lambda I)^-1 g_k / N
+    hessian_batch: int | None = 256  # influence target: samples per stochastic HVP of the metric (None: all)
     seed: int = 0
 
     def validate(self) -> None:
@@ -128,6 +130,9 @@ class DistillConfig(_Config):
         _choice("calibration", self.calibration, ("none", "mass", "norm"))
         _positive("damping", self.damping, allow_zero=True)
         _choice("metric", self.metric, ("hessian", "euclidean"))
+        _positive("cg_iterations", self.cg_iterations)
+        if self.hessian_batch is not None:
+            _positive("hessian_batch", self.hessian_batch)
 
 
 @dataclasses.dataclass(frozen=True)

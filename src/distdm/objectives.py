@@ -46,6 +46,11 @@ def squared_error(out: torch.Tensor, ref: torch.Tensor, y: torch.Tensor) -> torc
     return ((out.squeeze(-1) - y) ** 2).reshape(*out.shape[:-1])
 
 
+def global_loss(out: torch.Tensor, ref: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all queries as one column (V, 1): a validation-set objective."""
+    return dist2(out, ref, y).mean(-1, keepdim=True)
+
+
 def kl_to(teacher_logits: torch.Tensor) -> Objective:
     """KL(teacher || model) per query: transferability to a teacher's predictions."""
 
@@ -63,6 +68,7 @@ OBJECTIVES: dict[str, Objective] = {
     "loss": dist2,
     "dist3": dist3,
     "squared_error": squared_error,
+    "global": global_loss,
 }
 
 

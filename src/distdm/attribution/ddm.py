@@ -1,0 +1,137 @@
+"""The Distilled Datamodel: emulate leave-cluster-out retraining by fine-tuning on synsets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import torch
+
+from ..clusters import Clusters, classwise
+from ..config import DistillConfig, OnlineConfig
+from ..datamodel import Fit, fit_datamodel, sample_deletions
+from ..distill import distill, finetune
+from ..engine import predict
+from ..errors import DistdmError
+from ..objectives import Objective, get_objective, objective_name
+from ..presets import preset
+from ..scores import Scores
+from ..synset import Synset
+from ..task import Task
+from .base import Attributor, register
+
+log = logging.getLogger(__name__)
+
+
+def synset_key(cfg: DistillConfig, clusters: Clusters, lr: float, steps: int) -> str:
+    """A stable name for a synset made with these settings on these clusters."""
+    h = hashlib.sha256(json.dumps([cfg.to_dict(), lr, steps], sort_keys=True).encode())
+    h.update(clusters.assignment.tobytes())
+    return f"synset/{clusters.kind}-{h.hexdigest()[:12]}"
+
+
+def load_or_distill(
+    task: Task, cfg: DistillConfig, clusters: Clusters, lr: float, steps: int, progress: bool = False
+) -> Synset:
+    """The synset for these settings: from the task's run directory if cached, else distilled (and cached)."""
+    key = synset_key(cfg, clusters, lr, steps)
+    store = task.store
+    if store is not None and store.has(key + ".safetensors") and store.has(key + ".json"):
+        return Synset.from_tensors(store.load_tensors(key), store.load_json(key))
+    syn = distill(task, cfg, clusters=clusters, lr=lr, steps=steps, progress=progress)
+    if store is not None:
+        store.save_json(key, syn.info)  # info first: the tensors file marks the synset complete
+        store.save_tensors(key, syn.to_tensors())
+    return syn
+
+
+@register("ddm")
+class DDM(Attributor):
+    """Distilled Datamodel (Ye et al., CVPR 2024): W[k, q] = change of the objective on query q when
+    cluster k is deleted, fitted over random deletion masks emulated by fine-tuning on synsets."""
+
+    def __init__(
+        self,
+        preset_name: str = "default",
+        *,
+        distill_config: DistillConfig | None = None,
+        online: OnlineConfig | None = None,
+        synset: Synset | None = None,
+        progress: bool = False,
+    ):
+        self.preset_name = preset_name
+        self.distill_config = distill_config
+        self.online = online
+        self.synset = synset
+        self.progress = progress
+
+    def _settings(self, task: Task) -> tuple[DistillConfig, OnlineConfig]:
+        d, o = preset(self.preset_name, epochs=task.schedule.epochs)
+        return self.distill_config or d, self.online or o
+
+    def _fit(self, task: Task) -> None:
+        self.distill_config_, self.online_ = self._settings(task)
+        lr = self.online_.lr or task.schedule.lr
+        if self.synset is not None:
+            if self.synset.n_clusters != task.clusters.n_clusters:
+                raise DistdmError(
+                    f"the synset covers {self.synset.n_clusters} clusters, "
+                    f"the task has {task.clusters.n_clusters}"
+                )
+            self.synset_ = self.synset
+        else:
+            self.synset_ = load_or_distill(
+                task, self.distill_config_, task.clusters, lr, self.online_.steps, self.progress
+            )
+
+    def outcomes(
+        self, delete: np.ndarray, x: torch.Tensor, y: torch.Tensor, objective: str | Objective
+    ) -> np.ndarray:
+        """Objective values (P, outputs) of the fine-tuned model for every deletion mask."""
+        task = self.task_
+        fn = get_objective(objective)
+        states = finetune(task, self.synset_, torch.as_tensor(delete, dtype=torch.float32))
+        out = predict(task.model, states, x, strategy=task.strategy)
+        ref = task.outputs(x)
+        return fn(out, ref, y).detach().numpy()
+
+    def fit_matrix(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Fit:
+        """Sample masks, emulate each by fine-tuning, and fit the attribution matrix."""
+        k = self.synset_.n_clusters
+        o = self.online_
+        q = sample_deletions(
+            k, int(round(o.perturbations_per_cluster * k)), weighting=o.weighting, seed=o.seed
+        )
+        r = self.outcomes(q, x, y, objective)
+        return fit_datamodel(q, r, weighting=o.weighting, ridge=o.ridge, holdout=o.holdout, seed=o.seed)
+
+    def _scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
+        fit = self.fit_matrix(x, y, objective)
+        self.last_fit_ = fit
+        return Scores(fit.w, "cluster", objective_name(objective), f"ddm-{self.preset_name}")
+
+    def hierarchical(
+        self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective = "dist1"
+    ) -> np.ndarray:
+        """Top cluster per query by the class-then-cluster search: L class-level fine-tunes with the
+        class-wise synset pick the top class, then C single-cluster fine-tunes within it."""
+        task = self.task_
+        fn = get_objective(objective)
+        cw = classwise(task.data.y_train)
+        lr = self.online_.lr or task.schedule.lr
+        cls_syn = load_or_distill(task, self.distill_config_, cw, lr, self.online_.steps, self.progress)
+        ref = task.outputs(x)
+        base = fn(ref.unsqueeze(0), ref, y)[0]
+        cls_out = predict(task.model, finetune(task, cls_syn, torch.eye(cw.n_clusters)), x)
+        top_class = cw.cluster_class[(fn(cls_out, ref, y) - base).argmax(0).numpy()]
+        best = np.empty(len(y), dtype=np.int64)
+        for c in np.unique(top_class):
+            ks = np.flatnonzero(task.clusters.cluster_class == c)
+            delete = np.zeros((len(ks), task.clusters.n_clusters))
+            delete[np.arange(len(ks)), ks] = 1.0
+            out = predict(task.model, finetune(task, self.synset_, torch.as_tensor(delete)), x)
+            pick = ks[(fn(out, ref, y) - base).argmax(0).numpy()]
+            best[top_class == c] = pick[top_class == c]
+        return best

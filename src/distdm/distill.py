@@ -1,0 +1,300 @@
+"""Offline stage: distil one small synthetic set per cluster (SPEC.md sections 1.3, 6 and 7).
+
+Two targets:
+- 'trajectory': reverse gradient matching along the target model's recorded trajectory (the paper),
+  with every selectable option (pairing, distance, reduction, reverse vs standard matching), learnable
+  label vectors and an explicit step calibration;
+- 'influence': the synset's one-step update from theta_tau is fitted to the influence function's
+  removal update (H + lambda I)^-1 g_k / N, in the (H + lambda I) metric or per layer (see
+  `distill_influence`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+from .clusters import Clusters
+from .config import DistillConfig
+from .engine import State, param_names, per_sample_loss, predict, train_variants
+from .errors import DistdmError
+from .progress import progress_bar
+from .synset import Synset
+from .task import Task
+
+log = logging.getLogger(__name__)
+
+
+def layer_distance(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], distance: str, reduction: str
+) -> torch.Tensor:
+    """Per-cluster distance (K,) between gradient dicts with a leading cluster dim.
+
+    cosine: per parameter tensor, rows = output units, sum over rows of 1 - cos; tensors with one
+    dimension per cluster (biases, norm affines) contribute nothing (dataset condensation's rule).
+    mse: sum of squared differences. reduction 'mean' divides by the number of terms."""
+    total, terms = 0.0, 0
+    for k in a:
+        ga, gb = a[k], b[k]
+        if distance == "cosine":
+            if ga.ndim <= 2:  # (K, out): a bias-like tensor
+                continue
+            ra, rb = ga.flatten(2), gb.flatten(2)
+            cos = (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1) + 1e-6)
+            total = total + (1 - cos).sum(-1)
+            terms += ra.shape[1]
+        else:
+            total = total + ((ga - gb) ** 2).flatten(1).sum(-1)
+            terms += ga[0].numel()
+    if isinstance(total, float):
+        raise DistdmError("the model has no weight matrix to match gradients on")
+    return total / terms if reduction == "mean" else total
+
+
+def layer_cosines(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Cosine between two gradient dicts per parameter tensor, averaged over the leading cluster dim."""
+    out = {}
+    for k in a:
+        fa, fb = a[k].flatten(1), b[k].flatten(1)
+        out[k] = float(((fa * fb).sum(-1) / (fa.norm(dim=-1) * fb.norm(dim=-1) + 1e-12)).mean())
+    return out
+
+
+def _cluster_batches(
+    clusters: Clusters, rng: np.random.Generator, cap: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded member indices (K, B) and a 0/1 mask: up to `cap` random members of each cluster."""
+    rows = []
+    for k in range(clusters.n_clusters):
+        m = clusters.members(k)
+        rows.append(rng.choice(m, size=min(cap, len(m)), replace=False) if len(m) else m)
+    width = max(1, max(len(r) for r in rows))
+    idx = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width)
+    for k, r in enumerate(rows):
+        idx[k, : len(r)] = torch.as_tensor(r)
+        mask[k, : len(r)] = 1.0
+    return idx, mask
+
+
+def cluster_gradients(
+    task: Task, state: State, idx: torch.Tensor, mask: torch.Tensor, *, mean: bool = True
+) -> dict[str, torch.Tensor]:
+    """Loss gradient of each cluster's (masked) members at a state: dict of (K, *param_shape)."""
+    model, names = task.model, param_names(task.model)
+    params = {k: state[k] for k in names}
+    rest = {k: v for k, v in state.items() if k not in params}
+    x, y = task.data.x_train, task.data.y_train
+
+    def loss(p: State, xi: torch.Tensor, yi: torch.Tensor, mi: torch.Tensor) -> torch.Tensor:
+        per = per_sample_loss(functional_call(model, {**p, **rest}, (xi,)), yi, task.loss)
+        total = (per * mi).sum()
+        return total / mi.sum().clamp_min(1.0) if mean else total
+
+    out = {k: [] for k in names}
+    for sl in torch.arange(len(idx)).split(max(1, 4096 // max(1, idx.shape[1]))):
+        g = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x[idx[sl]], y[idx[sl]], mask[sl])
+        for k in names:
+            out[k].append(g[k].detach())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def synthetic_gradients(
+    task: Task, state: State, sx: torch.Tensor, sy: torch.Tensor, ipc: int, *, mean: bool = True
+) -> dict[str, torch.Tensor]:
+    """Loss gradient of each cluster's synthetic samples at a state, differentiable w.r.t. them."""
+    model, names = task.model, param_names(task.model)
+    params = {k: state[k].detach() for k in names}
+    rest = {k: v for k, v in state.items() if k not in params}
+    k_clusters = sx.shape[0] // ipc
+
+    def loss(p: State, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        per = per_sample_loss(functional_call(model, {**p, **rest}, (xi,)), yi, "ce")
+        return per.mean() if mean else per.sum()
+
+    xs = sx.reshape(k_clusters, ipc, *sx.shape[1:])
+    ys = sy.reshape(k_clusters, ipc, *sy.shape[1:])
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, xs, ys)
+
+
+def init_synset(
+    task: Task, clusters: Clusters, ipc: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Synthetic inputs from random real members of each cluster, one-hot labels of its class."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for k in range(clusters.n_clusters):
+        m = clusters.members(k)
+        if len(m) == 0:
+            raise DistdmError(f"cluster {k} is empty; re-cluster with fewer clusters per class")
+        picks.append(rng.choice(m, size=ipc, replace=len(m) < ipc))
+    idx = torch.as_tensor(np.concatenate(picks))
+    x = task.data.x_train[idx].clone()
+    if len(np.unique(idx.numpy())) < len(idx):  # duplicates from tiny clusters: nudge apart
+        x += 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    n_classes = max(task.data.num_classes, 1)
+    cls = torch.as_tensor(clusters.cluster_class).long().repeat_interleave(ipc)
+    if (cls < 0).any():
+        raise DistdmError("distillation needs class-pure clusters (per-class k-means, class-wise or index)")
+    y = torch.nn.functional.one_hot(cls, n_classes).float()
+    return x, y, torch.arange(clusters.n_clusters).repeat_interleave(ipc)
+
+
+def _starts(tau: int, cfg: DistillConfig, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(real, synthetic) checkpoint pairs per sampled start, by the pairing rule."""
+    if cfg.direction == "match":
+        hi = tau
+        return [(t, t) for t in rng.integers(0, hi, size=cfg.starts)]
+    if cfg.pairing == "alg1":
+        if tau <= cfg.step:
+            raise DistdmError(f"pairing alg1 needs more epochs ({tau}) than the step length s={cfg.step}")
+        return [(t, t + cfg.step) for t in rng.integers(0, tau - cfg.step, size=cfg.starts)]
+    if cfg.pairing == "eq6":
+        return [(t, tau - t) for t in rng.integers(0, tau, size=cfg.starts)]
+    return [(t, t) for t in rng.integers(0, tau, size=cfg.starts)]
+
+
+def distill_trajectory(
+    task: Task,
+    cfg: DistillConfig,
+    *,
+    clusters: Clusters | None = None,
+    lr: float | None = None,
+    steps: int = 1,
+    progress: bool = False,
+) -> Synset:
+    """Reverse (or standard) gradient matching along the trajectory; returns a calibrated synset.
+
+    lr and steps are the online fine-tune's step size and count that the synset is calibrated for."""
+    clusters = clusters or task.clusters
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    sx, sy, cl = init_synset(task, clusters, cfg.ipc, cfg.seed)
+    sx.requires_grad_(True)
+    opts = [torch.optim.SGD([sx], lr=cfg.lr_img, momentum=cfg.momentum_img)]
+    if cfg.soft_labels:
+        sy.requires_grad_(True)
+        opts.append(torch.optim.SGD([sy], lr=cfg.lr_label, momentum=cfg.momentum_img))
+    tau = len(task.trajectory) - 1
+    sign = -1.0 if cfg.direction == "reverse" else 1.0
+    history: list[float] = []
+    pairs = _starts(tau, cfg, rng)
+    with progress_bar(len(pairs) * cfg.iterations, "distilling", progress) as bar:
+        for t_real, t_syn in pairs:
+            idx, mask = _cluster_batches(clusters, rng, cfg.real_batch)
+            g_real = cluster_gradients(task, task.trajectory[t_real], idx, mask)
+            target = {k: sign * v for k, v in g_real.items()}
+            for _ in range(cfg.iterations):
+                g_syn = synthetic_gradients(task, task.trajectory[t_syn], sx, sy, cfg.ipc)
+                loss = layer_distance(g_syn, target, cfg.distance, cfg.reduction).sum()
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                for o in opts:
+                    o.step()
+                history.append(float(loss.detach()))
+                bar.advance()
+    sx, sy = sx.detach(), sy.detach()
+    # diagnostics: matching cosine per layer on the last start's pair, fresh real batches
+    idx, mask = _cluster_batches(clusters, rng, cfg.real_batch)
+    t_real, t_syn = pairs[-1]
+    g_real = cluster_gradients(task, task.trajectory[t_real], idx, mask)
+    g_syn = synthetic_gradients(task, task.trajectory[t_syn], sx, sy, cfg.ipc)
+    cosines = layer_cosines(g_syn, {k: sign * v for k, v in g_real.items()})
+    scale = calibrate(task, clusters, sx, sy, cfg.ipc, cfg.calibration, lr or task.schedule.lr)
+    info: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "loss_history": history[:: max(1, len(history) // 200)],
+        "loss_first": history[0],
+        "loss_last": history[-1],
+        "layer_cosine": cosines,
+        "seconds": time.perf_counter() - t0,
+    }
+    syn = Synset(sx, sy, cl, scale, lr or task.schedule.lr, steps, info)
+    warn_on_cosines(cosines)
+    return syn
+
+
+def calibrate(
+    task: Task, clusters: Clusters, sx: torch.Tensor, sy: torch.Tensor, ipc: int, how: str, lr: float
+) -> torch.Tensor:
+    """Per-cluster loss weights: 'none' (1), 'mass' (|D_k| / N), 'norm' (one synthetic step at
+    theta_tau has the norm of the cluster's summed gradient over N times lr)."""
+    k = clusters.n_clusters
+    n = len(clusters.assignment)
+    if how == "none":
+        return torch.ones(k)
+    if how == "mass":
+        return torch.as_tensor(clusters.sizes() / n, dtype=torch.float32)
+    idx, mask = _cluster_batches(clusters, np.random.default_rng(0), 10**9)
+    g_real = cluster_gradients(task, task.final, idx, mask, mean=False)
+    g_syn = synthetic_gradients(task, task.final, sx, sy, ipc, mean=False)
+    real_norm = torch.sqrt(sum((v.flatten(1) ** 2).sum(-1) for v in g_real.values()))
+    syn_norm = torch.sqrt(sum((v.detach().flatten(1) ** 2).sum(-1) for v in g_syn.values()))
+    return (real_norm / n / syn_norm.clamp_min(1e-12)).float()
+
+
+def warn_on_cosines(cosines: dict[str, float]) -> None:
+    """Log a warning for every layer whose matching cosine stayed <= 0 (SPEC.md section 6)."""
+    bad = {k: round(v, 3) for k, v in cosines.items() if v <= 0}
+    if bad:
+        log.warning(
+            "distillation did not match the gradients of %s (cosine <= 0): fine-tuning on this synset "
+            "will not emulate removal in those layers; use soft labels or the influence target",
+            bad,
+        )
+
+
+def finetune(task: Task, synset: Synset, delete: torch.Tensor, *, executor: Any = None) -> State:
+    """Fine-tune theta_tau on the synsets of the deleted clusters, one variant per row of
+    `delete` (V, K): `steps` full-batch SGD steps of size `lr` on the scale-weighted summed loss."""
+    from .engine import Schedule
+
+    sched = Schedule(epochs=synset.steps, lr=synset.lr, batch_size=None, shuffle=False)
+    return train_variants(
+        task.model, synset.x, synset.y, sched, weights=synset.weights(delete), init=task.final,
+        loss="ce", reduction="sum", strategy=task.strategy, executor=executor,
+    ).states  # fmt: skip
+
+
+def forgetting_accuracy(task: Task, synset: Synset) -> dict[str, float]:
+    """Test accuracy of theta_0, theta_tau, and theta_tau fine-tuned on the whole synset (Table 4)."""
+
+    def acc(states: State) -> float:
+        out = predict(task.model, states, task.data.x_test, strategy=task.strategy)[0]
+        return float((out.argmax(-1) == task.data.y_test).float().mean())
+
+    one = {k: v.unsqueeze(0) for k, v in task.init.items()}
+    fin = {k: v.unsqueeze(0) for k, v in task.final.items()}
+    forgot = finetune(task, synset, torch.ones(1, synset.n_clusters))
+    return {"acc_theta0": acc(one), "acc_target": acc(fin), "acc_after_whole_synset": acc(forgot)}
+
+
+def distill(
+    task: Task,
+    cfg: DistillConfig,
+    *,
+    clusters: Clusters | None = None,
+    lr: float | None = None,
+    steps: int = 1,
+    progress: bool = False,
+) -> Synset:
+    """Distil a synset for every cluster with the configured target; diagnostics in `synset.info`."""
+    if task.data.is_regression:
+        raise DistdmError("distillation needs a classification task (label vectors)")
+    if cfg.target == "trajectory":
+        syn = distill_trajectory(task, cfg, clusters=clusters, lr=lr, steps=steps, progress=progress)
+    else:
+        from .distill_influence import distill_influence
+
+        syn = distill_influence(task, cfg, clusters=clusters, lr=lr, progress=progress)
+    syn.info["forgetting"] = forgetting_accuracy(task, syn)
+    if not math.isfinite(syn.info.get("loss_last", 0.0)):
+        raise DistdmError("distillation diverged (loss is not finite): lower lr_img")
+    return syn

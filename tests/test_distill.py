@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+
+from distdm.config import DistillConfig
+from distdm.datamodel import fit_datamodel, sample_deletions
+from distdm.distill import distill, finetune, layer_distance
+from distdm.errors import DistdmError
+
+
+def test_cosine_distance_ignores_biases_and_scale():
+    a = {"w": torch.randn(3, 4, 5), "b": torch.randn(3, 4)}
+    b = {"w": 7.0 * a["w"], "b": -a["b"]}
+    torch.testing.assert_close(layer_distance(a, b, "cosine", "sum"), torch.zeros(3), atol=1e-5, rtol=0)
+    opposite = {"w": -a["w"], "b": a["b"]}
+    # 1 - cos = 2 for each of the 4 rows
+    torch.testing.assert_close(layer_distance(a, opposite, "cosine", "sum"), torch.full((3,), 8.0))
+    torch.testing.assert_close(layer_distance(a, opposite, "cosine", "mean"), torch.full((3,), 2.0))
+
+
+def test_mse_distance_is_sum_of_squares():
+    a = {"w": torch.ones(2, 2, 2), "b": torch.zeros(2, 2)}
+    b = {"w": torch.zeros(2, 2, 2), "b": torch.ones(2, 2)}
+    torch.testing.assert_close(layer_distance(a, b, "mse", "sum"), torch.full((2,), 6.0))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_reverse_matching_loss_decreases(tiny_task, soft):
+    cfg = DistillConfig(starts=2, iterations=15, step=2, soft_labels=soft, seed=0)
+    syn = distill(tiny_task, cfg)
+    hist = syn.info["loss_history"]
+    # the loss of the first start's first and last step (same checkpoints, same real batch)
+    per_start = len(hist) // 2
+    assert hist[per_start - 1] < hist[0]
+    assert set(syn.info["layer_cosine"]) == {"body.1.weight", "body.1.bias", "head.weight", "head.bias"}
+
+
+def test_hard_labels_cannot_reverse_the_last_layer_but_soft_labels_can(tiny_task):
+    # SPEC.md section 6: with hard labels the head's matching cosine stays <= 0
+    hard = distill(tiny_task, DistillConfig(starts=2, iterations=30, step=2, soft_labels=False))
+    soft = distill(tiny_task, DistillConfig(starts=2, iterations=30, step=2, soft_labels=True))
+    assert hard.info["layer_cosine"]["head.weight"] <= 0.05
+    assert soft.info["layer_cosine"]["head.weight"] > 0.3
+
+
+def test_influence_target_error_decreases(tiny_task):
+    cfg = DistillConfig(
+        target="influence", ipc=2, iterations=40, soft_labels=True, lr_img=0.01, lr_label=0.01
+    )
+    syn = distill(tiny_task, cfg)
+    assert syn.info["loss_history"][-1] < syn.info["loss_history"][0]
+    assert syn.info["loss_last"] < 1.0  # better than the zero step, whose relative error is 1
+
+
+def test_one_step_on_a_union_is_the_sum_of_single_steps(tiny_task):
+    syn = distill(tiny_task, DistillConfig(target="influence", ipc=1, iterations=5, soft_labels=True))
+    k = syn.n_clusters
+    delete = torch.zeros(3, k)
+    delete[0, 0] = 1
+    delete[1, 5] = 1
+    delete[2, [0, 5]] = 1
+    states = finetune(tiny_task, syn, delete)
+    for name, v in states.items():
+        base = tiny_task.final[name]
+        torch.testing.assert_close(v[2] - base, (v[0] - base) + (v[1] - base), atol=1e-6, rtol=1e-4)
+
+
+def test_sample_deletions_and_ridge_recover_a_linear_model():
+    rng = np.random.default_rng(0)
+    k = 12
+    q = sample_deletions(k, 80, seed=1)
+    assert q.shape == (81, k) and q[0].sum() == 0 and (q[1:].sum(1) >= 1).all()
+    w_true = rng.normal(size=(k, 3))
+    r = 2.0 + q @ w_true
+    fit = fit_datamodel(q, r, ridge=1e-8)
+    np.testing.assert_allclose(fit.w, w_true, atol=1e-5)
+    np.testing.assert_allclose(fit.c, 2.0, atol=1e-5)
+    assert fit.heldout_r2 > 0.999
+
+
+def test_distill_rejects_regression_and_bad_settings(tiny_task):
+    with pytest.raises(DistdmError, match="pairing"):
+        DistillConfig(pairing="sideways")
+    with pytest.raises(DistdmError, match="ipc"):
+        DistillConfig(ipc=0)
