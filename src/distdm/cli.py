@@ -174,15 +174,14 @@ def attribute(
         cells = [f"{k} ({clusters.cluster_class[k]}, {sizes[k]}): {s.values[k, q]:+.3g}" for k in tops[:, q]]
         t.add_row(str(idx[q]), str(int(y[q])), str(int(pred[q])), *cells)
     console.print(t)
-    name = f"attribution/{method}-{objective}-q{queries}s{seed}"
+    tag = f"{method}-{objective}-q{queries}s{seed}"
     r.store.save_tensors(
-        name,
-        {"scores": __import__("torch").as_tensor(s.values), "queries": __import__("torch").as_tensor(idx)},
+        f"attribution/{tag}", {"scores": torch.as_tensor(s.values), "queries": torch.as_tensor(idx)}
     )
-    png = heatmap_png(s.values, clusters, y.numpy(), f"{method} / {objective}")
-    console.print(
-        f"scores: {r.path}/{name}.safetensors; heatmap: {r.store.save_file(f'figures/{name.split('/')[1]}.png', png)}"
+    fig = r.store.save_file(
+        f"figures/{tag}.png", heatmap_png(s.values, clusters, y.numpy(), f"{method} / {objective}")
     )
+    console.print(f"scores: {r.path}/attribution/{tag}.safetensors; heatmap: {fig}")
     console.print(f"online time {s.seconds:.2f}s for {len(y)} queries x {s.n_units} clusters")
 
 
