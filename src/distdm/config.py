@@ -111,6 +111,7 @@ class DistillConfig(_Config):
     metric: str = "hessian"  # influence target: hessian | euclidean
     cg_iterations: int = 50  # influence target: CG steps for d_k = (H + lambda I)^-1 g_k / N
     hessian_batch: int | None = 256  # influence target: samples per stochastic HVP of the metric (None: all)
+    hessian_rank: int | None = None  # influence target: metric from the top-r eigenpairs (Arnoldi) + damping
     seed: int = 0
 
     def validate(self) -> None:
@@ -133,6 +134,8 @@ class DistillConfig(_Config):
         _positive("cg_iterations", self.cg_iterations)
         if self.hessian_batch is not None:
             _positive("hessian_batch", self.hessian_batch)
+        if self.hessian_rank is not None:
+            _positive("hessian_rank", self.hessian_rank)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from .clusters import Clusters
 from .config import DistillConfig
 from .distill import _cluster_batches, cluster_gradients, init_synset, synthetic_gradients, warn_on_cosines
 from .errors import DistdmError
-from .hessian import cg, flat_model, hvp, stochastic_hvp
+from .hessian import arnoldi, cg, flat_model, hvp, stochastic_hvp
 from .progress import progress_bar
 from .synset import Synset
 from .task import Task
@@ -42,6 +42,20 @@ def influence_targets(
     b = flatten_batch(g, fm.names) / len(clusters.assignment)
     d = cg(hvp(task), b, damping=damping, max_iter=max_iter, tol=1e-4)
     return b, d
+
+
+def metric_hvp(task: Task, cfg: DistillConfig) -> Any:
+    """v -> H v for the matching metric: a low-rank eigen-approximation (hessian_rank), the full
+    data (hessian_batch None) or a fresh random batch per call (unbiased, much cheaper)."""
+    fm = flat_model(task)
+    if cfg.hessian_rank is not None:
+        vals, vecs = arnoldi(hvp(task), fm.n_params, n_iters=2 * cfg.hessian_rank, top_p=cfg.hessian_rank)
+        vals = vals.clamp_min(0.0)  # keep the metric positive semi-definite
+        return lambda v: ((v @ vecs.T) * vals) @ vecs
+    if cfg.hessian_batch is None:
+        return hvp(task)
+    x, y = task.data.x_train, task.data.y_train
+    return stochastic_hvp(fm, x, y, task.loss, batch_size=cfg.hessian_batch, seed=cfg.seed)
 
 
 def flatten_batch(g: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
@@ -72,9 +86,7 @@ def distill_influence(
     lr = lr or task.schedule.lr
     t0 = time.perf_counter()
     b, d = influence_targets(task, clusters, cfg.damping, max_iter=cfg.cg_iterations)
-    # the metric's HVPs use a fresh random batch each step: unbiased, and far cheaper than all data
-    hv = stochastic_hvp(flat_model(task), task.data.x_train, task.data.y_train, task.loss,
-                        batch_size=cfg.hessian_batch or task.data.n_train, seed=cfg.seed)  # fmt: skip
+    hv = metric_hvp(task, cfg)
     t_target = time.perf_counter() - t0
     names = flat_model(task).names
     slices = _layer_slices(task)

@@ -97,6 +97,18 @@ class DDM(Attributor):
         ref = task.outputs(x)
         return fn(out, ref, y).detach().numpy()
 
+    def _finite_rows(self, q: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ok = np.isfinite(r).all(1)
+        if not ok[0] or ok.sum() < max(2, len(ok) // 2):
+            raise DistdmError(
+                f"fine-tuning on the synsets diverged for {int((~ok).sum())} of {len(ok)} deletion masks "
+                f"(outputs are NaN or inf): lower the online lr (now {self.synset_.lr}) or the steps "
+                f"(now {self.synset_.steps}), or calibrate the synset"
+            )
+        if not ok.all():
+            log.warning("DDM: %d of %d fine-tunes diverged and are left out of the fit", (~ok).sum(), len(ok))
+        return q[ok], r[ok]
+
     def fit_matrix(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Fit:
         """Sample masks, emulate each by fine-tuning, and fit the attribution matrix."""
         k = self.synset_.n_clusters
@@ -104,7 +116,7 @@ class DDM(Attributor):
         q = sample_deletions(
             k, int(round(o.perturbations_per_cluster * k)), weighting=o.weighting, seed=o.seed
         )
-        r = self.outcomes(q, x, y, objective)
+        q, r = self._finite_rows(q, self.outcomes(q, x, y, objective))
         return fit_datamodel(q, r, weighting=o.weighting, ridge=o.ridge, holdout=o.holdout, seed=o.seed)
 
     def _scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
