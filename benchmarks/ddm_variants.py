@@ -62,6 +62,10 @@ def variants(epochs: int) -> dict[str, tuple[DistillConfig, OnlineConfig]]:
             inf.replace(ipc=4, hessian_rank=200, iterations=1000, lr_img=0.03, lr_label=0.03),
             one,
         ),
+        "inf-hessian-ipc1-rank200-it1000-lr03": (
+            inf.replace(ipc=1, hessian_rank=200, iterations=1000, lr_img=0.03, lr_label=0.03),
+            one,
+        ),
         "inf-hessian-ipc10-rank200-it1000-lr03": (
             inf.replace(ipc=10, hessian_rank=200, iterations=1000, lr_img=0.03, lr_label=0.03),
             one,
