@@ -29,6 +29,7 @@ from distdm.attribution import make_attributor  # noqa: E402
 from distdm.attribution.ddm import DDM  # noqa: E402
 from distdm.config import DistillConfig, OnlineConfig  # noqa: E402
 from distdm.engine import predict  # noqa: E402
+from distdm.errors import DistdmError  # noqa: E402
 from distdm.objectives import margin  # noqa: E402
 from distdm.presets import preset  # noqa: E402
 
@@ -62,6 +63,7 @@ def variants(epochs: int) -> dict[str, tuple[DistillConfig, OnlineConfig]]:
             inf.replace(ipc=4, hessian_rank=200, iterations=1000, lr_img=0.03, lr_label=0.03),
             one,
         ),
+        "default-solve": (preset("default", epochs=epochs)[0].replace(hessian_target="solve"), one),
         "inf-hessian-ipc1-rank200-it1000-lr03": (
             inf.replace(ipc=1, hessian_rank=200, iterations=1000, lr_img=0.03, lr_label=0.03),
             one,
@@ -150,9 +152,14 @@ def main() -> None:
     for name in names:
         dc, oc = grid[name]
         t = time.perf_counter()
-        ddm = DDM(distill_config=dc, online=oc).fit(task)
-        off = time.perf_counter() - t
-        s = ddm.scores(x, y, "margin")
+        try:
+            ddm = DDM(distill_config=dc, online=oc).fit(task)
+            off = time.perf_counter() - t
+            s = ddm.scores(x, y, "margin")
+        except DistdmError as e:
+            print(json.dumps({"method": f"ddm:{name}", "failed": str(e)}), flush=True)
+            rows.append({"method": f"ddm:{name}", "failed": str(e)})
+            continue
         info = ddm.synset_.info
         row(
             f"ddm:{name}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, TypeVar
 
 from .errors import DistdmError
@@ -15,6 +16,7 @@ class _Config:
     """Mixin: validation hook plus dict round-trip for frozen dataclasses."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         self.validate()
 
     def validate(self) -> None:
@@ -27,6 +29,8 @@ class _Config:
     @classmethod
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:
         """Build from a dict, rejecting unknown keys with a clear message."""
+        if not isinstance(d, dict):
+            raise DistdmError(f"{cls.__name__} settings must be a dict, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = set(d) - names
         if unknown:
@@ -36,12 +40,46 @@ class _Config:
 
     def replace(self: T, **changes: Any) -> T:
         """A copy with some settings changed (validated again)."""
+        names = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        unknown = set(changes) - names
+        if unknown:
+            raise DistdmError(
+                f"{type(self).__name__}: unknown settings {sorted(unknown)}; known: {sorted(names)}"
+            )
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+def _check_types(cfg: Any) -> None:
+    """Reject settings of the wrong type (by the field's annotation) and normalise numbers to int/float."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kinds = str(f.type).replace(" ", "").split("|")
+        if value is None and "None" in kinds:
+            continue
+        if "bool" in kinds:
+            ok = isinstance(value, bool)
+        elif "int" in kinds:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            value = int(value) if ok else value
+        elif "float" in kinds:
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif "str" in kinds:
+            ok = isinstance(value, str)
+        else:  # another annotation: left to validate()
+            continue
+        if not ok:
+            words = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+            want = " or ".join(words.get(k, "None") for k in kinds)
+            raise DistdmError(f"{type(cfg).__name__}.{f.name} must be {want}, got {value!r}")
+        if f.name == "seed" and value < 0:
+            raise DistdmError(f"{type(cfg).__name__}.seed must be an integer >= 0, got {value!r}")
+        object.__setattr__(cfg, f.name, value)
+
+
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not real or not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
         bound = ">= 0" if allow_zero else "> 0"
         raise DistdmError(f"{name} must be a finite number {bound}, got {value!r}")
 
@@ -86,6 +124,7 @@ class ClusterConfig(_Config):
         _positive("per_class", self.per_class)
         _choice("features", self.features, ("penultimate", "inputs"))
         _choice("kind", self.kind, ("kmeans", "classwise", "index"))
+        _positive("n_init", self.n_init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +151,7 @@ class DistillConfig(_Config):
     cg_iterations: int = 50  # influence target: CG steps for d_k = (H + lambda I)^-1 g_k / N
     hessian_batch: int | None = 256  # influence target: samples per stochastic HVP of the metric (None: all)
     hessian_rank: int | None = None  # influence target: metric from the top-r eigenpairs (Arnoldi) + damping
+    hessian_target: str = "metric"  # influence target: metric (A^-1 g / N in the metric A) | solve (CG)
     seed: int = 0
 
     def validate(self) -> None:
@@ -134,6 +174,7 @@ class DistillConfig(_Config):
         _positive("cg_iterations", self.cg_iterations)
         if self.hessian_batch is not None:
             _positive("hessian_batch", self.hessian_batch)
+        _choice("hessian_target", self.hessian_target, ("metric", "solve"))
         if self.hessian_rank is not None:
             _positive("hessian_rank", self.hessian_rank)
 

@@ -95,7 +95,10 @@ def distill_influence(
     def a_metric(v: torch.Tensor) -> torch.Tensor:
         return hv(v) + damping * v
 
-    d_norm_a = (d * b).sum(-1).clamp_min(1e-30)  # ||d_k||_A^2 = b_k . d_k
+    a_d = a_metric(d)
+    d_norm_a = (d * a_d).sum(-1).clamp_min(1e-30)  # ||d_k||_A^2
+    # 'solve': fit the CG solution d in the metric; 'metric': fit the metric's own minimiser A^-1 b
+    rhs = a_d if cfg.hessian_target == "solve" else b
     d_layer_norm = {k: (d[:, s] ** 2).sum(-1).clamp_min(1e-30) for k, s in slices.items()}
 
     sx, onehot, cl = init_synset(task, clusters, cfg.ipc, cfg.seed)
@@ -108,7 +111,7 @@ def distill_influence(
     with torch.no_grad():
         u = step(sx, onehot)
         if cfg.metric == "hessian":
-            alpha = (u * b).sum(-1) / (u * a_metric(u)).sum(-1).clamp_min(1e-30)
+            alpha = (u * rhs).sum(-1) / (u * a_metric(u)).sum(-1).clamp_min(1e-30)
         else:
             alpha = (u * d).sum(-1) / (u * u).sum(-1).clamp_min(1e-30)
     alpha_rep = alpha.repeat_interleave(cfg.ipc)[:, None]
@@ -122,7 +125,7 @@ def distill_influence(
     def errors(delta: torch.Tensor, a_delta: torch.Tensor | None) -> torch.Tensor:
         """Relative error per cluster (K,) in the chosen metric."""
         if cfg.metric == "hessian":
-            diff_a = (delta * a_delta).sum(-1) - 2 * (delta * b).sum(-1) + d_norm_a
+            diff_a = (delta * a_delta).sum(-1) - 2 * (delta * a_d).sum(-1) + d_norm_a
             return diff_a / d_norm_a
         return sum(((delta[:, s] - d[:, s]) ** 2).sum(-1) / d_layer_norm[k] for k, s in slices.items()) / len(
             slices
@@ -134,8 +137,8 @@ def distill_influence(
             delta = step(sx, alpha_rep * z)
             if cfg.metric == "hessian":
                 a_delta = a_metric(delta.detach())
-                # gradient of ||delta - d||_A^2 is 2 (A delta - b) . d delta: one HVP, no inverse
-                surrogate = (2 * (delta * (a_delta - b)).sum(-1) / d_norm_a).sum()
+                # gradient of ||delta - target||_A^2 is 2 (A delta - rhs) . d delta: one HVP per step
+                surrogate = (2 * (delta * (a_delta - rhs)).sum(-1) / d_norm_a).sum()
                 value = errors(delta.detach(), a_delta)
             else:
                 surrogate = errors(delta, None).sum()
