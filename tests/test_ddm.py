@@ -7,6 +7,7 @@ from scipy.stats import spearmanr
 
 from distdm.attribution.ddm import DDM
 from distdm.engine import predict
+from distdm.errors import DistdmError
 from distdm.objectives import margin
 
 
@@ -30,23 +31,46 @@ def _within_class_spearman(values, truth, clusters, y):
     return float(np.nanmean(rhos))
 
 
+@pytest.fixture(scope="module")
+def ddm_default(tiny_task):
+    """The default preset fitted once on the tiny task (the slowest fixture of the suite)."""
+    return DDM("default").fit(tiny_task)
+
+
+def _spearman_all(values, truth):
+    return float(np.nanmean([spearmanr(values[:, q], truth[:, q])[0] for q in range(truth.shape[1])]))
+
+
 @pytest.mark.slow
-def test_default_preset_correlates_with_exact_retraining(tiny_task, queries, exact_effects):
+def test_default_preset_correlates_with_exact_retraining(tiny_task, queries, exact_effects, ddm_default):
     x, y = queries
-    ddm = DDM("default").fit(tiny_task)
+    ddm = ddm_default
     s = ddm.scores(x, y, "margin")
     assert s.values.shape == (tiny_task.clusters.n_clusters, len(y))
-    rho_all = np.nanmean([spearmanr(s.values[:, q], exact_effects[:, q])[0] for q in range(len(y))])
+    rho_all = _spearman_all(s.values, exact_effects)
     rho_within = _within_class_spearman(s.values, exact_effects, tiny_task.clusters, y)
-    # measured on this task (see benchmarks/RESULTS.md): default all THRESH_ALL, within THRESH_WITHIN
-    assert rho_all > 0.3
-    assert rho_within > 0.3
+    print(f"default preset on the tiny task: Spearman all {rho_all:.3f}, within class {rho_within:.3f}")
+    # measured on this task: all 0.62, within class 0.71 (2 cores, torch 2.13); thresholds leave margin
+    assert rho_all > 0.4
+    assert rho_within > 0.45
     assert ddm.last_fit_.heldout_r2 > 0.9
 
 
-def test_hierarchical_search_returns_a_cluster_of_the_top_class(tiny_task, queries):
+def test_paper_preset_fails_on_the_tiny_task(tiny_task, queries, exact_effects):
+    """SPEC.md section 6: the paper's literal settings either diverge or carry no signal."""
     x, y = queries
-    ddm = DDM("default").fit(tiny_task)
-    best = ddm.hierarchical(x[:5], y[:5], "dist1")
+    ddm = DDM("paper").fit(tiny_task)
+    try:
+        s = ddm.scores(x, y, "margin")
+    except DistdmError as e:
+        assert "diverged" in str(e)
+        return
+    assert _within_class_spearman(s.values, exact_effects, tiny_task.clusters, y) < 0.3
+
+
+@pytest.mark.slow
+def test_hierarchical_search_returns_a_cluster_of_the_top_class(tiny_task, queries, ddm_default):
+    x, y = queries
+    best = ddm_default.hierarchical(x[:5], y[:5], "dist1")
     assert best.shape == (5,)
     assert ((best >= 0) & (best < tiny_task.clusters.n_clusters)).all()

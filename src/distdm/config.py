@@ -151,6 +151,7 @@ class DistillConfig(_Config):
     cg_iterations: int = 50  # influence target: CG steps for d_k = (H + lambda I)^-1 g_k / N
     hessian_batch: int | None = 256  # influence target: samples per stochastic HVP of the metric (None: all)
     hessian_rank: int | None = None  # influence target: metric from the top-r eigenpairs (Arnoldi) + damping
+    curvature: str = "hessian"  # influence target: hessian | ggn (Gauss-Newton, positive semi-definite)
     hessian_target: str = "metric"  # influence target: metric (A^-1 g / N in the metric A) | solve (CG)
     seed: int = 0
 
@@ -174,6 +175,7 @@ class DistillConfig(_Config):
         _positive("cg_iterations", self.cg_iterations)
         if self.hessian_batch is not None:
             _positive("hessian_batch", self.hessian_batch)
+        _choice("curvature", self.curvature, ("hessian", "ggn"))
         _choice("hessian_target", self.hessian_target, ("metric", "solve"))
         if self.hessian_rank is not None:
             _positive("hessian_rank", self.hessian_rank)

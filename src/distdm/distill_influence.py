@@ -33,14 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def influence_targets(
-    task: Task, clusters: Clusters, damping: float, *, max_iter: int = 50
+    task: Task, clusters: Clusters, damping: float, *, max_iter: int = 50, curvature: str = "hessian"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """b_k = g_k / N (K, P) and d_k = (H + damping I)^-1 b_k (K, P) by batched CG on the full data."""
     fm = flat_model(task)
     idx, mask = _cluster_batches(clusters, np.random.default_rng(0), 10**9)
     g = cluster_gradients(task, task.final, idx, mask, mean=False)
     b = flatten_batch(g, fm.names) / len(clusters.assignment)
-    d = cg(hvp(task), b, damping=damping, max_iter=max_iter, tol=1e-4)
+    d = cg(hvp(task, curvature=curvature), b, damping=damping, max_iter=max_iter, tol=1e-4)
     return b, d
 
 
@@ -49,13 +49,20 @@ def metric_hvp(task: Task, cfg: DistillConfig) -> Any:
     data (hessian_batch None) or a fresh random batch per call (unbiased, much cheaper)."""
     fm = flat_model(task)
     if cfg.hessian_rank is not None:
-        vals, vecs = arnoldi(hvp(task), fm.n_params, n_iters=2 * cfg.hessian_rank, top_p=cfg.hessian_rank)
+        vals, vecs = arnoldi(
+            hvp(task, curvature=cfg.curvature),
+            fm.n_params,
+            n_iters=2 * cfg.hessian_rank,
+            top_p=cfg.hessian_rank,
+        )
         vals = vals.clamp_min(0.0)  # keep the metric positive semi-definite
         return lambda v: ((v @ vecs.T) * vals) @ vecs
     if cfg.hessian_batch is None:
-        return hvp(task)
+        return hvp(task, curvature=cfg.curvature)
     x, y = task.data.x_train, task.data.y_train
-    return stochastic_hvp(fm, x, y, task.loss, batch_size=cfg.hessian_batch, seed=cfg.seed)
+    return stochastic_hvp(
+        fm, x, y, task.loss, batch_size=cfg.hessian_batch, seed=cfg.seed, curvature=cfg.curvature
+    )
 
 
 def flatten_batch(g: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
@@ -85,7 +92,7 @@ def distill_influence(
     clusters = clusters or task.clusters
     lr = lr or task.schedule.lr
     t0 = time.perf_counter()
-    b, d = influence_targets(task, clusters, cfg.damping, max_iter=cfg.cg_iterations)
+    b, d = influence_targets(task, clusters, cfg.damping, max_iter=cfg.cg_iterations, curvature=cfg.curvature)
     hv = metric_hvp(task, cfg)
     t_target = time.perf_counter() - t0
     names = flat_model(task).names
@@ -96,7 +103,10 @@ def distill_influence(
         return hv(v) + damping * v
 
     a_d = a_metric(d)
-    d_norm_a = (d * a_d).sum(-1).clamp_min(1e-30)  # ||d_k||_A^2
+    d_norm_a = (d * a_d).sum(-1)  # ||d_k||_A^2
+    # clusters whose members are fitted perfectly have d ~ 0: floor their norm so that their
+    # relative error cannot swamp the others
+    d_norm_a = d_norm_a.clamp_min(1e-3 * float(d_norm_a.median().clamp_min(1e-30)))
     # 'solve': fit the CG solution d in the metric; 'metric': fit the metric's own minimiser A^-1 b
     rhs = a_d if cfg.hessian_target == "solve" else b
     d_layer_norm = {k: (d[:, s] ** 2).sum(-1).clamp_min(1e-30) for k, s in slices.items()}
