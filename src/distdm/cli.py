@@ -185,6 +185,40 @@ def attribute(
     console.print(f"online time {s.seconds:.2f}s for {len(y)} queries x {s.n_units} clusters")
 
 
+def _method(run: Any, spec: str) -> Any:
+    """'ddm' / 'ddm:paper' (a DDM preset) or any registered method name, fitted on the run."""
+    name, _, preset_name = spec.partition(":")
+    if name == "ddm":
+        return run.attributor("ddm", preset_name=preset_name or "default")
+    if preset_name:
+        raise DistdmError(f"only ddm takes a preset (ddm:paper), got {spec!r}")
+    return run.attributor(name)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run: Path = RUN,
+    methods: str = typer.Option("ddm,ddm:paper,grad-dot,if-cg,random", help="Comma-separated methods."),
+    queries: int = typer.Option(20, help="Number of random test queries."),
+    seeds: str = typer.Option("0,1,2", help="Seeds of exact retraining (truth; noise ceiling needs 2+)."),
+    lds_subsets: int = typer.Option(100, help="Random half-subsets of clusters retrained for LDS."),
+) -> None:
+    """Compare methods with exact leave-cluster-out retraining: Dist1-3, Spearman, LDS, timings."""
+    from .evaluate import evaluate as run_evaluation
+
+    r = _open(run)
+    x, y, _ = r.queries(queries)
+    fitted = {spec: _method(r, spec) for spec in methods.split(",") if spec}
+    seed_list = [int(s) for s in seeds.split(",")]
+    ev = run_evaluation(
+        r.task(), fitted, (x, y), truth_seeds=seed_list, lds_subsets=lds_subsets, progress=True
+    )
+    paths = ev.save(Path(r.path) / "evaluation")
+    console.print(ev.to_markdown())
+    console.print("written: " + ", ".join(str(p) for p in paths.values()))
+
+
 @app.command()
 def methods() -> None:
     """List the registered attribution methods."""
