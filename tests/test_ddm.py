@@ -50,9 +50,9 @@ def test_default_preset_correlates_with_exact_retraining(tiny_task, queries, exa
     rho_all = _spearman_all(s.values, exact_effects)
     rho_within = _within_class_spearman(s.values, exact_effects, tiny_task.clusters, y)
     print(f"default preset on the tiny task: Spearman all {rho_all:.3f}, within class {rho_within:.3f}")
-    # measured on this task: all 0.62, within class 0.71 (2 cores, torch 2.13); thresholds leave margin
+    # measured on this task: all 0.55, within class 0.85 (torch 2.13, CPU); thresholds leave margin
     assert rho_all > 0.4
-    assert rho_within > 0.45
+    assert rho_within > 0.6
     assert ddm.last_fit_.heldout_r2 > 0.9
 
 

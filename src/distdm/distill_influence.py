@@ -13,6 +13,7 @@ measures it per layer in parameter space instead.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any
@@ -44,18 +45,31 @@ def influence_targets(
     return b, d
 
 
+_EIGEN_CACHE: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def top_eigenpairs(task: Task, rank: int, curvature: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`rank` eigenpairs of the training-loss curvature at theta_tau (Arnoldi, 2 x rank HVPs),
+    negative eigenvalues clipped to 0; cached per task so cluster- and class-wise synsets share them."""
+    fm = flat_model(task)
+    h = hashlib.sha1(fm.theta.numpy().tobytes())
+    h.update(task.data.x_train.numpy().tobytes())
+    key = (h.hexdigest(), rank, curvature)
+    if key not in _EIGEN_CACHE:
+        vals, vecs = arnoldi(
+            hvp(task, curvature=curvature), flat_model(task).n_params, n_iters=2 * rank, top_p=rank
+        )
+        _EIGEN_CACHE.clear()  # one task at a time: the basis is rank x P floats
+        _EIGEN_CACHE[key] = (vals.clamp_min(0.0), vecs)
+    return _EIGEN_CACHE[key]
+
+
 def metric_hvp(task: Task, cfg: DistillConfig) -> Any:
     """v -> H v for the matching metric: a low-rank eigen-approximation (hessian_rank), the full
     data (hessian_batch None) or a fresh random batch per call (unbiased, much cheaper)."""
     fm = flat_model(task)
     if cfg.hessian_rank is not None:
-        vals, vecs = arnoldi(
-            hvp(task, curvature=cfg.curvature),
-            fm.n_params,
-            n_iters=2 * cfg.hessian_rank,
-            top_p=cfg.hessian_rank,
-        )
-        vals = vals.clamp_min(0.0)  # keep the metric positive semi-definite
+        vals, vecs = top_eigenpairs(task, cfg.hessian_rank, cfg.curvature)
         return lambda v: ((v @ vecs.T) * vals) @ vecs
     if cfg.hessian_batch is None:
         return hvp(task, curvature=cfg.curvature)
