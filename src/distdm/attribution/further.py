@@ -1,0 +1,406 @@
+"""The final-model-only gold standard (Wei et al., "Final-Model-Only Data Attribution", SPEC 4)
+and the agreement study of other methods with it.
+
+From the final model theta_tau only, further-train for T epochs on D and on D minus each left-out
+unit, with the same shuffle order (the unit masked out of every batch), for several shuffle seeds.
+The attribution of unit i on query q is a_i = E_seed[f(theta_-i)](q) - E_seed[f(theta_D)](q):
+subtracting the full-data further-training term is the "adjustment", so that the drift of further
+training itself cancels; `centre=True` also subtracts the mean over the left-out units per query.
+Positive means removing the unit increases the objective, as everywhere in distdm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..engine import Schedule, State, predict, train_variants
+from ..errors import DistdmError
+from ..objectives import Objective, get_objective, objective_name
+from ..scores import Scores
+from ..task import Task
+from .base import Attributor, register
+
+log = logging.getLogger(__name__)
+
+
+def state_digest(state: State) -> str:
+    """A short SHA-256 of a state's names, shapes and values (identifies the final model)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        a = state[k].detach().cpu().contiguous()
+        h.update(f"{k}{tuple(a.shape)}{a.dtype}".encode())
+        h.update(a.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@register("further-training")
+class FurtherTraining(Attributor):
+    """FMO gold standard: further training from the final model with and without each unit.
+
+    epochs: further-training epochs T (0 gives all-zero attributions). record: the epochs whose
+    states are kept (default [epochs]); scores use the last, `gold` any of them. optimizer: 'sgd' or
+    'adam'; lr (default: the task's lr for SGD, 1e-3 for Adam); batch_size ('task': the task's;
+    None: full batch); momentum (SGD). seeds: a number of shuffle seeds (0..n-1) or a list.
+    unit: 'cluster' or 'sample'. left_out: the units to evaluate (default all; the others get NaN).
+    centre: subtract the per-query mean over left-out units. chunk_size: variants trained at once
+    (and the unit of caching). stage: the name under which results are cached in task.store.
+    """
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 10,
+        record: Sequence[int] | None = None,
+        optimizer: str = "sgd",
+        lr: float | None = None,
+        batch_size: int | str | None = "task",
+        momentum: float = 0.0,
+        seeds: int | Sequence[int] = 5,
+        unit: str = "cluster",
+        left_out: Sequence[int] | np.ndarray | None = None,
+        centre: bool = False,
+        chunk_size: int | None = None,
+        stage: str = "further",
+        progress: bool = False,
+    ):
+        if not isinstance(epochs, int) or epochs < 0:
+            raise DistdmError(f"epochs must be an integer >= 0, got {epochs!r}")
+        rec = sorted({int(e) for e in record}) if record is not None else [epochs]
+        if not rec or rec[0] < 0 or rec[-1] > epochs:
+            raise DistdmError(f"record must list epochs between 0 and {epochs}, got {record}")
+        if optimizer not in ("sgd", "adam"):
+            raise DistdmError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        if lr is not None and not lr > 0:
+            raise DistdmError(f"lr must be > 0, got {lr}")
+        if not (
+            batch_size is None or batch_size == "task" or (isinstance(batch_size, int) and batch_size > 0)
+        ):
+            raise DistdmError(f"batch_size must be 'task', None (full batch) or > 0, got {batch_size!r}")
+        seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+        if not seed_list or len(set(seed_list)) != len(seed_list):
+            raise DistdmError(f"seeds must be a positive count or a list of distinct seeds, got {seeds!r}")
+        if unit not in ("cluster", "sample"):
+            raise DistdmError(f"unit must be 'cluster' or 'sample', got {unit!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise DistdmError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        self.epochs = epochs
+        self.record = rec
+        self.optimizer = optimizer
+        self.lr = lr
+        self.batch_size = batch_size
+        self.momentum = momentum
+        self.seeds = seed_list
+        self.unit = unit
+        self.left_out = None if left_out is None else [int(i) for i in np.asarray(left_out).reshape(-1)]
+        self.centre = centre
+        self.chunk_size = chunk_size
+        self.stage = stage
+        self.progress = progress
+
+    # offline ------------------------------------------------------------------------------
+    def schedule_for(self, task: Task, seed: int) -> Schedule:
+        """The further-training schedule for one shuffle seed."""
+        lr = self.lr if self.lr is not None else (task.schedule.lr if self.optimizer == "sgd" else 1e-3)
+        bs = task.schedule.batch_size if self.batch_size == "task" else self.batch_size
+        return Schedule(
+            epochs=self.epochs, lr=lr, batch_size=bs, optimizer=self.optimizer,  # type: ignore[arg-type]
+            momentum=self.momentum, weight_decay=task.schedule.weight_decay, seed=seed,
+        )  # fmt: skip
+
+    def _config(self, task: Task) -> dict[str, Any]:
+        s = self.schedule_for(task, 0)
+        return {
+            "epochs": self.epochs, "record": self.record, "optimizer": self.optimizer, "lr": s.lr,
+            "batch_size": s.batch_size, "momentum": self.momentum, "weight_decay": s.weight_decay,
+            "seeds": self.seeds, "unit": self.unit, "left_out": self.left_out_.tolist(),
+            "chunk_size": self.chunk_size, "reduction": task.reduction,
+            "loss": task.loss if isinstance(task.loss, str) else objective_name(task.loss),
+            "target": state_digest(task.final),
+        }  # fmt: skip
+
+    def _fit(self, task: Task) -> None:
+        n_units = task.clusters.n_clusters if self.unit == "cluster" else task.data.n_train
+        left = np.arange(n_units) if self.left_out is None else np.asarray(self.left_out, dtype=np.int64)
+        if len(left) == 0 or left.min() < 0 or left.max() >= n_units or len(np.unique(left)) != len(left):
+            raise DistdmError(f"left_out must list distinct {self.unit} indices in 0..{n_units - 1}")
+        self.n_units_ = n_units
+        self.left_out_ = left
+        keep = torch.ones(len(left) + 1, n_units)
+        keep[torch.arange(1, len(left) + 1), torch.as_tensor(left)] = 0.0  # row 0: all data
+        weights = task.clusters.keep_weights(keep) if self.unit == "cluster" else keep
+        size = self.chunk_size or weights.shape[0]
+        chunks = [slice(i, min(i + size, weights.shape[0])) for i in range(0, weights.shape[0], size)]
+        store = task.store
+        if store is not None:
+            store.check_config(self.stage, self._config(task))
+        # states_[e][s]: stacked states (1 + left-out units) at recorded epoch e, seed s
+        self.states_: list[list[State]] = [[] for _ in self.record]
+        for seed in self.seeds:
+            parts: list[list[State]] = [[] for _ in self.record]
+            for c, sl in enumerate(chunks):
+                key = f"{self.stage}/seed{seed}/chunk{c}"
+                name = f"{self.stage}/seed{seed}_chunk{c}.safetensors"
+                if store is not None and store.is_done(key) and store.has(name):
+                    per_epoch = _split_epochs(store.load_tensors(name), self.record)
+                else:
+                    per_epoch = self._train(task, weights[sl], seed)
+                    if store is not None:
+                        flat = {f"epoch{e}:{k}": v for e, st in zip(self.record, per_epoch, strict=True)
+                                for k, v in st.items()}  # fmt: skip
+                        store.save_tensors(name, flat)
+                        store.mark_done(key)
+                for i, st in enumerate(per_epoch):
+                    parts[i].append(st)
+            for i in range(len(self.record)):
+                self.states_[i].append({k: torch.cat([p[k] for p in parts[i]]) for k in parts[i][0]})
+        if store is not None:
+            store.mark_done(self.stage, seeds=len(self.seeds), variants=int(weights.shape[0]))
+
+    def _train(self, task: Task, weights: torch.Tensor, seed: int) -> list[State]:
+        res = train_variants(
+            task.model, task.data.x_train, task.data.y_train, self.schedule_for(task, seed),
+            weights=weights, init=task.final, loss=task.loss, reduction=task.reduction,
+            record=self.record != [self.epochs], strategy=task.strategy, progress=self.progress,
+        )  # fmt: skip
+        if res.trajectory is None:
+            return [res.states]
+        return [res.trajectory[e] for e in self.record]
+
+    # online -------------------------------------------------------------------------------
+    def objective_values(
+        self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective = "margin"
+    ) -> torch.Tensor:
+        """f of every further-trained model: (recorded epochs, seeds, 1 + left-out units, queries);
+        index 0 of the third axis is the model further-trained on all data."""
+        if not hasattr(self, "states_"):
+            raise DistdmError(f"{self.name}: call fit(task) first")
+        obj = get_objective(objective)
+        x = torch.as_tensor(x, dtype=torch.float32)
+        y = torch.as_tensor(y)
+        ref = self.task_.outputs(x)
+        out = torch.stack([
+            torch.stack([obj(predict(self.task_.model, st, x, strategy=self.task_.strategy), ref, y)
+                         for st in per_seed])
+            for per_seed in self.states_
+        ])  # fmt: skip
+        return out.detach()
+
+    def gold_from_values(
+        self,
+        values: torch.Tensor,
+        *,
+        epoch: int | None = None,
+        n_seeds: int | None = None,
+        centre: bool | None = None,
+    ) -> np.ndarray:
+        """Attributions (left-out units, queries) from `objective_values`, at a recorded epoch
+        (default the last) averaged over the first n_seeds seeds (default all)."""
+        e = self._epoch_index(epoch)
+        s = len(self.seeds) if n_seeds is None else n_seeds
+        if not 1 <= s <= len(self.seeds):
+            raise DistdmError(f"n_seeds must be between 1 and {len(self.seeds)}, got {n_seeds}")
+        mean = values[e, :s].double().mean(0)  # (1 + L, Q)
+        a = (mean[1:] - mean[0:1]).numpy()
+        if self.centre if centre is None else centre:
+            a = a - a.mean(0, keepdims=True)
+        return a
+
+    def _epoch_index(self, epoch: int | None) -> int:
+        if epoch is None:
+            return len(self.record) - 1
+        if epoch not in self.record:
+            raise DistdmError(f"epoch {epoch} was not recorded; recorded: {self.record} (set record=...)")
+        return self.record.index(epoch)
+
+    def gold(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        objective: str | Objective = "margin",
+        *,
+        epoch: int | None = None,
+        n_seeds: int | None = None,
+        centre: bool | None = None,
+    ) -> Scores:
+        """The gold-standard Scores (all units; NaN for units that were not left out)."""
+        vals = self.gold_from_values(
+            self.objective_values(x, y, objective), epoch=epoch, n_seeds=n_seeds, centre=centre
+        )
+        full = np.full((self.n_units_, vals.shape[1]), np.nan)
+        full[self.left_out_] = vals
+        return Scores(full, self.unit, objective_name(objective), self.name)
+
+    def _scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
+        return self.gold(x, y, objective)
+
+
+def _split_epochs(flat: dict[str, torch.Tensor], record: list[int]) -> list[State]:
+    out: list[State] = [{} for _ in record]
+    for key, v in flat.items():
+        tag, name = key.split(":", 1)
+        out[record.index(int(tag.removeprefix("epoch")))][name] = v
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# agreement study
+
+
+def _ranks(a: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(a, axis=0)
+
+
+def agreement(method: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
+    """Per query (column): cosine and Spearman between a method's scores and the gold standard over
+    the same units (rows); NaN where either column is constant (e.g. all-zero gold)."""
+    m = np.asarray(method, dtype=np.float64)
+    g = np.asarray(gold, dtype=np.float64)
+    if m.shape != g.shape or m.ndim != 2:
+        raise DistdmError(
+            f"method and gold scores must have the same (units, queries) shape: {m.shape}, {g.shape}"
+        )
+
+    def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        na, nb = np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=0)
+        ok = (na > 0) & (nb > 0)
+        out = np.full(a.shape[1], np.nan)
+        out[ok] = (a * b).sum(0)[ok] / (na[ok] * nb[ok])
+        return out
+
+    def centred(a: np.ndarray) -> np.ndarray:
+        return a - a.mean(0, keepdims=True)
+
+    return {"cosine": cos(m, g), "spearman": cos(centred(_ranks(m)), centred(_ranks(g)))}
+
+
+def interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean over finite values and its 95% interval (mean +- 1.96 standard errors)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(v.mean())
+    half = 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return mean, mean - half, mean + half
+
+
+@dataclasses.dataclass(frozen=True)
+class AgreementRow:
+    """Agreement of one method with the gold standard at one (epochs, seeds) setting."""
+
+    method: str
+    epochs: int
+    n_seeds: int
+    cosine: float
+    cosine_lo: float
+    cosine_hi: float
+    spearman: float
+    spearman_lo: float
+    spearman_hi: float
+    label: str = ""  # e.g. the further-training optimizer
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as a plain dict."""
+        return dataclasses.asdict(self)
+
+
+def agreement_study(
+    further: FurtherTraining,
+    methods: Mapping[str, Scores],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objective: str | Objective = "margin",
+    *,
+    epochs: Sequence[int] | None = None,
+    seed_counts: Sequence[int] | None = None,
+    centre: bool | None = None,
+    label: str = "",
+) -> list[AgreementRow]:
+    """Agreement (cosine, Spearman; mean over queries with 95% interval) of each method's scores
+    with the fitted gold standard over its left-out units, for every recorded further-training
+    epoch count and every number of seeds averaged (default 1, 2, 4, ... and all)."""
+    if not hasattr(further, "states_"):
+        raise DistdmError("fit the FurtherTraining gold standard before the agreement study")
+    values = further.objective_values(x, y, objective)
+    epochs = list(further.record) if epochs is None else list(epochs)
+    n_all = len(further.seeds)
+    if seed_counts is None:
+        seed_counts = sorted({min(2**i, n_all) for i in range(int(math.log2(n_all)) + 1)} | {n_all})
+    rows = []
+    for name, sc in methods.items():
+        if sc.n_units != further.n_units_ or sc.unit != further.unit:
+            raise DistdmError(
+                f"{name}: {sc.n_units} {sc.unit} scores, the gold standard has {further.n_units_} "
+                f"{further.unit} units: use the same unit setting"
+            )
+        if sc.n_queries != len(x):
+            raise DistdmError(f"{name}: scores for {sc.n_queries} queries, {len(x)} queries given")
+        m = sc.values[further.left_out_]
+        for e in epochs:
+            for s in seed_counts:
+                g = further.gold_from_values(values, epoch=e, n_seeds=s, centre=centre)
+                a = agreement(m, g)
+                rows.append(AgreementRow(name, e, s, *interval(a["cosine"]), *interval(a["spearman"]), label))
+    return rows
+
+
+def plot_agreement(
+    rows: Sequence[AgreementRow],
+    path: str | Path,
+    *,
+    metric: str = "cosine",
+    seeds_at_epoch: int | None = None,
+) -> Path:
+    """Figure: agreement vs further-training epochs (all seeds) and vs seeds averaged (at one
+    epoch, default the largest), one row of panels per label (e.g. optimizer); saved as PNG/PDF."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if metric not in ("cosine", "spearman"):
+        raise DistdmError(f"metric must be 'cosine' or 'spearman', got {metric!r}")
+    if not rows:
+        raise DistdmError("no agreement rows to plot")
+    labels = list(dict.fromkeys(r.label for r in rows))
+    fig, axes = plt.subplots(len(labels), 2, figsize=(10, 3.6 * len(labels)), squeeze=False)
+    for li, lab in enumerate(labels):
+        sub = [r for r in rows if r.label == lab]
+        s_max = max(r.n_seeds for r in sub)
+        e_at = seeds_at_epoch if seeds_at_epoch is not None else max(r.epochs for r in sub)
+        for name in dict.fromkeys(r.method for r in sub):
+            by_e = sorted((r for r in sub if r.method == name and r.n_seeds == s_max), key=lambda r: r.epochs)
+            by_s = sorted((r for r in sub if r.method == name and r.epochs == e_at), key=lambda r: r.n_seeds)
+            for ax, pts, key in ((axes[li, 0], by_e, "epochs"), (axes[li, 1], by_s, "n_seeds")):
+                xs = [getattr(r, key) for r in pts]
+                mean = [getattr(r, metric) for r in pts]
+                lo = [getattr(r, metric + "_lo") for r in pts]
+                hi = [getattr(r, metric + "_hi") for r in pts]
+                (line,) = ax.plot(xs, mean, marker="o", label=name)
+                ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
+        prefix = f"{lab}: " if lab else ""
+        axes[li, 0].set(xlabel="further-training epochs", ylabel=metric, title=f"{prefix}{s_max} seeds")
+        axes[li, 1].set(xlabel="seeds averaged", ylabel=metric, title=f"{prefix}{e_at} epochs")
+        if any(r.epochs > 0 for r in sub):
+            axes[li, 0].set_xscale("symlog", linthresh=1)
+        for ax in axes[li]:
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

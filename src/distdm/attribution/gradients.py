@@ -1,0 +1,290 @@
+"""First-order gradient methods: Grad-Dot, Grad-Cos and TracIn-CP (SPEC 4), and the machinery
+that every gradient-based method shares (influence functions build on it).
+
+Sign (scores.py): score = objective(without the unit) - objective(with it). Removing training
+sample i moves the parameters by delta_i; a first-order method takes delta_i proportional to +g_i
+(the descent steps taken on sample i are undone), an influence function delta_i = +(1/N) H^-1 g_i.
+The predicted change of the objective on query q is then grad f(q)^T delta_i ("linear" expansion).
+
+Objectives whose gradient vanishes at the target model (dist1, dist3: distances to the model's
+own outputs) would get all-zero scores that way. For them ("outputs" expansion) the change of the
+query's outputs is predicted to first order, dout = J_q delta (J_q: the output Jacobian), and the
+objective is evaluated there: score = f(out_q + dout) - f(out_q), a second-order prediction. For a
+cluster the members' output changes are summed before f is applied (its removal moves all of them).
+`expansion='auto'` picks 'outputs' when the objective's gradient is zero at the target's outputs for
+every query, else 'linear'. In 'outputs' mode the first-order methods need a physical step size:
+delta_i = lr * epochs / batch_size * g_i (the SGD steps sample i contributed; Grad-Cos uses unit
+directions times the mean gradient norm, TracIn lr / batch_size per checkpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..errors import DistdmError
+from ..hessian import (
+    FlatModel,
+    flat_model,
+    iter_per_sample_grads,
+    objective_grads,
+    output_jacobian,
+)
+from ..objectives import Objective, get_objective, objective_name
+from ..scores import Scores
+from ..task import Task
+from .base import Attributor, register
+
+EXPANSIONS = ("auto", "linear", "outputs")
+CACHE_LIMIT_BYTES = 1 << 30  # cache_grads='auto' keeps training gradients up to this size
+
+
+def expansion_for(objective: Objective, ref: torch.Tensor, y: torch.Tensor) -> str:
+    """'outputs' if the objective's gradient with respect to the outputs is zero at the reference
+    outputs for every query (e.g. dist1, dist3), else 'linear'."""
+    out = ref.detach().clone().requires_grad_(True)
+    val = objective(out.unsqueeze(0), ref, y)
+    (d,) = torch.autograd.grad(val.sum(), out, allow_unused=True)
+    if d is None:
+        return "outputs"
+    tol = 1e-8 * (1.0 + float(val.detach().abs().max()))
+    return "outputs" if float(d.abs().max()) <= tol else "linear"
+
+
+def query_rows(
+    fm: FlatModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objective: Objective,
+    ref: torch.Tensor,
+    expansion: str,
+    *,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """The query side of a gradient method: grad f(q) per query (Q, P) for 'linear', the output
+    Jacobian rows (Q * O, P) for 'outputs'."""
+    if expansion == "linear":
+        return objective_grads(fm, x, y, objective, ref, chunk=chunk)
+    return output_jacobian(fm, x, chunk=max(1, chunk // 4)).reshape(-1, fm.n_params)
+
+
+def finish_scores(
+    products: torch.Tensor,
+    task: Task,
+    objective: Objective,
+    ref: torch.Tensor,
+    y: torch.Tensor,
+    expansion: str,
+    unit: str,
+    name: str,
+    objective_label: str,
+) -> Scores:
+    """Turn products rows x samples (rows = grad f(q)^T delta_i, or J_q delta_i for 'outputs') into
+    Scores: summed into clusters for unit='cluster', objective evaluated for 'outputs'."""
+    n = products.shape[1]
+    if n != task.data.n_train:
+        raise AssertionError("products must have one column per training sample")
+    if expansion == "linear":
+        s = Scores(products.T.double().numpy(), "sample", objective_label, name)
+        if unit == "cluster":
+            s = s.to_clusters(task.clusters.assignment, task.clusters.n_clusters)
+        return s
+    d = products
+    if unit == "cluster":
+        d = d @ task.clusters.indicator().to(d.dtype).T  # members' output changes add up
+    q, o = ref.shape
+    delta = d.reshape(q, o, d.shape[1]).permute(2, 0, 1)  # (units, Q, O)
+    with torch.no_grad():
+        values = objective(ref.unsqueeze(0) + delta, ref, y) - objective(ref.unsqueeze(0), ref, y)
+    return Scores(values.double().numpy(), unit, objective_label, name)
+
+
+def dot_chunks(rows: torch.Tensor, chunks: Iterator[tuple[slice, torch.Tensor]], n: int) -> torch.Tensor:
+    """rows (R, P) times every training gradient chunk (c, P)^T, assembled into (R, n)."""
+    out = torch.zeros(rows.shape[0], n, dtype=rows.dtype)
+    for sl, g in chunks:
+        out[:, sl] = rows @ g.T
+    return out
+
+
+class GradientAttributor(Attributor):
+    """Shared settings and machinery of the gradient-based methods.
+
+    unit: 'cluster' (per-sample scores summed over each cluster's members) or 'sample'.
+    params: 'all', 'last' (the last linear layer only) or a list of parameter names.
+    expansion: 'auto', 'linear' or 'outputs' (see the module docstring).
+    chunk: samples per vmapped gradient batch (memory: chunk x P floats).
+    cache_grads: keep the training gradients (N x P floats, per checkpoint for TracIn) from fit;
+    False recomputes them in every `scores` call; 'auto' caches when that takes at most 1 GiB.
+    """
+
+    def __init__(
+        self,
+        *,
+        unit: str = "cluster",
+        params: str | Sequence[str] = "all",
+        expansion: str = "auto",
+        chunk: int = 256,
+        cache_grads: bool | str = "auto",
+    ):
+        if unit not in ("cluster", "sample"):
+            raise DistdmError(f"unit must be 'cluster' or 'sample', got {unit!r}")
+        if expansion not in EXPANSIONS:
+            raise DistdmError(f"expansion must be one of {list(EXPANSIONS)}, got {expansion!r}")
+        if not isinstance(chunk, int) or chunk <= 0:
+            raise DistdmError(f"chunk must be a positive integer, got {chunk!r}")
+        if cache_grads not in (True, False, "auto"):
+            raise DistdmError(f"cache_grads must be True, False or 'auto', got {cache_grads!r}")
+        self.unit = unit
+        self.params = params
+        self.expansion = expansion
+        self.chunk = chunk
+        self.cache_grads = cache_grads
+
+    # offline ------------------------------------------------------------------------------
+    def _fit(self, task: Task) -> None:
+        self.fm_ = flat_model(task, task.final, self.params)
+        self.grads_ = self._compute_grads(self.fm_) if self._caching(task, 1) else None
+        self._prepare(task)
+
+    def _prepare(self, task: Task) -> None:  # noqa: B027 - optional hook
+        """Method-specific offline work after the training gradients."""
+
+    def _caching(self, task: Task, copies: int) -> bool:
+        if self.cache_grads != "auto":
+            return bool(self.cache_grads)
+        size = copies * task.data.n_train * self.fm_.n_params * self.fm_.theta.element_size()
+        return size <= CACHE_LIMIT_BYTES
+
+    def _compute_grads(self, fm: FlatModel) -> torch.Tensor:
+        d = self.task_.data
+        return torch.cat([g for _, g in iter_per_sample_grads(fm, d.x_train, d.y_train, self.task_.loss,
+                                                              chunk=self.chunk)])  # fmt: skip
+
+    def train_grads(
+        self, fm: FlatModel | None = None, cached: torch.Tensor | None = None
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield (slice, per-sample training gradients) chunk by chunk, from the cache if any."""
+        fm = fm or self.fm_
+        cached = cached if cached is not None else (self.grads_ if fm is self.fm_ else None)
+        if cached is not None:
+            n = cached.shape[0]
+            for i in range(0, n, self.chunk):
+                sl = slice(i, min(i + self.chunk, n))
+                yield sl, cached[sl]
+            return
+        d = self.task_.data
+        yield from iter_per_sample_grads(fm, d.x_train, d.y_train, self.task_.loss, chunk=self.chunk)
+
+    def _sgd_step(self) -> float:
+        """lr * epochs / batch size: how far SGD moved along one sample's gradient in training."""
+        s, n = self.task_.schedule, self.task_.data.n_train
+        return s.lr * s.epochs / min(s.batch_size or n, n)
+
+    # online -------------------------------------------------------------------------------
+    def _scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
+        obj = get_objective(objective)
+        ref = self.task_.outputs(x)
+        expansion = self.expansion if self.expansion != "auto" else expansion_for(obj, ref, y)
+        products = self._products(x, y, obj, ref, expansion)
+        return finish_scores(
+            products, self.task_, obj, ref, y, expansion, self.unit, self.name, objective_name(objective)
+        )
+
+    def _rows(
+        self,
+        fm: FlatModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        obj: Objective,
+        ref: torch.Tensor,
+        expansion: str,
+    ) -> torch.Tensor:
+        return query_rows(fm, x, y, obj, ref, expansion, chunk=self.chunk)
+
+    def _products(
+        self, x: torch.Tensor, y: torch.Tensor, obj: Objective, ref: torch.Tensor, expansion: str
+    ) -> torch.Tensor:
+        """(rows, N): grad f(q)^T delta_i ('linear') or J_q delta_i ('outputs')."""
+        raise NotImplementedError
+
+
+@register("grad-dot")
+class GradDot(GradientAttributor):
+    """Grad-Dot: grad f(query)^T grad L(z_i) at the final model (per-sample, summed into clusters)."""
+
+    def _products(
+        self, x: torch.Tensor, y: torch.Tensor, obj: Objective, ref: torch.Tensor, expansion: str
+    ) -> torch.Tensor:
+        rows = self._rows(self.fm_, x, y, obj, ref, expansion)
+        d = dot_chunks(rows, self.train_grads(), self.task_.data.n_train)
+        return d if expansion == "linear" else d * self._sgd_step()
+
+
+@register("grad-cos")
+class GradCos(GradientAttributor):
+    """Grad-Cos: cosine between grad f(query) and grad L(z_i) at the final model."""
+
+    def _prepare(self, task: Task) -> None:
+        norms = torch.cat([g.norm(dim=1) for _, g in self.train_grads()])
+        self.grad_norms_ = norms
+        self.mean_norm_ = float(norms.mean())
+
+    def _products(
+        self, x: torch.Tensor, y: torch.Tensor, obj: Objective, ref: torch.Tensor, expansion: str
+    ) -> torch.Tensor:
+        rows = self._rows(self.fm_, x, y, obj, ref, expansion)
+        if expansion == "linear":
+            rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        unit_grads = ((sl, g / self.grad_norms_[sl, None].clamp_min(1e-30)) for sl, g in self.train_grads())
+        d = dot_chunks(rows, unit_grads, self.task_.data.n_train)
+        return d if expansion == "linear" else d * self._sgd_step() * self.mean_norm_
+
+
+@register("tracin")
+class TracIn(GradientAttributor):
+    """TracIn-CP: sum over stored checkpoints c of lr * grad f(query; theta_c)^T grad L(z_i; theta_c).
+
+    checkpoints: indices into the task's trajectory (default: every checkpoint after the first
+    epoch, 1..tau). The objective's reference outputs are the final model's.
+    """
+
+    def __init__(
+        self,
+        *,
+        checkpoints: Sequence[int] | None = None,
+        unit: str = "cluster",
+        params: str | Sequence[str] = "all",
+        expansion: str = "auto",
+        chunk: int = 256,
+        cache_grads: bool | str = "auto",
+    ):
+        super().__init__(unit=unit, params=params, expansion=expansion, chunk=chunk, cache_grads=cache_grads)
+        self.checkpoints = None if checkpoints is None else [int(c) for c in checkpoints]
+
+    def _fit(self, task: Task) -> None:
+        t = len(task.trajectory)
+        cps = self.checkpoints if self.checkpoints is not None else list(range(1, t)) or [0]
+        bad = [c for c in cps if not -t <= c < t]
+        if bad or not cps:
+            raise DistdmError(f"checkpoints {bad or cps} do not exist: the trajectory has {t} (0..{t - 1})")
+        self.checkpoints_ = cps
+        self.fms_ = [flat_model(task, task.trajectory[c], self.params) for c in cps]
+        self.fm_ = self.fms_[-1]
+        self.grads_ = None
+        cache = self._caching(task, len(self.fms_))
+        self.cp_grads_ = [self._compute_grads(fm) for fm in self.fms_] if cache else None
+
+    def _products(
+        self, x: torch.Tensor, y: torch.Tensor, obj: Objective, ref: torch.Tensor, expansion: str
+    ) -> torch.Tensor:
+        s, n = self.task_.schedule, self.task_.data.n_train
+        step = s.lr if expansion == "linear" else s.lr / min(s.batch_size or n, n)
+        total = torch.zeros(0)
+        for i, fm in enumerate(self.fms_):
+            rows = self._rows(fm, x, y, obj, ref, expansion)
+            cached = self.cp_grads_[i] if self.cp_grads_ is not None else None
+            d = dot_chunks(rows, self.train_grads(fm, cached), n) * step
+            total = d if i == 0 else total + d
+        return total

@@ -1,0 +1,639 @@
+"""Functional building blocks for gradient methods: flat parameters, per-sample gradients,
+Hessian-vector products, exact Hessians and inverse-HVP solvers (CG, LiSSA, Arnoldi).
+
+Everything works on *flat* parameter vectors of one model state (`FlatModel`), so the pieces
+compose: `hvp(...)` returns a callable v -> Hv (v of shape (P,) or (k, P)), and every solver takes
+such a callable and returns an estimate of (H + damping I)^-1 b. The training loss is the mean of
+the per-sample loss over the training set (or a fixed subsample), as in `engine.per_sample_loss`.
+Gradients are taken in eval mode (deterministic; the built-in models have no dropout or batch norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+from .engine import LossFn, State, per_sample_loss
+from .errors import DistdmError
+from .models import last_linear
+
+log = logging.getLogger(__name__)
+
+HVP = Callable[[torch.Tensor], torch.Tensor]  # flat v (P,) or (k, P) -> H v of the same shape
+
+
+# ---------------------------------------------------------------------------------------------
+# flat parameters
+
+
+def flatten(tensors: dict[str, torch.Tensor], names: Sequence[str] | None = None) -> torch.Tensor:
+    """Concatenate the named tensors (default: all, in dict order) into one flat vector."""
+    keys = list(names) if names is not None else list(tensors)
+    return torch.cat([tensors[k].reshape(-1) for k in keys])
+
+
+def unflatten(vec: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Split a flat vector (P,) back into tensors shaped like `like` (same key order as flatten)."""
+    total = sum(t.numel() for t in like.values())
+    if total != vec.shape[-1]:
+        raise DistdmError(f"flat vector has {vec.shape[-1]} entries, the parameters {total}")
+    out, i = {}, 0
+    for k, t in like.items():
+        n = t.numel()
+        out[k] = vec[i : i + n].view(t.shape)
+        i += n
+    return out
+
+
+def last_layer_names(model: nn.Module) -> list[str]:
+    """Parameter names of the model's last nn.Linear layer (its head)."""
+    head = last_linear(model)
+    prefix = next(name for name, m in model.named_modules() if m is head)
+    return [f"{prefix}.{k}" if prefix else k for k, _ in head.named_parameters()]
+
+
+def _param_names(model: nn.Module, params: str | Sequence[str]) -> list[str]:
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    if params == "all":
+        return trainable
+    if params == "last":
+        return last_layer_names(model)
+    if isinstance(params, str):
+        raise DistdmError(f"params must be 'all', 'last' or a list of parameter names, got {params!r}")
+    unknown = [k for k in params if k not in trainable]
+    if unknown or not params:
+        raise DistdmError(f"unknown parameter names {unknown[:3]}; the model's are {trainable[:6]}...")
+    return [k for k in trainable if k in set(params)]  # model order
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+@dataclasses.dataclass
+class FlatModel:
+    """One state of a model seen as a function of a flat vector of (some of) its parameters;
+    the other parameters and the buffers stay fixed."""
+
+    model: nn.Module
+    names: list[str]  # the parameters in the flat vector, model order
+    like: dict[str, torch.Tensor]  # shapes of those parameters
+    fixed: dict[str, torch.Tensor]  # everything else of the state
+    theta: torch.Tensor  # (P,) the state's flat parameters
+
+    @property
+    def n_params(self) -> int:
+        """P, the length of the flat vector."""
+        return int(self.theta.numel())
+
+    def unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat vector -> parameter dict (only the parameters in the vector)."""
+        return unflatten(vec, self.like)
+
+    def state(self, vec: torch.Tensor | None = None) -> State:
+        """The full state (fixed part plus the parameters from `vec`, default theta)."""
+        return {**self.fixed, **self.unflatten(self.theta if vec is None else vec)}
+
+    def outputs(self, vec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Model outputs on a batch x with parameters `vec` (differentiable in vec)."""
+        return functional_call(self.model, self.state(vec), (x,))
+
+
+def flat_model(
+    source: Any,
+    state: State | None = None,
+    params: str | Sequence[str] = "all",
+) -> FlatModel:
+    """A FlatModel of a Task (default state: its final model), a model (default: its current
+    state) or an existing FlatModel; params: 'all', 'last' (last linear layer) or names."""
+    if isinstance(source, FlatModel):
+        return source
+    model = source.model if hasattr(source, "trajectory") else source
+    if not isinstance(model, nn.Module):
+        raise DistdmError(f"expected a Task, an nn.Module or a FlatModel, got {type(source).__name__}")
+    if state is None:
+        state = source.final if hasattr(source, "trajectory") else dict(model.state_dict())
+    names = _param_names(model, params)
+    missing = [k for k in names if k not in state]
+    if missing:
+        raise DistdmError(f"the state lacks parameters {missing[:3]}: it is not a state of this model")
+    like = {k: state[k].detach() for k in names}
+    fixed = {k: v.detach() for k, v in state.items() if k not in like}
+    return FlatModel(model, names, like, fixed, flatten(like).clone())
+
+
+def _data_of(source: Any, x: torch.Tensor | None, y: torch.Tensor | None, loss: Any) -> tuple:
+    if hasattr(source, "trajectory"):
+        x = source.data.x_train if x is None else x
+        y = source.data.y_train if y is None else y
+        loss = source.loss if loss is None else loss
+    if x is None or y is None:
+        raise DistdmError("pass training inputs x and targets y (or a Task that holds them)")
+    return x, y, "ce" if loss is None else loss
+
+
+# ---------------------------------------------------------------------------------------------
+# per-sample gradients
+
+
+def _chunks(n: int, chunk: int) -> list[slice]:
+    if chunk <= 0:
+        raise DistdmError(f"chunk must be > 0, got {chunk}")
+    return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+
+
+def iter_per_sample_grads(
+    fm: FlatModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str | LossFn = "ce",
+    *,
+    chunk: int = 256,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield (slice, gradients (chunk, P)) of each sample's loss, chunk by chunk.
+
+    Memory per step is bounded by chunk x P floats for the gradients (plus chunk samples'
+    activations), whatever the number of samples: reduce each chunk before asking for the next.
+    """
+
+    def one(theta: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = fm.outputs(theta, xi.unsqueeze(0))
+        return per_sample_loss(out, yi.unsqueeze(0), loss)[0]
+
+    g = vmap(grad(one), in_dims=(None, 0, 0))
+    with _eval_mode(fm.model):
+        for sl in _chunks(x.shape[0], chunk):
+            yield sl, g(fm.theta, x[sl], y[sl]).detach()
+
+
+def per_sample_grads(
+    fm: FlatModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str | LossFn = "ce",
+    *,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Gradients (n, P) of each sample's loss at fm.theta (vmap over grad, `chunk` samples at a
+    time: working memory chunk x P floats plus the n x P result)."""
+    return torch.cat([g for _, g in iter_per_sample_grads(fm, x, y, loss, chunk=chunk)])
+
+
+def objective_grads(
+    fm: FlatModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ref: torch.Tensor,
+    *,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Gradients (Q, P) of objective(outputs(theta, x_q), ref_q, y_q) per query (objectives.py form)."""
+
+    def one(theta: torch.Tensor, xi: torch.Tensor, ri: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = fm.outputs(theta, xi.unsqueeze(0)).unsqueeze(0)  # (V=1, Q=1, O)
+        return objective(out, ri.unsqueeze(0), yi.reshape(1)).reshape(())
+
+    g = vmap(grad(one), in_dims=(None, 0, 0, 0))
+    with _eval_mode(fm.model):
+        return torch.cat([g(fm.theta, x[sl], ref[sl], y[sl]).detach() for sl in _chunks(x.shape[0], chunk)])
+
+
+def output_jacobian(fm: FlatModel, x: torch.Tensor, *, chunk: int = 64) -> torch.Tensor:
+    """Jacobians (n, O, P) of each sample's outputs with respect to the flat parameters
+    (working memory chunk x O x P floats)."""
+
+    def one(theta: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        return fm.outputs(theta, xi.unsqueeze(0))[0]
+
+    j = vmap(jacrev(one), in_dims=(None, 0))
+    with _eval_mode(fm.model):
+        return torch.cat([j(fm.theta, x[sl]).detach() for sl in _chunks(x.shape[0], chunk)])
+
+
+# ---------------------------------------------------------------------------------------------
+# training loss and Hessian-vector products
+
+
+def training_loss(
+    fm: FlatModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str | LossFn = "ce",
+    *,
+    subsample: int | None = None,
+    seed: int = 0,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """theta -> mean per-sample loss over (x, y), or over a fixed random subsample of that size."""
+    x, y = subsample_data(x, y, subsample, seed)
+
+    def value(theta: torch.Tensor) -> torch.Tensor:
+        with _eval_mode(fm.model):
+            return per_sample_loss(fm.outputs(theta, x), y, loss).mean()
+
+    return value
+
+
+def subsample_data(
+    x: torch.Tensor, y: torch.Tensor, subsample: int | None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset of `subsample` samples of (x, y) (all of them for None)."""
+    if subsample is None or subsample >= x.shape[0]:
+        return x, y
+    if subsample <= 0:
+        raise DistdmError(f"subsample must be > 0, got {subsample}")
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:subsample]
+    return x[idx], y[idx]
+
+
+def _vjp(out: torch.Tensor, inp: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """v^T d out / d inp through a retained graph; v may carry a leading batch dimension."""
+    batched = v.ndim == out.ndim + 1
+    try:
+        (g,) = torch.autograd.grad(
+            out, inp, v, retain_graph=True, allow_unused=True, is_grads_batched=batched
+        )
+    except RuntimeError:  # an op without a batching rule: one vector at a time
+        if not batched:
+            raise
+        return torch.stack([_vjp(out, inp, vi) for vi in v])
+    if g is None:  # out does not depend on inp
+        return torch.zeros(*v.shape[: v.ndim - out.ndim], *inp.shape, dtype=inp.dtype)
+    return g
+
+
+def _chunk_operator(
+    fm: FlatModel, xb: torch.Tensor, yb: torch.Tensor, loss: str | LossFn, n: int, curvature: str
+) -> HVP:
+    """The Hessian (or GGN) of sum_{i in chunk} loss_i / n as a double-backward graph, built once."""
+    th = fm.theta.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), _eval_mode(fm.model):
+        out = fm.outputs(th, xb)
+        if curvature == "hessian":
+            (g,) = torch.autograd.grad(per_sample_loss(out, yb, loss).sum() / n, th, create_graph=True)
+            return lambda v: _vjp(g, th, v)
+        # generalised Gauss-Newton J^T H_out J v, every factor by reverse mode
+        leaf = out.detach().requires_grad_(True)
+        (g_out,) = torch.autograd.grad(per_sample_loss(leaf, yb, loss).sum() / n, leaf, create_graph=True)
+        u = torch.zeros_like(out, requires_grad=True)
+        (jt_u,) = torch.autograd.grad(out, th, u, create_graph=True)  # J^T u, linear in u
+
+    def ggn(v: torch.Tensor) -> torch.Tensor:
+        jv = _vjp(jt_u, u, v)  # J v by the double-vjp trick
+        return _vjp(out, th, _vjp(g_out, leaf, jv))
+
+    return ggn
+
+
+CURVATURES = ("hessian", "ggn")
+
+
+def _hvp_on(
+    fm: FlatModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str | LossFn,
+    chunk: int,
+    weight_decay: float,
+    curvature: str = "hessian",
+    cache: bool = True,
+) -> HVP:
+    if curvature not in CURVATURES:
+        raise DistdmError(f"curvature must be one of {list(CURVATURES)}, got {curvature!r}")
+    n = x.shape[0]
+    slices = _chunks(n, chunk)
+    cached: list[HVP] = []
+
+    def operators() -> Iterator[HVP]:
+        if cached:
+            yield from cached
+            return
+        for sl in slices:
+            op = _chunk_operator(fm, x[sl], y[sl], loss, n, curvature)
+            if cache:
+                cached.append(op)
+            yield op
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        if v.shape[-1] != fm.n_params or v.ndim > 2:
+            raise DistdmError(f"vector has {v.shape[-1]} entries, the model {fm.n_params} parameters")
+        v = v.detach()
+        total = weight_decay * v if weight_decay else torch.zeros_like(v)
+        for op in operators():
+            total = total + op(v)
+        return total.detach()
+
+    return apply
+
+
+def hvp(
+    source: Any,
+    state: State | None = None,
+    x: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    loss: str | LossFn | None = None,
+    *,
+    params: str | Sequence[str] = "all",
+    subsample: int | None = None,
+    seed: int = 0,
+    chunk: int = 2048,
+    weight_decay: float = 0.0,
+    curvature: str = "hessian",
+    cache: bool = True,
+) -> HVP:
+    """v -> H v for the Hessian of the mean training loss at `state` (double backward).
+
+    source: a Task (x, y, loss default to its training set and loss; state to its final model),
+    an nn.Module or a FlatModel. v may be (P,) or a batch (k, P) (batched backward). The data are
+    processed `chunk` samples at a time; with `cache` each chunk's gradient graph is built on the
+    first call and kept (memory: a few times the activations of the data), so later calls cost one
+    backward pass; cache=False rebuilds them per call. `subsample` fixes a random subset;
+    `weight_decay` adds wd * v.
+    curvature='ggn' uses the generalised Gauss-Newton matrix J^T H_out J instead (positive
+    semi-definite for convex losses such as 'ce' and 'mse', so CG and LiSSA always converge).
+    """
+    fm = flat_model(source, state, params)
+    x, y, loss = _data_of(source, x, y, loss)
+    x, y = subsample_data(x, y, subsample, seed)
+    return _hvp_on(fm, x, y, loss, chunk, weight_decay, curvature, cache)
+
+
+def stochastic_hvp(
+    fm: FlatModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str | LossFn = "ce",
+    *,
+    batch_size: int = 128,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    curvature: str = "hessian",
+) -> HVP:
+    """v -> H_B v on a fresh random minibatch B at every call (for LiSSA); reproducible by seed."""
+    if batch_size <= 0:
+        raise DistdmError(f"batch_size must be > 0, got {batch_size}")
+    gen = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+        return _hvp_on(fm, x[idx], y[idx], loss, len(idx), weight_decay, curvature, cache=False)(v)
+
+    return apply
+
+
+def hessian(
+    source: Any,
+    state: State | None = None,
+    x: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    loss: str | LossFn | None = None,
+    *,
+    params: str | Sequence[str] = "all",
+    subsample: int | None = None,
+    seed: int = 0,
+    damping: float = 0.0,
+    block: int = 128,
+    chunk: int = 2048,
+    weight_decay: float = 0.0,
+    curvature: str = "hessian",
+    max_params: int = 20_000,
+) -> torch.Tensor:
+    """The exact (P, P) Hessian (or GGN) of the mean training loss plus damping I, from P HVPs
+    with the unit vectors, `block` at a time. Memory P^2 floats: small models or params='last'."""
+    fm = flat_model(source, state, params)
+    x, y, loss = _data_of(source, x, y, loss)
+    x, y = subsample_data(x, y, subsample, seed)
+    hv = _hvp_on(fm, x, y, loss, chunk, weight_decay, curvature)
+    h = dense(hv, fm.n_params, block=block, dtype=fm.theta.dtype, max_params=max_params)
+    if damping:
+        h = h + damping * torch.eye(fm.n_params, dtype=h.dtype)
+    return h
+
+
+def dense(
+    hv: HVP,
+    n_params: int,
+    *,
+    block: int = 128,
+    dtype: torch.dtype = torch.float32,
+    max_params: int = 20_000,
+) -> torch.Tensor:
+    """The symmetric (P, P) matrix of a linear operator v -> Hv, from HVPs with `block` unit
+    vectors at a time (memory P^2 floats)."""
+    if n_params > max_params:
+        raise DistdmError(
+            f"an exact Hessian of {n_params} parameters needs {n_params**2 * 4 / 1e9:.1f} GB: use "
+            f"params='last', an iterative solver (CG, LiSSA, Arnoldi), or raise max_params"
+        )
+    eye = torch.eye(n_params, dtype=dtype)
+    h = torch.cat([hv(eye[i : i + block]) for i in range(0, n_params, block)])
+    return 0.5 * (h + h.T)
+
+
+def top_eigenvalue(
+    hv: HVP, n_params: int, *, iters: int = 30, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> float:
+    """Largest-magnitude eigenvalue of H by power iteration (iters HVPs)."""
+    v = torch.randn(n_params, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    v = v / v.norm()
+    lam = 0.0
+    for _ in range(iters):
+        w = hv(v)
+        lam = float(v @ w)
+        nrm = w.norm()
+        if nrm == 0:
+            return 0.0
+        v = w / nrm
+    return lam
+
+
+# ---------------------------------------------------------------------------------------------
+# inverse-HVP solvers: each estimates (H + damping I)^-1 b for b of shape (P,) or (k, P)
+
+
+def _check_damping(damping: float) -> None:
+    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+        raise DistdmError(f"damping must be a finite number >= 0, got {damping!r}")
+
+
+def exact_ihvp(h: torch.Tensor, damping: float = 0.0) -> HVP:
+    """b -> (H + damping I)^-1 b from a dense symmetric Hessian, factorised once (eigh).
+
+    Directions with H + damping I singular (|eigenvalue| < 1e-12 * largest) are dropped
+    (pseudo-inverse); a warning is logged when H + damping I is indefinite."""
+    _check_damping(damping)
+    w, v = torch.linalg.eigh(h.double())
+    w = w + damping
+    if w.min() < 0:
+        log.warning(
+            "H + damping I has negative eigenvalues (smallest %.3g): raise damping above the most "
+            "negative Hessian eigenvalue or use curvature='ggn'",
+            float(w.min()),
+        )
+    cutoff = 1e-12 * float(w.abs().max().clamp_min(1e-300))
+    inv = torch.where(w.abs() > cutoff, 1.0 / w, torch.zeros_like(w))
+    vt = v.T.to(h.dtype)
+    vv = v.to(h.dtype)
+    inv = inv.to(h.dtype)
+
+    def apply(b: torch.Tensor) -> torch.Tensor:
+        return ((b @ vv) * inv) @ vt
+
+    return apply
+
+
+def cg(
+    hv: HVP,
+    b: torch.Tensor,
+    *,
+    damping: float = 0.0,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+) -> torch.Tensor:
+    """Conjugate gradient for (H + damping I) x = b, all columns of b (k, P) at once.
+
+    Stops a column when ||r|| <= tol ||b|| or after max_iter HVPs (logs if any did not converge);
+    needs H + damping I positive definite (a column meeting negative curvature stops there)."""
+    _check_damping(damping)
+    single = b.ndim == 1
+    bb = b.unsqueeze(0) if single else b
+
+    def a(v: torch.Tensor) -> torch.Tensor:
+        return hv(v) + damping * v
+
+    x = torch.zeros_like(bb)
+    r = bb.clone()
+    p = r.clone()
+    rs = (r * r).sum(-1)
+    target = tol * bb.norm(dim=-1)
+    active = rs.sqrt() > target
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        ap = a(p)
+        pap = (p * ap).sum(-1)
+        bad = active & (pap <= 0)
+        if bool(bad.any()):
+            log.warning(
+                "CG met negative curvature in %d of %d columns: raise damping or use curvature='ggn'",
+                int(bad.sum()),
+                len(rs),
+            )
+            active = active & ~bad
+        alpha = torch.where(active, rs / pap.where(pap != 0, torch.ones_like(pap)), torch.zeros_like(rs))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * ap
+        rs_new = (r * r).sum(-1)
+        beta = torch.where(active, rs_new / rs.clamp_min(1e-300), torch.zeros_like(rs))
+        p = torch.where(active[:, None], r + beta[:, None] * p, p)
+        rs = torch.where(active, rs_new, rs)
+        active = active & (rs.sqrt() > target)
+    if bool(active.any()):
+        log.info("CG: %d of %d columns did not reach tol %.1e in %d iterations", int(active.sum()),
+                 len(rs), tol, max_iter)  # fmt: skip
+    return x[0] if single else x
+
+
+def lissa(
+    hv: HVP,
+    b: torch.Tensor,
+    *,
+    damping: float = 0.0,
+    scale: float,
+    depth: int = 1000,
+    repeat: int = 1,
+) -> torch.Tensor:
+    """LiSSA (Agarwal et al.; Koh & Liang's recursion) for (H + damping I)^-1 b.
+
+    Recursion x_0 = b, x_j = b + (1 - lambda') x_{j-1} - H_B x_{j-1} / s, estimate x_depth / s,
+    with lambda' = damping / s, so the fixed point is exactly (H + damping I)^-1 b. `hv` may be
+    stochastic (`stochastic_hvp`); `repeat` independent runs are averaged. Converges only if
+    s > lambda_max(H_B + damping I) / 2 (choose s > lambda_max to be safe); the error shrinks by
+    1 - (lambda_min + damping) / s per step, so small damping needs a large depth."""
+    _check_damping(damping)
+    if not scale > 0:
+        raise DistdmError(f"LiSSA scale must be > 0, got {scale}")
+    if depth < 1 or repeat < 1:
+        raise DistdmError(f"LiSSA depth and repeat must be >= 1, got {depth}, {repeat}")
+    keep = 1.0 - damping / scale
+    total = torch.zeros_like(b)
+    for _ in range(repeat):
+        xj = b.clone()
+        for _ in range(depth):
+            xj = b + keep * xj - hv(xj) / scale
+            if not bool(torch.isfinite(xj).all()):
+                raise DistdmError(
+                    f"LiSSA diverged: the scale {scale:g} is below the Hessian's largest eigenvalue; "
+                    f"raise scale (or damping)"
+                )
+        total = total + xj / scale
+    return total / repeat
+
+
+def arnoldi(
+    hv: HVP,
+    n_params: int,
+    *,
+    n_iters: int = 100,
+    top_p: int = 20,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p eigenpairs of the symmetric H from an n_iters-dimensional Krylov basis (Arnoldi with
+    full re-orthogonalisation; Schioppa et al. 2022). Returns eigenvalues (p,) in decreasing order
+    and eigenvectors (p, P). Memory n_iters x P floats for the basis; n_iters HVPs."""
+    if n_iters < 1 or top_p < 1:
+        raise DistdmError(f"Arnoldi needs n_iters >= 1 and top_p >= 1, got {n_iters}, {top_p}")
+    m = min(n_iters, n_params)
+    q = torch.randn(n_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    basis = [q / q.norm()]
+    hess = torch.zeros(m + 1, m, dtype=torch.float64)
+    for j in range(m):
+        w = hv(basis[j].to(dtype)).double()
+        for _ in range(2):  # twice is enough (Kahan): keeps the basis orthogonal in float
+            qs = torch.stack(basis)
+            c = qs @ w
+            hess[: j + 1, j] += c
+            w = w - c @ qs
+        nrm = w.norm()
+        hess[j + 1, j] = nrm
+        if nrm <= 1e-10 * hess[: j + 1, j].abs().max().clamp_min(1e-300):
+            m = j + 1  # the Krylov space is invariant: exact eigenpairs
+            break
+        if j + 1 < m:
+            basis.append(w / nrm)
+    t = hess[:m, :m]
+    evals, evecs = torch.linalg.eigh(0.5 * (t + t.T))
+    order = torch.argsort(evals, descending=True)[: min(top_p, m)]
+    vecs = evecs[:, order].T @ torch.stack(basis[:m])
+    return evals[order].to(dtype), vecs.to(dtype)
+
+
+def arnoldi_ihvp(eigvals: torch.Tensor, eigvecs: torch.Tensor, damping: float = 0.0) -> HVP:
+    """b -> U diag(1 / (lambda + damping)) U^T b: the inverse on the top-p eigenspace only
+    (components outside it are dropped, as in Schioppa et al.)."""
+    _check_damping(damping)
+    denom = eigvals + damping
+    if bool((denom <= 0).any()):
+        raise DistdmError("an Arnoldi eigenvalue plus damping is <= 0: raise damping or lower top_p")
+    inv = 1.0 / denom
+
+    def apply(b: torch.Tensor) -> torch.Tensor:
+        return ((b @ eigvecs.T) * inv) @ eigvecs
+
+    return apply
