@@ -34,15 +34,24 @@ log = logging.getLogger(__name__)
 
 
 def influence_targets(
-    task: Task, clusters: Clusters, damping: float, *, max_iter: int = 50, curvature: str = "hessian"
+    task: Task, clusters: Clusters, cfg: DistillConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """b_k = g_k / N (K, P) and d_k = (H + damping I)^-1 b_k (K, P) by batched CG on the full data."""
+    """b_k = g_k / N (K, P) and the removal update d_k = A^-1 b_k (K, P).
+
+    With the low-rank metric and hessian_target 'metric', A = U diag(vals) U^T + lambda I is inverted
+    in closed form (no solver); otherwise A = H + lambda I and d comes from batched CG."""
     fm = flat_model(task)
     idx, mask = _cluster_batches(clusters, np.random.default_rng(0), 10**9)
     g = cluster_gradients(task, task.final, idx, mask, mean=False)
     b = flatten_batch(g, fm.names) / len(clusters.assignment)
-    d = cg(hvp(task, curvature=curvature), b, damping=damping, max_iter=max_iter, tol=1e-4)
-    return b, d
+    if cfg.metric == "hessian" and cfg.hessian_rank is not None and cfg.hessian_target == "metric":
+        if cfg.damping <= 0:
+            raise DistdmError("the low-rank Hessian metric needs damping > 0")
+        vals, vecs = top_eigenpairs(task, cfg.hessian_rank, cfg.curvature)
+        proj = b @ vecs.T
+        return b, (proj / (vals + cfg.damping)) @ vecs + (b - proj @ vecs) / cfg.damping
+    hv = hvp(task, curvature=cfg.curvature)
+    return b, cg(hv, b, damping=cfg.damping, max_iter=cfg.cg_iterations, tol=1e-4)
 
 
 _EIGEN_CACHE: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -106,7 +115,7 @@ def distill_influence(
     clusters = clusters or task.clusters
     lr = lr or task.schedule.lr
     t0 = time.perf_counter()
-    b, d = influence_targets(task, clusters, cfg.damping, max_iter=cfg.cg_iterations, curvature=cfg.curvature)
+    b, d = influence_targets(task, clusters, cfg)
     hv = metric_hvp(task, cfg)
     t_target = time.perf_counter() - t0
     names = flat_model(task).names

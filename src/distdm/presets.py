@@ -23,7 +23,7 @@ def preset(name: str, *, epochs: int) -> tuple[DistillConfig, OnlineConfig]:
         return (
             DistillConfig(
                 target="influence", ipc=4, soft_labels=True, metric="hessian", hessian_rank=200,
-                iterations=1000, lr_img=0.03, lr_label=0.03, damping=0.01, cg_iterations=50,
+                iterations=1000, lr_img=0.03, lr_label=0.03, damping=0.01,
             ),
             OnlineConfig(perturbations_per_cluster=4.0, steps=1),
         )  # fmt: skip
