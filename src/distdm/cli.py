@@ -157,7 +157,11 @@ def attribute(
     import torch
 
     from .figures import heatmap_png
+    from .objectives import get_objective
 
+    get_objective(objective)  # fail before any expensive fitting
+    if top < 1:
+        raise DistdmError(f"--top must be >= 1, got {top}")
     r = _open(run)
     x, y, idx = r.queries(queries, seed)
     settings = {"preset_name": preset} if method == "ddm" else {}
@@ -210,13 +214,50 @@ def evaluate(
     r = _open(run)
     x, y, _ = r.queries(queries)
     fitted = {spec: _method(r, spec) for spec in methods.split(",") if spec}
-    seed_list = [int(s) for s in seeds.split(",")]
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise DistdmError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     ev = run_evaluation(
         r.task(), fitted, (x, y), truth_seeds=seed_list, lds_subsets=lds_subsets, progress=True
     )
-    paths = ev.save(Path(r.path) / "evaluation")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        written = ev.save(tmp)
+        paths = [r.store.save_file(f"evaluation/{p.name}", p.read_bytes()) for p in written.values()]
     console.print(ev.to_markdown())
-    console.print("written: " + ", ".join(str(p) for p in paths.values()))
+    console.print("written: " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
+@user_errors
+def report(
+    run: Path = RUN,
+    out: Path = typer.Option(None, help="Where to write the HTML file (default RUN/report.html)."),
+) -> None:
+    """Write a single self-contained HTML report of the run (settings, timings, diagnostics, figures)."""
+    from .report import write_report
+    from .run import Run
+
+    console.print(f"report: {write_report(Run.open(run), out)}")
+
+
+@app.command()
+@user_errors
+def reset(
+    run: Path = RUN,
+    stage: str = typer.Argument(..., help="Stage to forget: train, cluster, distill-default, retrain, ..."),
+) -> None:
+    """Forget one stage's settings, completion and artifacts so it can be rerun with new settings."""
+    from .store import RunStore
+
+    store = RunStore(run, create=False)
+    known = set(store.manifest["configs"]) | {s.split("/")[0] for s in store.manifest["stages"]}
+    if stage not in known:
+        raise DistdmError(f"run {run} has no stage {stage!r}; it has {sorted(known)}")
+    store.reset(stage)
+    console.print(f"reset {stage} in {run}")
 
 
 @app.command()

@@ -70,8 +70,10 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor, num_classes: int, split: str) ->
         raise DistdmError(f"{split} inputs must have shape (n, ...features), got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise DistdmError(f"{split} set is empty: give at least one sample per class")
-    if y.shape[0] != x.shape[0]:
-        raise DistdmError(f"{split}: {x.shape[0]} inputs but {y.shape[0]} labels; they must match")
+    if y.ndim == 0 or y.shape[0] != x.shape[0]:
+        raise DistdmError(
+            f"{split}: {x.shape[0]} inputs but labels of shape {tuple(y.shape)}; they must match"
+        )
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).sum())
         raise DistdmError(f"{split} inputs contain NaN or inf in {bad} samples: clean or drop them")
@@ -90,6 +92,35 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor, num_classes: int, split: str) ->
         raise DistdmError(f"{split} regression targets contain NaN or inf")
 
 
+def _tensor(v: object, what: str) -> torch.Tensor:
+    """A tensor from a tensor or array-like of numbers, or a DistdmError saying what is wrong."""
+    if torch.is_tensor(v):
+        t = v
+    else:
+        try:
+            a = np.asarray(v)
+        except ValueError as e:  # ragged nested lists
+            raise DistdmError(f"{what} must be an array of one shape ({e})") from e
+        if a.dtype.kind not in "biufc":
+            raise DistdmError(f"{what} must be numbers, got an array of dtype {a.dtype}")
+        t = torch.as_tensor(a)
+    if t.is_complex():
+        raise DistdmError(f"{what} must be real numbers, got dtype {t.dtype}")
+    return t
+
+
+def check_queries(x: object, y: object, data: TensorData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query inputs and targets as tensors, checked against the training data (shape, labels, NaN)."""
+    xq = _tensor(x, "query inputs").float()
+    yq = _tensor(y, "query labels")
+    if xq.shape[1:] != data.x_train.shape[1:]:
+        raise DistdmError(
+            f"queries have shape {tuple(xq.shape[1:])}, the training inputs {tuple(data.x_train.shape[1:])}"
+        )
+    _check_xy(xq, yq, data.num_classes, "query")
+    return xq, (yq.float() if data.is_regression else yq.long())
+
+
 def from_tensors(
     x: torch.Tensor | np.ndarray,
     y: torch.Tensor | np.ndarray,
@@ -103,8 +134,8 @@ def from_tensors(
     name: str = "custom",
 ) -> TensorData:
     """Wrap a user's inputs and labels (and optional test split) as a dataset, validating them."""
-    x_t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).float()
-    y_t = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y)
+    x_t = _tensor(x, "train inputs").float()
+    y_t = _tensor(y, "train labels")
     if regression:
         y_t = y_t.float()
         num_classes = 0
@@ -112,17 +143,27 @@ def from_tensors(
         if y_t.dtype.is_floating_point:
             raise DistdmError("labels are floats: pass integer class ids, or regression=True")
         num_classes = int(y_t.max()) + 1 if y_t.numel() else 0
+        if num_classes > max(2, y_t.numel()):
+            raise DistdmError(
+                f"labels go up to {num_classes - 1} but there are only {y_t.numel()} samples: "
+                f"number the classes 0..L-1 (e.g. np.unique(y, return_inverse=True)) or pass num_classes"
+            )
+    elif not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 1:
+        raise DistdmError(
+            f"num_classes must be an integer >= 1 (or pass regression=True), got {num_classes!r}"
+        )
     if test is None:
-        if not 0 < test_fraction < 1:
+        if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
             raise DistdmError(f"test_fraction must be in (0, 1), got {test_fraction}")
         _check_xy(x_t, y_t, num_classes, "train")
         tr, te = _split(y_t, test_fraction, seed, stratify=not regression)
         x_tr, y_tr, x_te, y_te = x_t[tr], y_t[tr], x_t[te], y_t[te]
     else:
         x_tr, y_tr = x_t, y_t
-        x_te = torch.as_tensor(np.asarray(test[0]) if not torch.is_tensor(test[0]) else test[0])
-        y_te = torch.as_tensor(np.asarray(test[1]) if not torch.is_tensor(test[1]) else test[1])
-        x_te = x_te.float()
+        if not isinstance(test, (tuple, list)) or len(test) != 2:
+            raise DistdmError("test must be a pair (test inputs, test labels)")
+        x_te = _tensor(test[0], "test inputs").float()
+        y_te = _tensor(test[1], "test labels")
         y_te = y_te.float() if regression else y_te
     _check_xy(x_tr, y_tr, num_classes, "train")
     _check_xy(x_te, y_te, num_classes, "test")
@@ -163,7 +204,13 @@ def _split(y: torch.Tensor, fraction: float, seed: int, stratify: bool) -> tuple
 
     idx = np.arange(len(y))
     strat = y.numpy() if stratify else None
-    tr, te = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
+    try:
+        tr, te = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
+    except ValueError as e:  # too few samples (per class) for the split
+        raise DistdmError(
+            f"cannot split {len(y)} samples into train and test with test_fraction={fraction} ({e}): "
+            f"pass more samples per class, another test_fraction, or an explicit test=(x, y)"
+        ) from e
     return np.sort(tr), np.sort(te)
 
 
@@ -267,4 +314,10 @@ def load_dataset(name: str, **kwargs: object) -> TensorData:
     """A built-in dataset by name: 'digits' (embedded default), 'fashion-mnist', 'diabetes'."""
     if name not in DATASETS:
         raise DistdmError(f"unknown dataset {name!r}; built-in: {sorted(DATASETS)}")
+    import inspect
+
+    try:
+        inspect.signature(DATASETS[name]).bind(**kwargs)
+    except TypeError as e:
+        raise DistdmError(f"dataset {name!r} does not take the settings {sorted(kwargs)} ({e})") from e
     return DATASETS[name](**kwargs)  # type: ignore[operator]

@@ -3,6 +3,18 @@ weights, trained with one schedule and one shuffle order; batched with torch.fun
 
 Every method in distdm (target training, exact retraining, DDM fine-tunes, further training, retrain
 after removal) is a call of `train_variants`.
+
+How a chunk of V variants is trained (`_train_chunk`):
+- parameters live stacked, shape (V, *shape), and are updated in place by one functional optimizer
+  (`_Optimizer`: SGD with momentum / weight decay, or Adam, written with foreach ops so that one update
+  covers every variant); the formulas are torch.optim's, so one variant trains as with torch.optim;
+- strategy 'vmap': one `vmap(grad(loss))` function built once per chunk computes every variant's
+  gradient; inputs and labels of a batch are shared, not expanded per variant;
+- strategy 'loop': one module copy per variant whose parameters are views into the stacked storage,
+  trained with a plain forward and backward (models with running buffers, convolutions on a CPU);
+- a variant whose weights are all zero in a batch skips that batch: no gradient, no optimizer step, no
+  momentum or Adam state change. So results depend neither on the strategy nor on how variants are
+  chunked or which executor runs the chunks (up to float round-off).
 """
 
 from __future__ import annotations
@@ -10,13 +22,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
+import numbers
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad, vmap
 
 from .errors import DistdmError
 from .progress import progress_bar
@@ -25,6 +40,13 @@ log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]  # parameters and buffers by name; stacked states have a leading V
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> per-sample
+
+# A batch size that occurs in at least this many steps of a chunk has its batched gradient traced
+# into one graph and replayed (None: never). A trace costs about 100-200 eager steps' Python
+# overhead (and about 2 s once per process), and saves most of that overhead on every step.
+TRACE_MIN_STEPS: int | None = 200
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +63,30 @@ class Schedule:
     shuffle: bool = True
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or (self.batch_size is not None and self.batch_size <= 0):
-            raise DistdmError(f"invalid schedule: epochs {self.epochs}, batch {self.batch_size}")
-        if not self.lr > 0:
-            raise DistdmError(f"learning rate must be > 0, got {self.lr}")
+        def integer(v: Any) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def number(v: Any) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not integer(self.epochs) or self.epochs < 0:
+            raise DistdmError(f"epochs must be an integer >= 0, got {self.epochs!r}")
+        if self.batch_size is not None and (not integer(self.batch_size) or self.batch_size <= 0):
+            raise DistdmError(
+                f"batch_size must be an integer > 0 or None (full batch), got {self.batch_size!r}"
+            )
+        if not number(self.lr) or not self.lr > 0:
+            raise DistdmError(f"learning rate must be a finite number > 0, got {self.lr!r}")
+        for name in ("momentum", "weight_decay"):
+            if not number(getattr(self, name)) or getattr(self, name) < 0:
+                raise DistdmError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not integer(self.seed) or self.seed < 0:
+            raise DistdmError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("epochs", "batch_size", "seed"):  # numpy numbers -> Python ones (JSON settings)
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("lr", "momentum", "weight_decay"):
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.optimizer not in ("sgd", "adam"):
             raise DistdmError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
@@ -120,14 +162,6 @@ def choose_strategy(model: nn.Module, device: torch.device | str = "cpu") -> str
     return "vmap"
 
 
-def _optimizer(params: list[torch.Tensor], s: Schedule) -> torch.optim.Optimizer:
-    # SGD and Adam are elementwise, so one optimizer over stacked parameters is exactly one
-    # optimizer per variant.
-    if s.optimizer == "adam":
-        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
-    return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-
-
 def _reduce(losses: torch.Tensor, w: torch.Tensor, reduction: str) -> torch.Tensor:
     wl = (losses * w).sum(-1)
     if reduction == "mean":
@@ -150,73 +184,309 @@ def batch_order(n: int, schedule: Schedule) -> list[list[torch.Tensor]]:
     return epochs
 
 
-def _train_chunk(
+# --- the optimizer ----------------------------------------------------------------------------
+
+
+class _Optimizer:
+    """SGD (momentum, weight decay) or Adam over stacked parameters, in place, with foreach ops.
+
+    Elementwise, so one update of stacked tensors is one update per variant. `active` (V,) bool marks
+    the variants that take this step; the others keep parameters, momentum, moments and step count.
+    Formulas follow torch.optim.SGD (dampening 0, no Nesterov) and torch.optim.Adam (L2 decay)."""
+
+    def __init__(self, params: list[torch.Tensor], schedule: Schedule, n_variants: int):
+        self.params, self.s = params, schedule
+        self.state: list[list[torch.Tensor]] = []
+        if schedule.optimizer == "adam":
+            self.state = [[torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]]
+            self.steps = torch.zeros(n_variants, dtype=torch.float64)
+        elif schedule.momentum:
+            self.state = [[torch.zeros_like(p) for p in params]]
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor], active: torch.Tensor | None = None) -> None:
+        """One step; `active` is a CPU bool mask over variants, None when every variant steps."""
+        s, params = self.s, self.params
+        mask = None if active is None else active.to(params[0].device)
+        if s.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=s.weight_decay)
+        if s.optimizer == "adam":
+            self._adam(grads, active, mask)
+            return
+        if s.momentum:  # buf = momentum * buf + g; buf starts at 0, so its first value is g
+            bufs = self.state[0]
+            if mask is None:
+                torch._foreach_mul_(bufs, s.momentum)
+                torch._foreach_add_(bufs, grads)
+                grads = bufs
+            else:
+                new = torch._foreach_mul(bufs, s.momentum)
+                torch._foreach_add_(new, grads)
+                _assign(bufs, new, mask)
+                grads = new
+        if mask is None:
+            torch._foreach_add_(params, grads, alpha=-s.lr)
+        else:
+            _assign(params, torch._foreach_add(params, grads, alpha=-s.lr), mask)
+
+    def _adam(
+        self, grads: list[torch.Tensor], active: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> None:
+        (b1, b2), s, params = _ADAM_BETAS, self.s, self.params
+        m, v = self.state
+        m_new = torch._foreach_lerp(m, grads, 1 - b1)
+        v_new = torch._foreach_mul(v, b2)
+        torch._foreach_addcmul_(v_new, grads, grads, value=1 - b2)
+        self.steps += 1 if active is None else active.double()
+        stepping = self.steps if active is None else self.steps[active]
+        if bool((stepping == stepping[0]).all()):
+            # every stepping variant at the same step: exactly torch.optim.Adam's arithmetic
+            t = float(stepping[0])
+            step_size = s.lr / (1 - b1**t)
+            denom = torch._foreach_sqrt(v_new)
+            torch._foreach_div_(denom, math.sqrt(1 - b2**t))
+            torch._foreach_add_(denom, _ADAM_EPS)
+            upd = torch._foreach_addcdiv(params, m_new, denom, value=-step_size)
+        else:  # variants at different steps (some skipped batches): per-variant bias corrections
+            steps = self.steps.clamp_min(1)
+            sizes = (s.lr / (1 - b1**steps)).to(params[0].device)
+            bc2_sqrt = torch.sqrt(1 - b2**steps).to(params[0].device)
+            upd = []
+            for p, mm, vv in zip(params, m_new, v_new, strict=True):
+                shape = (-1,) + (1,) * (p.ndim - 1)
+                denom = (vv.sqrt() / bc2_sqrt.view(shape).to(p.dtype)).add_(_ADAM_EPS)
+                upd.append(p - sizes.view(shape).to(p.dtype) * (mm / denom))
+        _assign(m, m_new, mask)
+        _assign(v, v_new, mask)
+        _assign(params, upd, mask)
+
+
+def _assign(dst: list[torch.Tensor], src: list[torch.Tensor], active: torch.Tensor | None) -> None:
+    """dst[i] <- src[i] for the active variants (all if active is None), in place."""
+    if active is None:
+        torch._foreach_copy_(dst, src)
+        return
+    for d, t in zip(dst, src, strict=True):
+        mask = active.view((-1,) + (1,) * (d.ndim - 1))
+        d.copy_(torch.where(mask, t, d))
+
+
+# --- one chunk of variants --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """The per-chunk inputs of a training job: sample weights (V, n) and stacked start states."""
+
+    weights: torch.Tensor
+    init: State
+    strategy: str  # 'vmap' or 'loop'
+
+
+@dataclasses.dataclass
+class _ChunkJob:
+    """What every chunk shares; callable on a `_Chunk`, and picklable (for Ray) without its callback."""
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    schedule: Schedule
+    loss: str | LossFn
+    reduction: str
+    record: bool
+    on_epoch: Callable[[], None] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["on_epoch"] = None  # a progress bar stays with the driver
+        return d
+
+    def __call__(self, chunk: _Chunk) -> TrainResult:
+        """Train the chunk with its strategy, falling back to a loop if vmap cannot run it."""
+        if chunk.strategy == "loop":
+            return _train_chunk(self, chunk, "loop")
+        try:
+            return _train_chunk(self, chunk, "vmap")
+        except (RuntimeError, NotImplementedError) as e:
+            log.info("model cannot be trained under vmap (%s); training variants in a loop", e)
+            return _train_chunk(self, chunk, "loop")
+
+
+def _vmap_grads(
+    job: _ChunkJob, names: list[str], params: State, buffers: State, trace_sizes: set[int]
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+    """Gradient of every variant's batch loss at once: one vmap(grad) function per chunk."""
+    model, loss, reduction = job.model, job.loss, job.reduction
+
+    def batch_loss(p: State, b: State, xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (p, b), (xb,))
+        return _reduce(per_sample_loss(out, yb, loss), wb, reduction)
+
+    fn = vmap(grad(batch_loss), in_dims=(0, 0, None, None, 0))
+    graphs: dict[int, Callable[..., State]] = {}
+
+    def grads(
+        xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor, active: torch.Tensor
+    ) -> list[torch.Tensor]:
+        f = graphs.get(xb.shape[0], fn)
+        if f is fn and xb.shape[0] in trace_sizes:
+            graphs[xb.shape[0]] = f = _trace(fn, (params, buffers, xb, yb, wb))
+        g = f(params, buffers, xb, yb, wb)
+        return [g[k] for k in names]
+
+    return grads
+
+
+def _trace(fn: Callable[..., State], args: tuple[Any, ...]) -> Callable[..., State]:
+    """fn recorded once as a graph of aten ops (make_fx), so that replaying it skips vmap's and
+    autograd's Python work; fn itself if it cannot be recorded."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    try:
+        return make_fx(fn)(*args)
+    except Exception as e:  # noqa: BLE001 - any failure just means: keep running it eagerly
+        log.debug("could not trace the batched gradient (%s); running it eagerly", e)
+        return fn
+
+
+def _loop_grads(
+    job: _ChunkJob, names: list[str], params: State, buffers: State, trace_sizes: set[int]
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+    """Gradient of each variant in turn, on a module copy whose tensors are views into the stacks."""
+    n_var = next(iter(params.values())).shape[0]
+    copies: list[tuple[nn.Module, list[nn.Parameter]]] = []
+    for v in range(n_var):
+        m = copy.deepcopy(job.model)
+        m.train()
+        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+            src = params.get(name, buffers.get(name))
+            if src is None:
+                continue
+            if isinstance(t, nn.Parameter):
+                t.data = src[v]
+            else:
+                owner, attr = _owner(m, name)
+                owner._buffers[attr] = src[v]
+        own = dict(m.named_parameters())
+        copies.append((m, [own[k] for k in names]))
+    out = [torch.zeros_like(params[k]) for k in names]
+    loss, reduction = job.loss, job.reduction
+
+    def grads(
+        xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor, active: torch.Tensor
+    ) -> list[torch.Tensor]:
+        for v, (m, ps) in enumerate(copies):
+            if not active[v]:
+                continue
+            total = _reduce(per_sample_loss(m(xb), yb, loss), wb[v], reduction)
+            gs = torch.autograd.grad(total, ps, allow_unused=True)
+            for o, g in zip(out, gs, strict=True):
+                if g is None:
+                    o[v].zero_()
+                else:
+                    o[v].copy_(g)
+        return out
+
+    return grads
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def _train_chunk(job: _ChunkJob, chunk: _Chunk, strategy: str) -> TrainResult:
+    x, y, schedule = job.x, job.y, job.schedule
+    device = x.device
+    names = param_names(job.model)
+    params = {k: chunk.init[k].detach().to(device).clone() for k in names}
+    buffers = {k: v.detach().to(device).clone() for k, v in chunk.init.items() if k not in params}
+    weights = chunk.weights.to(device)
+    kept = (chunk.weights != 0).cpu()  # activity per batch is decided on the CPU: no device syncs
+    n_var = weights.shape[0]
+    opt = _Optimizer([params[k] for k in names], schedule, n_var)
+    make = _vmap_grads if strategy == "vmap" else _loop_grads
+    was_training = job.model.training
+    job.model.train()
+
+    def snapshot() -> State:
+        s = {**params, **buffers}
+        return {k: s[k].detach().clone() for k in chunk.init}
+
+    trajectory = [snapshot()] if job.record else None
+    try:
+        order = batch_order(x.shape[0], schedule)
+        sizes = Counter(len(idx) for batches in order for idx in batches)
+        trace = {n for n, c in sizes.items() if TRACE_MIN_STEPS is not None and c >= TRACE_MIN_STEPS}
+        grads = make(job, names, params, buffers, trace)
+        for batches in order:
+            for idx in batches:
+                active = kept[:, idx].any(1)
+                n_active = int(active.sum())
+                if n_active == 0:
+                    continue
+                idx_d = idx.to(device)
+                g = grads(x[idx_d], y[idx_d], weights[:, idx_d], active)
+                opt.step(g, None if n_active == n_var else active)
+            if trajectory is not None:
+                trajectory.append(snapshot())
+            if job.on_epoch is not None:
+                job.on_epoch()
+    finally:
+        job.model.train(was_training)
+    return TrainResult(snapshot(), trajectory)
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+
+def estimate_variant_bytes(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    weights: torch.Tensor,
-    init: State,
     schedule: Schedule,
-    loss: str | LossFn,
-    reduction: str,
-    record: bool,
-    strategy: str,
-    on_epoch: Callable[[], None],
-) -> TrainResult:
-    names = param_names(model)
-    params = {k: init[k].detach().clone().requires_grad_(True) for k in names}
-    fixed = {k: v.detach() for k, v in init.items() if k not in params}
-    opt = _optimizer(list(params.values()), schedule)
-    was_training = model.training
-    model.train()
+    *,
+    loss: str | LossFn = "ce",
+    record: bool = False,
+) -> int:
+    """Estimated working memory of one variant in a batched run, in bytes: its state, gradient and
+    optimizer state, the tensors one training batch keeps for the backward pass (measured by running
+    one), and its recorded trajectory if asked for."""
+    state = model.state_dict()
+    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    par_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    opt_copies = 2 if schedule.optimizer == "adam" else (1 if schedule.momentum else 0)
+    bs = min(schedule.batch_size or x.shape[0], x.shape[0])
+    m = copy.deepcopy(model).train()
+    seen: dict[tuple[int, int], int] = {}
 
-    if strategy == "vmap":
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        seen[key] = t.untyped_storage().nbytes()
+        return t
 
-        def outputs_of(xb: torch.Tensor) -> torch.Tensor:
-            return vmap(lambda p, b: functional_call(model, p, (xb,)), in_dims=(0, 0))(params, fixed)
-    else:
-        # one module copy per variant, so that running buffers (batch norm) stay per variant
-        copies = []
-        for v in range(weights.shape[0]):
-            m = copy.deepcopy(model)
-            m.load_state_dict({k: t[v] for k, t in init.items()})
-            copies.append(m)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = m(x[:bs])
+        per_sample_loss(out, y[:bs], loss).sum()
+    act_bytes = sum(seen.values()) + out.numel() * out.element_size()
+    # a batched step also holds the variant's gradient, new parameters and optimizer temporaries
+    total = state_bytes + par_bytes * (2 + 2 * opt_copies) + 2 * act_bytes
+    if record:
+        total += state_bytes * (schedule.epochs + 1)
+    return int(total)
 
-        def outputs_of(xb: torch.Tensor) -> torch.Tensor:
-            outs = []
-            for v, m in enumerate(copies):
-                p = {k: params[k][v] for k in names}
-                b = {k: buf for k, buf in m.named_buffers()}
-                outs.append(functional_call(m, {**p, **b}, (xb,)))
-            return torch.stack(outs)
 
-    def snapshot() -> State:
-        s = {k: v.detach().clone() for k, v in params.items()}
-        if strategy == "vmap":
-            s.update({k: v.clone() for k, v in fixed.items()})
-        else:
-            s.update(stack_states([dict(m.named_buffers()) for m in copies]) if fixed else {})
-        return {k: s[k] for k in init}
+def chunk_for_budget(per_variant_bytes: int, budget_bytes: int, n_variants: int) -> int:
+    """Variants per chunk so that a chunk's estimated memory stays within the budget."""
+    if budget_bytes < per_variant_bytes:
+        raise DistdmError(
+            f"memory_budget_bytes={budget_bytes} is below the estimated {per_variant_bytes} bytes that one "
+            f"variant needs: raise the budget to at least {per_variant_bytes} (or pass chunk_size=1)"
+        )
+    return max(1, min(n_variants, budget_bytes // per_variant_bytes))
 
-    trajectory = [snapshot()] if record else None
-    try:
-        for batches in batch_order(x.shape[0], schedule):
-            for idx in batches:
-                w = weights[:, idx]
-                if not bool((w != 0).any()):
-                    continue
-                out = outputs_of(x[idx])
-                per = per_sample_loss(out, y[idx].unsqueeze(0).expand(w.shape[0], *y[idx].shape), loss)
-                total = _reduce(per, w, reduction).sum()
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                opt.step()
-            if trajectory is not None:
-                trajectory.append(snapshot())
-            on_epoch()
-    finally:
-        model.train(was_training)
-    return TrainResult(snapshot(), trajectory)
+
+# --- the public entry points -------------------------------------------------------------------------
 
 
 def train_variants(
@@ -232,6 +502,7 @@ def train_variants(
     record: bool = False,
     strategy: str = "auto",
     chunk_size: int | None = None,
+    memory_budget_bytes: int | None = None,
     executor: Any = None,
     progress: bool = False,
 ) -> TrainResult:
@@ -240,11 +511,16 @@ def train_variants(
     init: a single state (shared start) or a stacked one (one start per variant); default the
     model's current state. reduction: 'mean' (batch loss = weighted mean over kept samples),
     'sum' (weighted sum; effects of samples add), 'fixed' (weighted sum / full batch size).
+    A variant with no kept sample in a batch skips that batch. chunk_size: variants trained at once
+    (default all); memory_budget_bytes instead picks it from `estimate_variant_bytes`. executor: an
+    object whose map(fn, chunks) runs the chunks (see distdm.executors; default in-process).
     Results do not depend on strategy, chunking or executor (up to float round-off).
     """
     n = x.shape[0]
     if y.shape[0] != n:
         raise DistdmError(f"{n} inputs but {y.shape[0]} targets")
+    if reduction not in ("mean", "sum", "fixed"):
+        raise DistdmError(f"reduction must be 'mean', 'sum' or 'fixed', got {reduction!r}")
     if weights is None:
         weights = torch.ones(1, n)
     weights = torch.as_tensor(weights, dtype=x.dtype)
@@ -263,34 +539,43 @@ def train_variants(
         start = repeat_state(start, n_var)
     elif next(iter(start.values())).shape[0] != n_var:
         raise DistdmError(f"stacked init has {next(iter(start.values())).shape[0]} variants, weights {n_var}")
-    if strategy == "auto":
+    auto = strategy == "auto"
+    if auto:
         strategy = choose_strategy(model, x.device)
     if strategy not in ("vmap", "loop"):
         raise DistdmError(f"strategy must be 'auto', 'vmap' or 'loop', got {strategy!r}")
-
+    if chunk_size is not None and memory_budget_bytes is not None:
+        raise DistdmError("pass chunk_size or memory_budget_bytes, not both")
+    if chunk_size is not None and chunk_size < 1:
+        raise DistdmError(f"chunk_size must be >= 1, got {chunk_size}")
     size = chunk_size or n_var
-    chunks = [slice(i, min(i + size, n_var)) for i in range(0, n_var, size)]
+    if memory_budget_bytes is not None:
+        per = estimate_variant_bytes(model, x, y, schedule, loss=loss, record=record)
+        size = chunk_for_budget(per, int(memory_budget_bytes), n_var)
+        log.info(
+            "memory budget %d bytes, about %d per variant: %d variants per chunk",
+            memory_budget_bytes,
+            per,
+            size,
+        )
+
+    slices = [slice(i, min(i + size, n_var)) for i in range(0, n_var, size)]
+    # 'auto' trains a lone variant in the loop: a plain forward and backward beats vmap's overhead
+    chunks = [
+        _Chunk(weights[sl], select(start, sl), "loop" if auto and sl.stop - sl.start == 1 else strategy)
+        for sl in slices
+    ]
     with progress_bar(len(chunks) * schedule.epochs, "training", progress) as bar:
-
-        def run(sl: slice, strat: str) -> TrainResult:
-            return _train_chunk(
-                model, x, y, weights[sl], select(start, sl), schedule, loss, reduction, record,
-                strat, bar.advance,
-            )  # fmt: skip
-
-        def run_with_fallback(sl: slice) -> TrainResult:
-            if strategy == "loop":
-                return run(sl, "loop")
-            try:
-                return run(sl, "vmap")
-            except (RuntimeError, NotImplementedError) as e:
-                log.info("model cannot be trained under vmap (%s); training variants in a loop", e)
-                return run(sl, "loop")
-
+        local = executor is None or getattr(executor, "in_process", False)
+        job = _ChunkJob(model, x, y, schedule, loss, reduction, record, bar.advance if local else None)
         if executor is None:
-            results = [run_with_fallback(sl) for sl in chunks]
+            results = [job(c) for c in chunks]
         else:
-            results = executor.map(run_with_fallback, chunks)
+            results = list(executor.map(job, chunks))
+            if not local:
+                bar.advance(len(chunks) * schedule.epochs)
+    if len(results) != len(chunks):
+        raise DistdmError(f"the executor returned {len(results)} results for {len(chunks)} chunks")
     return _concat(results)
 
 
@@ -322,15 +607,18 @@ def predict(
     try:
         if strategy == "auto":
             strategy = choose_strategy(model, x.device)
+        if strategy == "vmap":
+            try:
+                fn = vmap(lambda s, xb: functional_call(model, s, (xb,)), in_dims=(0, None))
+                return torch.cat([fn(states, xb) for xb in x.split(chunk)], dim=1)
+            except (RuntimeError, NotImplementedError) as e:
+                log.info("model cannot be evaluated under vmap (%s); evaluating variants in a loop", e)
+        n_var = next(iter(states.values())).shape[0]
+        m = copy.deepcopy(model).eval()
         outs = []
-        for xb in x.split(chunk):
-            if strategy == "vmap":
-                outs.append(vmap(lambda s, b=xb: functional_call(model, s, (b,)))(states))
-            else:
-                n_var = next(iter(states.values())).shape[0]
-                outs.append(
-                    torch.stack([functional_call(model, select(states, v), (xb,)) for v in range(n_var)])
-                )
-        return torch.cat(outs, dim=1)
+        for v in range(n_var):
+            m.load_state_dict(select(states, v))
+            outs.append(torch.cat([m(xb) for xb in x.split(chunk)]))
+        return torch.stack(outs)
     finally:
         model.train(was_training)

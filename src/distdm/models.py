@@ -243,9 +243,14 @@ def build_model(
         if side * side != input_shape[0]:
             raise DistdmError(f"{name} needs image inputs; {input_shape} is not a square image")
         image_shape = (1, side, side)
+    if not isinstance(num_outputs, int) or isinstance(num_outputs, bool) or num_outputs < 1:
+        raise DistdmError(f"num_outputs must be an integer >= 1, got {num_outputs!r}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = MODELS[name](image_shape, num_outputs, **kwargs)
+        try:
+            model = MODELS[name](image_shape, num_outputs, **kwargs)
+        except (TypeError, ValueError, RuntimeError) as e:  # unknown or nonsense model settings
+            raise DistdmError(f"cannot build model {name!r} with settings {kwargs}: {e}") from e
         _reinit(model, init)
     if image_shape != tuple(input_shape):
         # flat square inputs (e.g. digits' 64 features) are viewed as one-channel images

@@ -71,6 +71,17 @@ class Run:
         data_kwargs: dict[str, Any] | None = None,
         progress: bool = False,
     ):
+        if not isinstance(data, (str, TensorData)):
+            raise DistdmError(
+                f"data must be a built-in dataset name or a TensorData (distdm.from_tensors / from_dataset), "
+                f"got {type(data).__name__}"
+            )
+        if not isinstance(model, (str, nn.Module)):
+            raise DistdmError(
+                f"model must be a built-in model name or an nn.Module, got {type(model).__name__}"
+            )
+        if train is not None and not isinstance(train, TrainConfig):
+            raise DistdmError(f"train must be a TrainConfig, got {type(train).__name__}")
         source = {"dataset": data, "kwargs": data_kwargs or {}} if isinstance(data, str) else None
         self.data = load_dataset(data, **(data_kwargs or {})) if isinstance(data, str) else data
         self.progress = progress
@@ -142,6 +153,8 @@ class Run:
     # stages -----------------------------------------------------------------------------------
     def train(self) -> list[State]:
         """Train the target model and store its trajectory (one state per epoch); reuse if stored."""
+        if not self.store.is_done("train"):
+            self.store.reset("train")  # settings of an attempt that never finished bind nothing
         self.store.check_config("train", self.train_config.to_dict())
         if self.store.is_done("train"):
             return self.trajectory()
@@ -168,6 +181,8 @@ class Run:
         """Partition the training data (default: 10 k-means clusters per class on the target model's
         penultimate features) and store the partition; reuse if stored."""
         cfg = (config or ClusterConfig()).replace(**overrides) if overrides else (config or ClusterConfig())
+        if not self.store.is_done("cluster"):
+            self.store.reset("cluster")  # settings of an attempt that never finished bind nothing
         self.store.check_config("cluster", cfg.to_dict())
         if self.store.is_done("cluster"):
             return self.clusters()
@@ -241,8 +256,8 @@ class Run:
 
     def queries(self, n: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """n test queries drawn with a seed: inputs, labels and their test-set indices."""
-        if n <= 0:
-            raise DistdmError(f"the number of queries must be > 0, got {n}")
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
+            raise DistdmError(f"the number of queries must be an integer > 0, got {n!r}")
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self.data.y_test), generator=g)[: min(n, len(self.data.y_test))]
         return self.data.x_test[idx], self.data.y_test[idx], idx.numpy()

@@ -45,6 +45,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _is_temp(path: Path) -> bool:
+    """A temporary file left by an interrupted atomic write (never trusted, safe to ignore)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def _check_manifest(m: dict[str, Any], path: Path) -> None:
+    """Refuse a manifest whose structure was damaged (hand-edited, or written by something else)."""
+    for key in ("configs", "stages", "artifacts"):
+        if not isinstance(m.get(key), dict):
+            raise DistdmError(f"{path} has no valid {key!r} section: it was edited or damaged")
+    for name, entry in m["stages"].items():
+        if not isinstance(entry, dict):
+            raise DistdmError(f"{path} records stage {name!r} as {entry!r}: it was edited or damaged")
+    for name, entry in m["artifacts"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)):
+            raise DistdmError(f"{path} lists artifact {name!r} without a checksum: it was edited or damaged")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise DistdmError(f"{path} lists artifact {name!r} outside the run directory")
+
+
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
@@ -62,15 +82,17 @@ class RunStore:
     def __init__(self, root: str | os.PathLike, *, fingerprint: str | None = None, create: bool = True):
         self.root = Path(root)
         self._manifest_path = self.root / "manifest.json"
+        if self.root.exists() and not self.root.is_dir():
+            raise DistdmError(f"{self.root} is a file, not a run directory: choose another path")
         if self._manifest_path.exists():
             try:
                 self.manifest = json.loads(self._manifest_path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DistdmError(f"{self._manifest_path} is corrupt ({e}); delete the run directory") from e
-            if self.manifest.get("format") != FORMAT:
-                raise DistdmError(
-                    f"{self.root} is not a distdm run directory (format {self.manifest.get('format')!r})"
-                )
+            fmt = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            if fmt != FORMAT:
+                raise DistdmError(f"{self.root} is not a distdm run directory (format {fmt!r})")
+            _check_manifest(self.manifest, self._manifest_path)
             stored = self.manifest.get("fingerprint")
             if fingerprint is not None and stored is not None and stored != fingerprint:
                 raise DistdmError(
@@ -81,7 +103,7 @@ class RunStore:
                 self.manifest["fingerprint"] = fingerprint
                 self._write_manifest()
         elif create:
-            if self.root.exists() and any(self.root.iterdir()):
+            if self.root.exists() and any(not _is_temp(p) for p in self.root.iterdir()):
                 raise DistdmError(
                     f"{self.root} exists, is not empty and has no manifest.json: choose another path"
                 )
@@ -123,7 +145,8 @@ class RunStore:
     def reset(self, stage: str) -> None:
         """Forget a stage's settings, completion and artifacts (prefix match on artifact names)."""
         self.manifest["configs"].pop(stage, None)
-        self.manifest["stages"].pop(stage, None)
+        for done in [s for s in self.manifest["stages"] if s == stage or s.startswith(stage + "/")]:
+            del self.manifest["stages"][done]
         for name in [a for a in self.manifest["artifacts"] if a == stage or a.startswith(stage + "/")]:
             (self.root / name).unlink(missing_ok=True)
             del self.manifest["artifacts"][name]
@@ -204,6 +227,10 @@ class RunStore:
         if not name.endswith(".json"):
             name += ".json"
         return json.loads(self._verified(name).read_text())
+
+    def load_bytes(self, name: str) -> bytes:
+        """The bytes of any recorded artifact (a figure, a table) after checking its checksum."""
+        return self._verified(name).read_bytes()
 
     def save_file(self, name: str, data: bytes) -> Path:
         """Save any other file (a figure, a report) atomically, with a checksum; returns its path."""

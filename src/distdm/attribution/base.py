@@ -9,6 +9,7 @@ from typing import ClassVar, TypeVar
 
 import torch
 
+from ..data import check_queries
 from ..errors import DistdmError
 from ..objectives import Objective
 from ..scores import Scores
@@ -47,13 +48,7 @@ class Attributor(ABC):
         """Scores (units x queries) of each unit for the objective on queries (x, y)."""
         if not hasattr(self, "task_"):
             raise DistdmError(f"{self.name}: call fit(task) before scores(...)")
-        x = torch.as_tensor(x, dtype=torch.float32)
-        y = torch.as_tensor(y)
-        if x.shape[1:] != self.task_.data.x_train.shape[1:]:
-            raise DistdmError(
-                f"queries have shape {tuple(x.shape[1:])}, the training inputs "
-                f"{tuple(self.task_.data.x_train.shape[1:])}"
-            )
+        x, y = check_queries(x, y, self.task_.data)
         t = time.perf_counter()
         s = self._scores(x, y, objective)
         s.seconds = time.perf_counter() - t
@@ -82,4 +77,10 @@ def make_attributor(name: str, **settings: object) -> Attributor:
     """An attributor by registered name, configured with settings."""
     if name not in ATTRIBUTORS:
         raise DistdmError(f"unknown method {name!r}; available: {sorted(ATTRIBUTORS)}")
+    import inspect
+
+    try:
+        inspect.signature(ATTRIBUTORS[name]).bind(**settings)
+    except TypeError as e:
+        raise DistdmError(f"method {name!r} does not take the settings {sorted(settings)} ({e})") from e
     return ATTRIBUTORS[name](**settings)

@@ -1,0 +1,296 @@
+"""Exact leave-unit-out retraining: the ground truth every other method is measured against.
+
+`retrain_masks` retrains the target model from theta_0 with the target's schedule (same data order,
+dropped units masked out of every batch) once per keep-mask, through the batched engine
+(`Task.retrain`), and caches the final states chunk by chunk in the task's RunStore, so that a
+second call does not recompute and a killed sweep resumes at the first unfinished chunk.
+`ExactRetrain` ("exact") is the leave-one-cluster-out attributor built on it.
+
+Store layout (when `task.store` is set): stage 'retrain' holds the identity of what is retrained
+(clusters, schedule, loss, reduction, a hash of theta_0); each job 'retrain/<tag>/seed<s>' records
+its masks' hash and chunk size; chunk i of a job is the artifact 'retrain/<tag>/seed<s>/chunk<i>'
+(a safetensors file of stacked states) with its own completion flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..engine import State, predict
+from ..errors import DistdmError
+from ..objectives import Objective, get_objective, objective_name
+from ..scores import Scores
+from ..task import Task
+from .base import Attributor, register
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 25  # variants per chunk: the unit of caching and resuming (and of one batched run)
+
+
+def _hash_arrays(*arrays: np.ndarray | torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        arr = a.detach().cpu().contiguous().numpy() if torch.is_tensor(a) else np.ascontiguousarray(a)
+        h.update(f"{arr.shape}{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def clusters_id(task: Task) -> str:
+    """A hash identifying the task's partition into clusters (assignment and cluster classes)."""
+    return _hash_arrays(np.asarray(task.clusters.assignment), np.asarray(task.clusters.cluster_class))[:16]
+
+
+def task_identity(task: Task) -> dict[str, object]:
+    """What a retrained state depends on, as JSON-able settings for `RunStore.check_config`."""
+    init = task.init
+    loss = task.loss if isinstance(task.loss, str) else getattr(task.loss, "__qualname__", "custom")
+    return {
+        "clusters": clusters_id(task),
+        "cluster_kind": task.clusters.kind,
+        "n_clusters": task.clusters.n_clusters,
+        "schedule": dataclasses.asdict(task.schedule),
+        "loss": loss,
+        "reduction": task.reduction,
+        "model": type(task.model).__name__,
+        "init": _hash_arrays(*[init[k] for k in sorted(init)])[:16],
+    }
+
+
+def n_units(task: Task, unit: str) -> int:
+    """Number of attribution units of the task: clusters or training samples."""
+    if unit == "cluster":
+        return task.clusters.n_clusters
+    if unit == "sample":
+        return task.data.n_train
+    raise DistdmError(f"unit must be 'cluster' or 'sample', got {unit!r}")
+
+
+def leave_one_out_masks(n: int) -> torch.Tensor:
+    """Keep-masks (n + 1, n): row 0 keeps everything, row k + 1 drops unit k."""
+    keep = torch.ones(n + 1, n)
+    keep[1:] -= torch.eye(n)
+    return keep
+
+
+def retrain_masks(
+    task: Task,
+    keep: torch.Tensor | np.ndarray,
+    *,
+    seed: int | None = None,
+    unit: str = "cluster",
+    tag: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: bool = False,
+    executor: object = None,
+) -> State:
+    """Retrain once per row of `keep` (V, units) and return the stacked final states (V leading).
+
+    seed None means the task's own seed (its theta_0 and shuffle order); another seed draws a new
+    initialisation and shuffle order. With `task.store` set, chunks of `chunk_size` rows are cached
+    under 'retrain/<tag>/seed<s>/chunk<i>' (tag default: a hash of the masks) and reused or resumed.
+    executor (see distdm.executors): runs the chunks, e.g. in parallel on Ray; the unfinished chunks
+    then go out in one engine call and are saved when it returns.
+    """
+    keep_t = torch.as_tensor(np.asarray(keep) if not torch.is_tensor(keep) else keep, dtype=torch.float32)
+    k = n_units(task, unit)
+    if keep_t.ndim != 2 or keep_t.shape[1] != k:
+        raise DistdmError(
+            f"keep masks must have shape (variants, {k}) for unit {unit!r}, got {tuple(keep_t.shape)}"
+        )
+    if keep_t.shape[0] == 0:
+        raise DistdmError("no keep masks given: pass at least one row")
+    if not bool(((keep_t == 0) | (keep_t == 1)).all()):
+        raise DistdmError("keep masks must contain only 0 (drop) and 1 (keep)")
+    if chunk_size < 1:
+        raise DistdmError(f"chunk_size must be >= 1, got {chunk_size}")
+    s = task.schedule.seed if seed is None else int(seed)
+    store = task.store
+    if store is None and executor is not None:
+        return task.retrain(
+            keep_t, seed=s, unit=unit, progress=progress, chunk_size=chunk_size, executor=executor
+        )
+    if store is None:
+        return _concat_states(
+            [
+                task.retrain(keep_t[sl], seed=s, unit=unit, progress=progress)
+                for sl in _chunks(len(keep_t), chunk_size)
+            ]
+        )
+
+    masks_hash = _hash_arrays(keep_t.to(torch.uint8))
+    tag = tag or f"masks-{masks_hash[:12]}"
+    if "/" in tag or not tag:
+        raise DistdmError(f"retrain tag must be a non-empty name without '/', got {tag!r}")
+    store.check_config("retrain", task_identity(task))
+    job = f"retrain/{tag}/seed{s}"
+    store.check_config(
+        job, {"masks": masks_hash, "variants": len(keep_t), "unit": unit, "chunk_size": chunk_size}
+    )
+    parts: list[State] = []
+    if executor is not None:
+        _run_pending(task, keep_t, s, unit, job, chunk_size, progress, executor)
+    for i, sl in enumerate(_chunks(len(keep_t), chunk_size)):
+        name = f"{job}/chunk{i}"
+        if store.is_done(name) and store.has(name + ".safetensors"):
+            parts.append(store.load_tensors(name))
+            continue
+        t = time.perf_counter()
+        states = task.retrain(keep_t[sl], seed=s, unit=unit, progress=progress)
+        store.save_tensors(name, states)
+        store.mark_done(name, seconds=time.perf_counter() - t, variants=sl.stop - sl.start)
+        log.info("retrained %s (%d variants) in %.1f s", name, sl.stop - sl.start, time.perf_counter() - t)
+        parts.append(states)
+    return _concat_states(parts)
+
+
+def _run_pending(
+    task: Task, keep: torch.Tensor, seed: int, unit: str, job: str, chunk_size: int, progress: bool,
+    executor: object,
+) -> None:  # fmt: skip
+    """Retrain every unfinished chunk of a job in one engine call through the executor; save each."""
+    store = task.store
+    assert store is not None
+    todo = [
+        (i, sl) for i, sl in enumerate(_chunks(len(keep), chunk_size))
+        if not (store.is_done(f"{job}/chunk{i}") and store.has(f"{job}/chunk{i}.safetensors"))
+    ]  # fmt: skip
+    if not todo:
+        return
+    t = time.perf_counter()
+    rows = torch.cat([keep[sl] for _, sl in todo])
+    states = task.retrain(
+        rows, seed=seed, unit=unit, progress=progress, chunk_size=chunk_size, executor=executor
+    )
+    seconds = (time.perf_counter() - t) / len(todo)
+    at = 0
+    for i, sl in todo:
+        n = sl.stop - sl.start
+        store.save_tensors(f"{job}/chunk{i}", {k: v[at : at + n].contiguous() for k, v in states.items()})
+        store.mark_done(f"{job}/chunk{i}", seconds=seconds, variants=n)
+        at += n
+    log.info(
+        "retrained %d chunks of %s through %r in %.1f s", len(todo), job, executor, time.perf_counter() - t
+    )
+
+
+def recorded_seconds(task: Task, tag: str, seed: int | None = None) -> float | None:
+    """Seconds the chunks of a cached job took when they were computed (None without a store or
+    before any chunk finished): the true cost of a retrain that was later loaded from the cache."""
+    if task.store is None:
+        return None
+    s = task.schedule.seed if seed is None else int(seed)
+    prefix = f"retrain/{tag}/seed{s}/chunk"
+    done = [v for k, v in task.store.manifest["stages"].items() if k.startswith(prefix) and v.get("done")]
+    return float(sum(v.get("seconds", 0.0) for v in done)) if done else None
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _concat_states(parts: Sequence[State]) -> State:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def objective_values(
+    task: Task,
+    states: State,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objective: str | Objective = "margin",
+    reference: torch.Tensor | None = None,
+) -> np.ndarray:
+    """Objective values (V, Q) of stacked states on queries; reference outputs default to variant 0's."""
+    f = get_objective(objective)
+    out = predict(task.model, states, torch.as_tensor(x, dtype=torch.float32), strategy=task.strategy)
+    ref = out[0] if reference is None else reference
+    with torch.no_grad():
+        return f(out, ref, torch.as_tensor(y)).double().numpy()
+
+
+@register("exact")
+class ExactRetrain(Attributor):
+    """Exact leave-one-unit-out retraining, averaged over seeds: score[k, q] = f(without k)(q) - f(all)(q).
+
+    Settings: seeds (None: the task's own seed only; put the task's seed first so that per-seed
+    index 0 is the model other methods explain), unit ('cluster' or 'sample'), chunk_size (variants
+    per cached chunk), progress, executor (distdm.executors; default in-process). The reference
+    outputs an objective sees are those of the all-kept model of the same seed.
+    """
+
+    def __init__(
+        self,
+        seeds: Sequence[int] | None = None,
+        unit: str = "cluster",
+        chunk_size: int = DEFAULT_CHUNK,
+        progress: bool = False,
+        executor: object = None,
+    ):
+        if seeds is not None and (len(seeds) == 0 or len(set(seeds)) != len(seeds)):
+            raise DistdmError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
+        if unit not in ("cluster", "sample"):
+            raise DistdmError(f"unit must be 'cluster' or 'sample', got {unit!r}")
+        self.seeds = None if seeds is None else tuple(int(s) for s in seeds)
+        self.unit = unit  # type: ignore[misc]  # instance setting shadows the class default
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.executor = executor
+
+    def _fit(self, task: Task) -> None:
+        self.seeds_ = self.seeds if self.seeds is not None else (task.schedule.seed,)
+        masks = leave_one_out_masks(n_units(task, self.unit))
+        tag = "loo" if self.unit == "cluster" else "loo-sample"
+        self.states_: dict[int, State] = {
+            s: retrain_masks(
+                task,
+                masks,
+                seed=s,
+                unit=self.unit,
+                tag=tag,
+                chunk_size=self.chunk_size,
+                progress=self.progress,
+                executor=self.executor,
+            )
+            for s in self.seeds_
+        }
+        recorded = [recorded_seconds(task, tag, s) for s in self.seeds_]
+        # with a store: what the retrains cost when computed, also when this fit loaded them
+        self.retrain_seconds_ = None if None in recorded else float(sum(recorded))  # type: ignore[arg-type]
+
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw model outputs (seeds, 1 + units, Q, O): row 0 the all-kept model, row k + 1 without k."""
+        if not hasattr(self, "states_"):
+            raise DistdmError("exact: call fit(task) before outputs(...)")
+        xq = torch.as_tensor(x, dtype=torch.float32)
+        m, strategy = self.task_.model, self.task_.strategy
+        return torch.stack([predict(m, self.states_[s], xq, strategy=strategy) for s in self.seeds_])
+
+    def values(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective = "margin") -> np.ndarray:
+        """Raw objective values (seeds, 1 + units, Q): row 0 the all-kept model, row k + 1 without unit k."""
+        f = get_objective(objective)
+        out = self.outputs(x)
+        yq = torch.as_tensor(y)
+        with torch.no_grad():
+            return np.stack([f(o, o[0], yq).double().numpy() for o in out])
+
+    def per_seed_scores(
+        self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective = "margin"
+    ) -> np.ndarray:
+        """Leave-one-out effects per seed (seeds, units, Q), e.g. for the noise ceiling."""
+        v = self.values(x, y, objective)
+        return v[:, 1:, :] - v[:, :1, :]
+
+    def _scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
+        eff = self.per_seed_scores(x, y, objective).mean(0)
+        return Scores(eff, self.unit, objective_name(objective), self.name)

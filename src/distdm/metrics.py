@@ -1,0 +1,329 @@
+"""How well attribution scores agree with the truth: rank correlations, LDS, the paper's Dist
+protocol, top-1 hits, removal curves and the seed-to-seed noise ceiling.
+
+Every metric is computed per query and summarised by its mean and a 95% Student-t interval over
+queries (`Interval`, method 't': mean +- t_{0.975, n-1} * sd / sqrt(n)). Per-query correlations
+that are undefined because one side is constant count as 0 (no ranking information); queries with
+fewer than 3 units to rank are left out and `Interval.n` says how many remained.
+
+Sign convention (scores.py): score[k, q] = f(without k)(q) - f(all)(q).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from .attribution.retrain import objective_values, retrain_masks
+from .clusters import Clusters
+from .engine import predict
+from .errors import DistdmError
+from .objectives import Objective
+from .scores import Scores
+from .task import Task
+
+CONFIDENCE = 0.95
+MIN_UNITS = 3  # fewest units a per-query rank correlation is computed over
+
+ArrayLike = np.ndarray | Scores
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A mean over queries with a 95% interval; `method` names how the interval was made."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    method: str = "t"
+
+    def as_dict(self, name: str) -> dict[str, float]:
+        """Flat columns name, name_lo, name_hi."""
+        return {name: self.mean, f"{name}_lo": self.low, f"{name}_hi": self.high}
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> Interval:
+    """Mean of the finite values with a Student-t confidence interval (NaN bounds if n < 2)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    n = len(v)
+    if n == 0:
+        return Interval(float("nan"), float("nan"), float("nan"), 0)
+    mean = float(v.mean())
+    if n < 2:
+        return Interval(mean, float("nan"), float("nan"), 1)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(ddof=1) / np.sqrt(n))
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def _values(s: ArrayLike, clusters: Clusters | None = None) -> np.ndarray:
+    if isinstance(s, Scores):
+        if s.unit == "sample" and clusters is not None:
+            s = s.to_clusters(clusters.assignment, clusters.n_clusters)
+        return s.values
+    return np.asarray(s, dtype=np.float64)
+
+
+def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape != b.shape or a.ndim != 2:
+        raise DistdmError(
+            f"scores and truth must both be (units, queries) of the same shape, got {a.shape} and {b.shape}"
+        )
+
+
+def _corr(a: np.ndarray, b: np.ndarray, fn: Callable[..., Any]) -> float:
+    if len(a) < MIN_UNITS:
+        return float("nan")
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(fn(a, b).statistic)
+
+
+def _per_query(
+    scores: ArrayLike,
+    truth: ArrayLike,
+    fn: Callable[..., Any],
+    groups: np.ndarray | None,
+    labels: np.ndarray | torch.Tensor | None,
+) -> np.ndarray:
+    a, b = _values(scores), _values(truth)
+    _check_pair(a, b)
+    out = np.empty(a.shape[1])
+    for q in range(a.shape[1]):
+        idx = slice(None) if groups is None else np.asarray(groups) == int(np.asarray(labels)[q])
+        out[q] = _corr(a[idx, q], b[idx, q], fn)
+    return out
+
+
+def spearman_per_query(
+    scores: ArrayLike,
+    truth: ArrayLike,
+    cluster_class: np.ndarray | None = None,
+    y: np.ndarray | torch.Tensor | None = None,
+) -> np.ndarray:
+    """Spearman correlation per query (Q,) over all units, or, given cluster_class and the queries'
+    labels y, over the clusters of the query's class only."""
+    return _per_query(scores, truth, stats.spearmanr, cluster_class, y)
+
+
+def pearson_per_query(
+    scores: ArrayLike,
+    truth: ArrayLike,
+    cluster_class: np.ndarray | None = None,
+    y: np.ndarray | torch.Tensor | None = None,
+) -> np.ndarray:
+    """Pearson correlation per query (Q,), over all units or within the query's class."""
+    return _per_query(scores, truth, stats.pearsonr, cluster_class, y)
+
+
+def spearman(scores: ArrayLike, truth: ArrayLike) -> Interval:
+    """Mean per-query Spearman correlation over all units, with a 95% t-interval."""
+    return t_interval(spearman_per_query(scores, truth))
+
+
+def spearman_within_class(
+    scores: ArrayLike, truth: ArrayLike, cluster_class: np.ndarray, y: np.ndarray | torch.Tensor
+) -> Interval:
+    """Mean per-query Spearman over the clusters of the query's class, with a 95% t-interval."""
+    return t_interval(spearman_per_query(scores, truth, cluster_class, y))
+
+
+def top1_in_topk(scores: ArrayLike, truth: ArrayLike, k: int = 3, *, largest: bool = True) -> Interval:
+    """Fraction of queries whose top-scored unit is among the truth's top k (largest or smallest)."""
+    a, b = _values(scores), _values(truth)
+    _check_pair(a, b)
+    sign = -1.0 if largest else 1.0
+    top = np.argsort(sign * a, axis=0, kind="stable")[0]
+    true_top = np.argsort(sign * b, axis=0, kind="stable")[:k]
+    return t_interval((true_top == top[None, :]).any(0).astype(np.float64))
+
+
+# LDS -------------------------------------------------------------------------------------------
+
+
+def lds_masks(n_units: int, m: int = 100, alpha: float = 0.5, seed: int = 1) -> np.ndarray:
+    """m random keep-masks (m, n_units) of 0/1, each keeping round(alpha * n_units) units."""
+    if not 0 < alpha < 1:
+        raise DistdmError(f"alpha (fraction of units kept) must be in (0, 1), got {alpha}")
+    if m < 2:
+        raise DistdmError(f"LDS needs at least 2 subsets, got m={m}")
+    n_keep = int(round(alpha * n_units))
+    if not 0 < n_keep < n_units:
+        raise DistdmError(
+            f"alpha={alpha} keeps {n_keep} of {n_units} units: choose alpha so that 0 < kept < all"
+        )
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((m, n_units))
+    for i in range(m):
+        masks[i, rng.permutation(n_units)[:n_keep]] = 1.0
+    return masks
+
+
+def lds_predicted(scores: ArrayLike, keep: np.ndarray) -> np.ndarray:
+    """The additive prediction (m, Q) of each subset's output, up to a per-query constant.
+
+    With score[k] = f(without k) - f(all), the additive model is f(S) = f(all) + sum over removed k
+    of score[k] = f(all) + sum(score) - sum over kept k of score[k]. So the prediction is MINUS the
+    sum of the kept units' scores (plus a constant): for subsets of equal size, rank-equivalent to
+    the sum of the removed units' scores.
+    """
+    s = _values(scores)
+    keep = np.asarray(keep, dtype=np.float64)
+    if keep.ndim != 2 or keep.shape[1] != s.shape[0]:
+        raise DistdmError(f"keep masks must be (subsets, {s.shape[0]}), got {keep.shape}")
+    return -(keep @ s)
+
+
+def lds(scores: ArrayLike, keep: np.ndarray, actual: np.ndarray) -> Interval:
+    """Linear datamodeling score: per query, Spearman across subsets between the additive prediction
+    (`lds_predicted`) and the actual output of the model retrained on each subset; mean over queries."""
+    pred = lds_predicted(scores, keep)
+    actual = np.asarray(actual, dtype=np.float64)
+    if actual.shape != pred.shape:
+        raise DistdmError(f"actual outputs must be (subsets, queries) = {pred.shape}, got {actual.shape}")
+    return t_interval([_corr(pred[:, q], actual[:, q], stats.spearmanr) for q in range(pred.shape[1])])
+
+
+def retrained_values(
+    task: Task,
+    keep: np.ndarray,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    objective: str | Objective = "margin",
+    seed: int | None = None,
+    tag: str | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Objective values (m, Q) of models retrained on each keep-mask (cached via the task's store).
+    Objectives that compare with a reference get the target model's outputs."""
+    states = retrain_masks(
+        task, torch.as_tensor(keep, dtype=torch.float32), seed=seed, tag=tag, progress=progress
+    )
+    return objective_values(task, states, x, y, objective, reference=task.outputs(x))
+
+
+# The paper's protocol ----------------------------------------------------------------------------
+
+PAPER_OBJECTIVES = ("dist1", "dist2", "dist3")
+
+
+def paper_dist(
+    picks: Mapping[str, np.ndarray], removed_values: Mapping[str, np.ndarray]
+) -> dict[str, Interval]:
+    """DDM Tables 1-2: for each objective, the value of that objective for the model retrained
+    without the method's top cluster per query (picks[obj]: (Q,) cluster ids; removed_values[obj]:
+    (K, Q) objective values of the leave-one-cluster-out models). Dist1 is reported x100."""
+    out = {}
+    for obj in PAPER_OBJECTIVES:
+        if obj not in picks or obj not in removed_values:
+            continue
+        vals = np.asarray(removed_values[obj], dtype=np.float64)
+        top = np.asarray(picks[obj], dtype=np.int64)
+        got = vals[top, np.arange(vals.shape[1])]
+        out["dist1_x100" if obj == "dist1" else obj] = t_interval(got * (100.0 if obj == "dist1" else 1.0))
+    return out
+
+
+# Removal curves ---------------------------------------------------------------------------------
+
+
+def removal_masks(scores: ArrayLike, ks: Sequence[int], *, largest: bool = False) -> np.ndarray:
+    """Keep-masks (len(ks), Q, units) dropping each query's top-k units by score (largest=False:
+    the most negative, i.e. for the margin the units whose removal should lower it most)."""
+    s = _values(scores)
+    order = np.argsort(-s if largest else s, axis=0, kind="stable")  # (K, Q)
+    if max(ks) > s.shape[0] or min(ks) < 1:
+        raise DistdmError(f"removal sizes must lie in 1..{s.shape[0]}, got {list(ks)}")
+    masks = np.ones((len(ks), s.shape[1], s.shape[0]))
+    for i, k in enumerate(ks):
+        for q in range(s.shape[1]):
+            masks[i, q, order[:k, q]] = 0.0
+    return masks
+
+
+def removal_curve(
+    task: Task,
+    scores: ArrayLike,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ks: Sequence[int] = (1, 3, 10),
+    *,
+    seed: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Remove each query's top-k clusters by margin score (the most negative: those the method says
+    support the true class), retrain, and measure against the all-kept retrain of the same seed the
+    drop in margin (full - without) and the fraction of predictions that change.
+    Returns {'ks': [...], 'drop': [Interval per k], 'flipped': [Interval per k]}."""
+    masks = removal_masks(scores, ks)
+    n_q, n_units = masks.shape[1], masks.shape[2]
+    flat = np.concatenate([np.ones((1, n_units)), masks.reshape(-1, n_units)])
+    uniq, inverse = np.unique(flat, axis=0, return_inverse=True)
+    states = retrain_masks(task, torch.as_tensor(uniq, dtype=torch.float32), seed=seed, progress=progress)
+    xq = torch.as_tensor(x, dtype=torch.float32)
+    out = predict(task.model, states, xq, strategy=task.strategy)  # (U, Q, O)
+    inverse = np.asarray(inverse).ravel()
+    full = int(inverse[0])
+    margins = objective_values(task, states, xq, y, "margin", reference=out[full])  # (U, Q)
+    base_pred = out[full].argmax(-1).numpy()
+    rows = inverse[1:].reshape(len(ks), n_q)
+    q_idx = np.arange(n_q)
+    drop, flipped = [], []
+    for i in range(len(ks)):
+        pred = out[rows[i], q_idx].argmax(-1).numpy()
+        drop.append(t_interval(margins[full] - margins[rows[i], q_idx]))
+        flipped.append(t_interval((pred != base_pred).astype(np.float64)))
+    return {"ks": list(ks), "drop": drop, "flipped": flipped}
+
+
+# Summaries --------------------------------------------------------------------------------------
+
+
+def compare(
+    scores: ArrayLike,
+    truth: ArrayLike,
+    clusters: Clusters,
+    y: np.ndarray | torch.Tensor,
+    *,
+    top_k: int = 3,
+) -> dict[str, Interval]:
+    """Agreement of scores with the truth (both units x queries): Spearman and Pearson over all
+    clusters and within the query's class, and top-1 in the true top-k."""
+    a, b = _values(scores, clusters), _values(truth, clusters)
+    _check_pair(a, b)
+    cc = np.asarray(clusters.cluster_class)
+    if a.shape[0] != len(cc):
+        raise DistdmError(f"scores have {a.shape[0]} units but there are {len(cc)} clusters")
+    y = np.asarray(y)
+    return {
+        "spearman": t_interval(spearman_per_query(a, b)),
+        "spearman_class": t_interval(spearman_per_query(a, b, cc, y)),
+        "pearson": t_interval(pearson_per_query(a, b)),
+        "pearson_class": t_interval(pearson_per_query(a, b, cc, y)),
+        f"top1_in_top{top_k}": top1_in_topk(a, b, top_k),
+    }
+
+
+def noise_ceiling(
+    per_seed: np.ndarray,
+    clusters: Clusters,
+    y: np.ndarray | torch.Tensor,
+    *,
+    top_k: int = 3,
+) -> dict[str, Interval]:
+    """Seed-to-seed agreement of exact effects (seeds, K, Q): seed 0's effects compared (`compare`)
+    with the mean of the other seeds'. Needs at least two seeds."""
+    per_seed = np.asarray(per_seed, dtype=np.float64)
+    if per_seed.ndim != 3 or per_seed.shape[0] < 2:
+        raise DistdmError("the noise ceiling needs exact effects of at least two seeds: (seeds, K, Q)")
+    return compare(per_seed[0], per_seed[1:].mean(0), clusters, y, top_k=top_k)

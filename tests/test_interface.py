@@ -1,0 +1,31 @@
+"""The shared interface test: every registered method, including ones added later, returns Scores
+of the right shape with finite values on the tiny task."""
+
+import numpy as np
+import pytest
+
+from distdm.attribution import ATTRIBUTORS, make_attributor
+from distdm.errors import DistdmError
+from distdm.scores import Scores
+
+
+@pytest.mark.parametrize("name", sorted(ATTRIBUTORS))
+def test_every_registered_method_returns_finite_scores(name, tiny_task, queries):
+    x, y = queries
+    method = make_attributor(name)
+    try:
+        method.fit(tiny_task)
+    except DistdmError as e:  # a method that needs what the tiny task lacks says so
+        pytest.skip(f"{name} cannot be fitted on the tiny task: {e}")
+    assert method.offline_seconds_ >= 0
+    for objective in ("margin", "dist1"):
+        s = method.scores(x, y, objective)
+        assert isinstance(s, Scores)
+        assert isinstance(s.method, str) and s.method and s.objective == objective
+        n_units = tiny_task.clusters.n_clusters if s.unit == "cluster" else tiny_task.data.n_train
+        assert s.values.shape == (n_units, len(y))
+        assert np.isfinite(s.values).all()
+        if s.unit == "sample":
+            s = s.to_clusters(tiny_task.clusters.assignment, tiny_task.clusters.n_clusters)
+        assert s.values.shape == (tiny_task.clusters.n_clusters, len(y))
+        assert s.seconds >= 0

@@ -1,0 +1,301 @@
+"""The run directory: checksums, refusal of tampered, truncated or foreign files, settings checks,
+atomic writes, and no pickle anywhere."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import distdm
+from distdm.config import ClusterConfig, TrainConfig
+from distdm.data import TensorData
+from distdm.errors import DistdmError
+from distdm.run import Run
+from distdm.store import RunStore, atomic_write_bytes
+
+
+def _sha_ok(store: RunStore) -> None:
+    """Every recorded artifact is present and matches its checksum."""
+    for name in store.manifest["artifacts"]:
+        store.load_bytes(name)
+
+
+@pytest.fixture
+def store(tmp_path) -> RunStore:
+    s = RunStore(tmp_path / "run", fingerprint="abc")
+    s.save_tensors("trajectory", {"0/w": torch.arange(12.0).reshape(3, 4), "0/b": torch.ones(3)})
+    s.save_json("info", {"a": 1})
+    return s
+
+
+def test_manifest_records_checksum_and_size_of_every_artifact(store):
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    assert set(manifest) >= {"format", "versions", "fingerprint", "configs", "stages", "artifacts"}
+    for name, entry in manifest["artifacts"].items():
+        data = (store.root / name).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["bytes"] == len(data)
+    loaded = RunStore(store.root).load_tensors("trajectory")
+    torch.testing.assert_close(loaded["0/w"], torch.arange(12.0).reshape(3, 4))
+
+
+def test_tampered_artifact_is_refused_naming_the_file(store):
+    path = store.root / "trajectory.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of one parameter
+    path.write_bytes(bytes(data))
+    with pytest.raises(DistdmError, match=r"trajectory\.safetensors.*checksum"):
+        RunStore(store.root).load_tensors("trajectory")
+
+
+def test_truncated_artifact_is_refused_naming_the_file(store):
+    path = store.root / "trajectory.safetensors"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(DistdmError, match=r"trajectory\.safetensors.*(changed or truncated)"):
+        RunStore(store.root).load_tensors("trajectory")
+
+
+def test_foreign_artifact_from_another_run_is_refused(store, tmp_path):
+    other = RunStore(tmp_path / "other", fingerprint="abc")
+    other.save_tensors("trajectory", {"0/w": torch.zeros(3, 4), "0/b": torch.zeros(3)})
+    (store.root / "trajectory.safetensors").write_bytes((other.root / "trajectory.safetensors").read_bytes())
+    with pytest.raises(DistdmError, match=r"trajectory\.safetensors"):
+        RunStore(store.root).load_tensors("trajectory")
+
+
+def test_missing_artifact_and_unknown_artifact_are_errors(store):
+    (store.root / "info.json").unlink()
+    with pytest.raises(DistdmError, match=r"info\.json is missing"):
+        RunStore(store.root).load_json("info")
+    with pytest.raises(DistdmError, match="no artifact 'clusters.safetensors'"):
+        store.load_tensors("clusters")
+
+
+def test_recorded_file_that_is_not_safetensors_cannot_be_read(store):
+    store.save_file("fake.safetensors", b"not a safetensors file at all")
+    with pytest.raises(DistdmError, match=r"fake\.safetensors cannot be read"):
+        store.load_tensors("fake")
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{not json", r"manifest\.json is corrupt"),
+        ('["a list"]', "not a distdm run directory"),
+        ('{"format": "someone-else/2"}', r"not a distdm run directory \(format 'someone-else/2'\)"),
+        ('{"format": "distdm-run/1", "configs": {}, "stages": {}}', "no valid 'artifacts' section"),
+        (
+            '{"format": "distdm-run/1", "configs": {}, "stages": {"train": true}, "artifacts": {}}',
+            "stage 'train'",
+        ),
+        (
+            '{"format": "distdm-run/1", "configs": {}, "stages": {}, "artifacts": {"x.json": {}}}',
+            "without a checksum",
+        ),
+        (
+            '{"format": "distdm-run/1", "configs": {}, "stages": {}, '
+            '"artifacts": {"../x.json": {"sha256": "0"}}}',
+            "outside the run directory",
+        ),
+    ],
+)
+def test_damaged_or_foreign_manifest_is_refused(tmp_path, text, match):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(text)
+    with pytest.raises(DistdmError, match=match):
+        RunStore(tmp_path / "run")
+
+
+def test_paths_that_are_not_run_directories(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DistdmError, match="is a file"):
+        RunStore(tmp_path / "file")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(DistdmError, match="not empty and has no manifest.json"):
+        RunStore(tmp_path / "busy")
+    with pytest.raises(DistdmError, match="no run directory"):
+        RunStore(tmp_path / "absent", create=False)
+
+
+def test_directory_with_only_leftover_temp_files_can_become_a_run(tmp_path):
+    # a process killed inside the very first manifest write leaves only a temporary file behind
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / ".manifest.json.k2j3.tmp").write_text('{"format": "distdm-run/1", "conf')
+    store = RunStore(root, fingerprint="f")
+    assert store.manifest["configs"] == {}
+    assert RunStore(root).manifest["fingerprint"] == "f"
+
+
+def test_other_data_fingerprint_is_refused(store):
+    with pytest.raises(DistdmError, match="made from other data.*use a new run directory"):
+        RunStore(store.root, fingerprint="xyz")
+
+
+def test_other_settings_are_refused_saying_what_differs(store):
+    store.check_config("train", {"epochs": 2, "lr": 0.1, "nested": {"a": [1, 2]}})
+    store.check_config("train", {"epochs": 2, "lr": 0.1, "nested": {"a": (1, 2)}})  # JSON-equal
+    with pytest.raises(DistdmError) as e:
+        RunStore(store.root).check_config("train", {"epochs": 3, "lr": 0.1, "nested": {"a": [1]}})
+    msg = str(e.value)
+    assert (
+        "stage 'train'" in msg
+        and "epochs: stored 2, now 3" in msg
+        and "nested.a: stored [1, 2], now [1]" in msg
+    )
+    assert "lr" not in msg
+
+
+def test_atomic_write_never_leaves_half_a_file(tmp_path, monkeypatch):
+    path = tmp_path / "a.json"
+    atomic_write_bytes(path, b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(path, b"new contents")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # the temporary file was removed
+
+
+def test_artifact_written_but_not_recorded_is_not_trusted(store):
+    # killed between renaming the file into place and recording it in the manifest
+    (store.root / "clusters.safetensors").write_bytes(b"whatever was there")
+    reopened = RunStore(store.root)
+    assert not reopened.has("clusters.safetensors")
+    with pytest.raises(DistdmError, match="no artifact"):
+        reopened.load_tensors("clusters")
+    reopened.save_tensors("clusters", {"assignment": torch.zeros(3, dtype=torch.long)})
+    assert RunStore(store.root).load_tensors("clusters")["assignment"].tolist() == [0, 0, 0]
+
+
+def test_reset_forgets_a_stage_and_its_artifacts(store):
+    store.check_config("retrain", {"a": 1})
+    store.save_tensors("retrain/x/chunk0", {"w": torch.ones(2)})
+    store.mark_done("retrain/x/chunk0", seconds=1.0)
+    store.reset("retrain")
+    assert store.config("retrain") is None
+    assert not (store.root / "retrain/x/chunk0.safetensors").exists()
+    assert "retrain/x/chunk0.safetensors" not in store.manifest["artifacts"]
+    _sha_ok(RunStore(store.root))
+
+
+# Run: reopening with other data or settings ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(digits):
+    return TensorData(
+        digits.x_train[:200], digits.y_train[:200], digits.x_test[:40], digits.y_test[:40], 10, "d200"
+    )
+
+
+TC = TrainConfig(epochs=2, lr=0.1, batch_size=32)
+
+
+def _run(path, data, **kw):
+    return Run(
+        path, data, "mlp", train=kw.pop("train", TC), model_kwargs=kw.pop("mk", {"hidden": (8,)}), **kw
+    )
+
+
+def test_run_reopened_with_other_data_or_settings_says_what_differs(tmp_path, small):
+    r = _run(tmp_path / "r", small)
+    r.train()
+    r.cluster(ClusterConfig(per_class=2, n_init=1))
+    before = (tmp_path / "r" / "manifest.json").read_bytes()
+
+    other = TensorData(small.x_train[:150], small.y_train[:150], small.x_test, small.y_test, 10, "d150")
+    with pytest.raises(DistdmError, match="made from other data"):
+        _run(tmp_path / "r", other)
+    with pytest.raises(DistdmError, match=r"stage 'model'.*kwargs\.hidden: stored \[8\], now \[9\]"):
+        _run(tmp_path / "r", small, mk={"hidden": (9,)})
+    with pytest.raises(DistdmError, match=r"stage 'train'.*epochs: stored 2, now 3"):
+        _run(tmp_path / "r", small, train=TrainConfig(epochs=3, lr=0.1, batch_size=32)).train()
+    with pytest.raises(DistdmError, match=r"stage 'cluster'.*per_class: stored 2, now 3"):
+        _run(tmp_path / "r", small).cluster(ClusterConfig(per_class=3, n_init=1))
+    assert (tmp_path / "r" / "manifest.json").read_bytes() == before  # refusals write nothing
+
+    again = _run(tmp_path / "r", small)  # the same data and settings reuse everything
+    assert again.store.is_done("train") and again.clusters().n_clusters == 20
+    opened = Run.open(tmp_path / "r", data=small)
+    torch.testing.assert_close(opened.trajectory()[-1], r.trajectory()[-1])
+
+
+def test_failed_stage_does_not_bind_its_settings(tmp_path, small):
+    r = _run(tmp_path / "r", small)
+    with pytest.raises(DistdmError, match="class 0 has .* but 1000 clusters"):
+        r.cluster(ClusterConfig(per_class=1000, features="inputs"))
+    c = r.cluster(ClusterConfig(per_class=2, features="inputs", n_init=1))  # not "made with other settings"
+    assert c.n_clusters == 20
+
+
+def test_tampered_trajectory_is_refused_by_the_run(tmp_path, small):
+    r = _run(tmp_path / "r", small)
+    r.train()
+    path = tmp_path / "r" / "trajectory.safetensors"
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(DistdmError, match=r"trajectory\.safetensors does not match its recorded checksum"):
+        _run(tmp_path / "r", small).trajectory()
+
+
+# no pickle ---------------------------------------------------------------------------------------
+
+SRC = Path(distdm.__file__).parent
+
+
+PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "cloudpickle", "shelve", "marshal"}
+
+
+def _pickle_uses(path: Path) -> list[str]:
+    """Imports of pickle-like modules and calls that unpickle (torch.load without weights_only=True,
+    np.load(allow_pickle=True), torch.save, read_pickle) in one source file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLE_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PICKLE_MODULES:
+            found.append(f"from {node.module} import ...")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            name = node.func.attr
+            kw = {k.arg: k.value for k in node.keywords}
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            safe = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            if owner == "torch" and name == "load" and not safe:
+                found.append("torch.load without weights_only=True")
+            if owner == "torch" and name == "save":
+                found.append("torch.save (pickle)")
+            if (
+                name == "load"
+                and isinstance(kw.get("allow_pickle"), ast.Constant)
+                and kw["allow_pickle"].value
+            ):
+                found.append("load(allow_pickle=True)")
+            if name in ("read_pickle", "to_pickle"):
+                found.append(name)
+    return [f"{path.name}: {f}" for f in found]
+
+
+def test_the_pickle_scanner_finds_what_it_looks_for(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import pickle\nfrom joblib import load\nimport torch, numpy as np\n"
+        "torch.load('a')\ntorch.load('b', weights_only=True)\nnp.load('c', allow_pickle=True)\n"
+    )
+    assert len(_pickle_uses(bad)) == 4  # all but the weights_only load
+
+
+def test_no_pickle_anywhere_in_the_package():
+    files = sorted(SRC.rglob("*.py"))
+    assert len(files) > 10  # the scan does look at the package
+    offenders = [use for path in files for use in _pickle_uses(path)]
+    assert not offenders, "pickle-based I/O in the package:\n" + "\n".join(offenders)
