@@ -10,7 +10,8 @@ Prints and writes (speed-<setting>.md / .json in --out):
 2. methods: target training (one run), DDM offline (distillation) and online (one query batch),
    exact leave-cluster-out retraining of all K clusters, grad-dot and if-cg (fit + one query batch),
    with ratios and each stage's peak memory (resident set size above the stage's start, sampled
-   every 5 ms from /proc; the process's ru_maxrss at the end);
+   every 5 ms from /proc after handing freed heap back to the OS; memory the allocator still holds
+   from an earlier stage can hide part of a peak; the process's ru_maxrss at the end);
 3. scaling: the same methods' costs for K = 50, 100, 200 (k-means with 5, 10, 20 clusters per class)
    and for training sets x1, x2, x4 (the training set repeated with N(0, noise^2) added to copies).
 
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import resource
@@ -71,10 +74,20 @@ class Stage:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc), so that a stage's RSS peak is its own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextmanager
 def measure(name: str, log: list[Stage]) -> Iterator[Stage]:
     """Time a block and sample its peak RSS every 5 ms in a background thread."""
     stage = Stage(name)
+    gc.collect()
+    _trim()
     start_rss = _rss()
     peak = [start_rss]
     stop = threading.Event()

@@ -9,9 +9,11 @@ How a chunk of V variants is trained (`_train_chunk`):
   (`_Optimizer`: SGD with momentum / weight decay, or Adam, written with foreach ops so that one update
   covers every variant); the formulas are torch.optim's, so one variant trains as with torch.optim;
 - strategy 'vmap': one `vmap(grad(loss))` function built once per chunk computes every variant's
-  gradient; inputs and labels of a batch are shared, not expanded per variant;
+  gradient; inputs and labels of a batch are shared, not expanded per variant; a batch size used in
+  many steps is traced once into a graph of aten ops (make_fx) and replayed without Python overhead;
 - strategy 'loop': one module copy per variant whose parameters are views into the stacked storage,
-  trained with a plain forward and backward (models with running buffers, convolutions on a CPU);
+  trained with a plain forward and backward (models with running buffers, convolutions on a CPU,
+  and any chunk of one variant under 'auto', where vmap only adds overhead);
 - a variant whose weights are all zero in a batch skips that batch: no gradient, no optimizer step, no
   momentum or Adam state change. So results depend neither on the strategy nor on how variants are
   chunked or which executor runs the chunks (up to float round-off).
@@ -458,11 +460,13 @@ def estimate_variant_bytes(
     opt_copies = 2 if schedule.optimizer == "adam" else (1 if schedule.momentum else 0)
     bs = min(schedule.batch_size or x.shape[0], x.shape[0])
     m = copy.deepcopy(model).train()
-    seen: dict[tuple[int, int], int] = {}
+    own = {t.untyped_storage().data_ptr() for t in m.state_dict().values()}  # counted above
+    seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        seen[key] = t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = t.untyped_storage().nbytes()
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
