@@ -11,6 +11,7 @@ Truth: margin effects of exact retraining (seeds as given; mean over seeds).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -25,13 +26,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quality import build_task, pick_queries  # noqa: E402
 
 from distdm import metrics  # noqa: E402
+from distdm.applications.privacy import privacy_metrics  # noqa: E402
 from distdm.attribution import make_attributor  # noqa: E402
 from distdm.attribution.ddm import DDM  # noqa: E402
+from distdm.attribution.retrain import ExactRetrain  # noqa: E402
 from distdm.config import DistillConfig, OnlineConfig  # noqa: E402
-from distdm.engine import predict  # noqa: E402
 from distdm.errors import DistdmError  # noqa: E402
-from distdm.objectives import margin  # noqa: E402
 from distdm.presets import preset  # noqa: E402
+from distdm.store import RunStore  # noqa: E402
 
 
 def variants(epochs: int) -> dict[str, tuple[DistillConfig, OnlineConfig]]:
@@ -42,6 +44,7 @@ def variants(epochs: int) -> dict[str, tuple[DistillConfig, OnlineConfig]]:
     return {
         "paper": paper,
         "paper-lr0.01": (paper[0], paper[1].replace(lr=0.01)),
+        "match-lr0.01": (paper[0].replace(direction="match"), paper[1].replace(lr=0.01)),
         "default": preset("default", epochs=epochs),
         "traj-soft-norm-ipc1": (DistillConfig(soft_labels=True, calibration="norm"), one),
         "traj-soft-mass-ipc1": (DistillConfig(soft_labels=True, calibration="mass"), one),
@@ -72,6 +75,10 @@ def variants(epochs: int) -> dict[str, tuple[DistillConfig, OnlineConfig]]:
             inf.replace(ipc=10, hessian_rank=200, iterations=1000, lr_img=0.03, lr_label=0.03),
             one,
         ),
+        # the upper bound: synsets fitted to the exact removal updates theta_{-k} - theta_tau
+        "oracle": (preset("default", epochs=epochs)[0].replace(target="oracle"), one),
+        "default-ipc1": (preset("default", epochs=epochs)[0].replace(ipc=1), one),
+        "default-ipc10": (preset("default", epochs=epochs)[0].replace(ipc=10), one),
     }
 
 
@@ -85,6 +92,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--lds-subsets", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--per-class", type=int, default=200, help="Fashion-MNIST training images per class")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
     if args.threads:
@@ -92,30 +100,33 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    task = build_task(args.setting)
+    task = build_task(args.setting, per_class=args.per_class)
     t_train = time.perf_counter() - t0
     x, y = pick_queries(task, args.queries)
     k = task.clusters.n_clusters
     seeds = [int(s) for s in args.seeds.split(",")]
 
+    # the same store, tags and chunks as benchmarks/quality.py: retrains cached by one are reused
+    suffix = f"-pc{args.per_class}" if args.setting.startswith("fmnist") and args.per_class != 200 else ""
+    store = RunStore(out / f"run-{args.setting}{suffix}", fingerprint=task.data.fingerprint())
+    task = dataclasses.replace(task, store=store)
     t = time.perf_counter()
-    keep = torch.ones(k + 1, k)
-    keep[torch.arange(1, k + 1), torch.arange(k)] = 0
-    effects = []
-    for s in seeds:
-        o = predict(task.model, task.retrain(keep, seed=s), x)
-        m = margin(o, o[0], y).numpy()
-        effects.append(m[1:] - m[0])
+    truth_fit = ExactRetrain(seeds=tuple(seeds)).fit(task)
+    effects = list(truth_fit.per_seed_scores(x, y, "margin"))
     truth = np.mean(effects, 0)
     t_exact = (time.perf_counter() - t) / len(seeds)
     lds_keep = metrics.lds_masks(k, args.lds_subsets, 0.5, seed=1)
     t = time.perf_counter()
-    o = predict(task.model, task.retrain(torch.as_tensor(lds_keep)), x)
-    lds_actual = margin(o, o[0], y).numpy()
+    lds_actual = metrics.retrained_values(task, lds_keep, x, y, objective="margin", tag="lds")
     t_lds = time.perf_counter() - t
     print(f"train {t_train:.1f}s, exact LCO {t_exact:.1f}s/seed, LDS retrains {t_lds:.1f}s", flush=True)
 
     rows = []
+    n_params = sum(v.numel() for v in task.final.values())
+    storage = {
+        "influence_cache_bytes": 4 * k * n_params,  # the K removal vectors (H + lambda I)^-1 g_k / N
+        "training_data_bytes": task.data.x_train.numel() * 4,
+    }
 
     def row(name: str, values: np.ndarray, offline: float, online: float, extra: dict) -> None:
         r = {
@@ -168,6 +179,8 @@ def main() -> None:
             s.seconds,
             {
                 "synset_bytes": ddm.synset_.nbytes(),
+                **storage,
+                **{f"privacy_{a}": b for a, b in privacy_metrics(ddm.synset_, task.data).items()},
                 "fit_r2": ddm.last_fit_.heldout_r2,
                 "cosines": {a: round(b, 3) for a, b in info["layer_cosine"].items()},
                 "forgetting": info["forgetting"],

@@ -4,7 +4,9 @@
 For SGD and Adam further training, over several further-training epoch counts and numbers of seeds
 averaged, it prints per-query cosine and Spearman (mean over test queries, 95% interval) between
 each method's leave-one-out scores and the gold standard on a random subset of left-out training
-samples, saves the rows as JSON and the figure as PNG under --out.
+samples, and writes the tables (markdown), the rows (CSV) and the figures (PNG) under --out; the
+study itself is distdm.attribution.further.further_agreement, as in `distdm evaluate --gold
+further-training`.
 
     python benchmarks/further_training.py --out benchmarks/out/further_training
 """
@@ -12,15 +14,19 @@ samples, saves the rows as JSON and the figure as PNG under --out.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from distdm.attribution import make_attributor
-from distdm.attribution.further import AgreementRow, agreement_study, plot_agreement
+from distdm.attribution.further import (
+    AgreementRow,
+    agreement_to_markdown,
+    further_agreement,
+    left_out_units,
+    write_agreement,
+)
 from distdm.data import load_diabetes
 from distdm.engine import Schedule
 from distdm.models import build_model
@@ -35,7 +41,7 @@ def _ints(text: str) -> list[int]:
 def main() -> None:
     """Run the study and write table, JSON and figure."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True, help="directory for rows.json and the figure")
+    p.add_argument("--out", type=Path, required=True, help="directory for the tables, rows and figures")
     p.add_argument("--hidden", type=int, default=32, help="MLP hidden width")
     p.add_argument("--train-epochs", type=int, default=300, help="target training epochs (SGD)")
     p.add_argument("--lr", type=float, default=0.01, help="target SGD learning rate (also further SGD)")
@@ -68,7 +74,6 @@ def main() -> None:
         f"{args.train_epochs} epochs SGD lr {args.lr} batch {args.batch}: train MSE {train_mse:.3f}, "
         f"test MSE {test_mse:.3f} (standardised target) [{time.perf_counter() - t0:.1f}s]"
     )
-    left = np.sort(np.random.default_rng(0).choice(data.n_train, args.left_out, replace=False))
 
     lam = args.damping
     methods = {
@@ -89,52 +94,23 @@ def main() -> None:
         print(f"  {label:28s} offline {a.offline_seconds_:6.2f}s  online {scores[label].seconds:6.2f}s")
 
     rows: list[AgreementRow] = []
-    record = sorted({0, *args.epochs})
+    left = left_out_units(data.n_train, args.left_out, seed=0)
     for opt, lr in (("sgd", args.lr), ("adam", args.adam_lr)):
         t = time.perf_counter()
-        ft = make_attributor(
-            "further-training", epochs=max(record), record=record, optimizer=opt, lr=lr,
-            seeds=args.seeds, unit="sample", left_out=left,
-        ).fit(task)  # fmt: skip
-        rows += agreement_study(ft, scores, x, y, "squared_error", epochs=args.epochs, label=opt)
+        rows += further_agreement(
+            task, scores, x, y, "squared_error", epochs=args.epochs, seeds=args.seeds, optimizer=opt,
+            lr=lr, unit="sample", left_out=left,
+        )  # fmt: skip
         print(
             f"further training ({opt}, lr {lr:g}): {len(left) + 1} variants x {args.seeds} seeds x "
-            f"{max(record)} epochs in {time.perf_counter() - t:.1f}s"
+            f"{max(args.epochs)} epochs in {time.perf_counter() - t:.1f}s"
         )
 
-    seeds_max = args.seeds
-    for metric in ("cosine", "spearman"):
-        for opt in ("sgd", "adam"):
-            print(f"\n{metric} with the gold standard, further training by {opt}, {seeds_max} seeds averaged")
-            print(f"{'method':30s}" + "".join(f"{e:>14d}" for e in args.epochs))
-            for label in methods:
-                cells = []
-                for e in args.epochs:
-                    r = next(
-                        r for r in rows
-                        if r.label == opt and r.method == label and r.epochs == e and r.n_seeds == seeds_max
-                    )  # fmt: skip
-                    m, lo, hi = getattr(r, metric), getattr(r, metric + "_lo"), getattr(r, metric + "_hi")
-                    cells.append(f"{m:6.2f}±{(hi - lo) / 2:4.2f}")
-                print(f"{label:30s}" + "".join(f"{c:>14s}" for c in cells))
     e_mid = args.epochs[len(args.epochs) // 2]
-    print(f"\ncosine vs seeds averaged at {e_mid} further-training epochs")
-    counts = sorted({r.n_seeds for r in rows})
-    for opt in ("sgd", "adam"):
-        print(f"{opt:30s}" + "".join(f"{s:>8d}" for s in counts))
-        for label in methods:
-            vals = [
-                next(r.cosine for r in rows if r.label == opt and r.method == label and r.epochs == e_mid
-                     and r.n_seeds == s)
-                for s in counts
-            ]  # fmt: skip
-            print(f"  {label:28s}" + "".join(f"{v:8.2f}" for v in vals))
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rows.json").write_text(json.dumps([r.to_dict() for r in rows], indent=1))
-    fig = plot_agreement(rows, args.out / "agreement_cosine.png", seeds_at_epoch=e_mid)
-    plot_agreement(rows, args.out / "agreement_spearman.png", metric="spearman", seeds_at_epoch=e_mid)
-    print(f"\nwrote {args.out / 'rows.json'} and {fig}; total {time.perf_counter() - t0:.0f}s")
+    print()
+    print(agreement_to_markdown(rows, seeds_at_epoch=e_mid))
+    written = write_agreement(rows, args.out, stem="agreement", seeds_at_epoch=e_mid)
+    print(f"wrote {', '.join(str(p) for p in written.values())}; total {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from distdm.attribution import ATTRIBUTORS, make_attributor
+from distdm.attribution.ddm import DDM
 from distdm.attribution.retrain import ExactRetrain
 from distdm.clusters import kmeans_per_class, penultimate_features
 from distdm.data import load_digits, load_fashion_mnist
@@ -32,14 +33,16 @@ from distdm.engine import Schedule
 from distdm.errors import DistdmError
 from distdm.evaluate import evaluate
 from distdm.models import build_model
+from distdm.presets import preset
 from distdm.store import RunStore
 from distdm.task import Task, train_target
 
 SETTINGS = ("digits-mlp-k100", "fmnist-convnet-k100")
 
 
-def build_task(setting: str, progress: bool = False) -> Task:
-    """The target model, data, clusters and schedule of one benchmark setting."""
+def build_task(setting: str, progress: bool = False, per_class: int = 200) -> Task:
+    """The target model, data, clusters and schedule of one benchmark setting (per_class: training
+    images per class of the Fashion-MNIST subset; BENCHMARKS.md fixes 200)."""
     if setting == "digits-mlp-k100":
         data = load_digits()
         model = build_model("mlp", data.input_shape, 10, seed=0, hidden=(128,))
@@ -47,7 +50,7 @@ def build_task(setting: str, progress: bool = False) -> Task:
         clusters = kmeans_per_class(data.x_train, data.y_train, 10, seed=0, n_init=10)
         return train_target(model, data, schedule, clusters, progress=progress)
     if setting == "fmnist-convnet-k100":
-        data = load_fashion_mnist(per_class=200)
+        data = load_fashion_mnist(per_class=per_class)
         model = build_model("convnet", data.input_shape, 10, seed=0, width=16, depth=3)
         schedule = Schedule(epochs=15, lr=0.05, batch_size=128, seed=0)
         task = train_target(model, data, schedule, progress=progress)
@@ -64,6 +67,27 @@ def pick_queries(task: Task, n: int, seed: int = 0) -> tuple[torch.Tensor, torch
     return task.data.x_test[idx], task.data.y_test[idx]
 
 
+# DDM variants of the paper's Table 1 (SPEC.md section 4), by name
+DDM_VARIANTS = ("default", "paper", "paper-lr0.01", "wo-cluster", "match")
+
+
+def ddm_variant(name: str, epochs: int) -> DDM:
+    """A DDM configured as one of DDM_VARIANTS: the two presets, the paper at a 10x lower online lr
+    (its own lr diverges on digits), index-order units ('w/o cluster') and standard gradient
+    matching ('DDM-match'), the last two otherwise as the paper writes them."""
+    paper_d, paper_o = preset("paper", epochs=epochs)
+    if name in ("default", "paper"):
+        return DDM(name)
+    if name == "paper-lr0.01":
+        return DDM("paper", online=paper_o.replace(lr=0.01))
+    if name == "wo-cluster":
+        return DDM("paper", online=paper_o.replace(lr=0.01), clusters="index")
+    if name == "match":
+        match = paper_d.replace(direction="match")
+        return DDM("paper", distill_config=match, online=paper_o.replace(lr=0.01))
+    raise DistdmError(f"unknown DDM variant {name!r}; one of {list(DDM_VARIANTS)}")
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
@@ -73,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=SETTINGS, default="digits-mlp-k100")
     ap.add_argument("--methods", default="all", help="comma-separated registered names, or 'all'")
+    ap.add_argument("--ddm-variants", default="", help=f"comma-separated, of {','.join(DDM_VARIANTS)}")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the exact truth; the first is the target's")
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--lds-subsets", type=int, default=100)
@@ -81,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--per-class", type=int, default=200, help="Fashion-MNIST training images per class")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -95,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    task = build_task(args.setting, args.progress)
+    task = build_task(args.setting, args.progress, args.per_class)
     if seeds[0] != task.schedule.seed:
         raise DistdmError(f"the first truth seed must be the target's seed {task.schedule.seed}, got {seeds}")
-    store = RunStore(out / f"run-{args.setting}", fingerprint=task.data.fingerprint())
+    suffix = f"-pc{args.per_class}" if args.setting.startswith("fmnist") and args.per_class != 200 else ""
+    store = RunStore(out / f"run-{args.setting}{suffix}", fingerprint=task.data.fingerprint())
     task = dataclasses.replace(task, store=store)
     x, y = pick_queries(task, args.queries)
     acc = float((task.outputs(task.data.x_test).argmax(1) == task.data.y_test).float().mean())
@@ -108,11 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     methods = {}
     for n in names:
         methods[n] = truth if n == "exact" else make_attributor(n, **settings.get(n, {}))
+    failed = {}
+    for v in [v.strip() for v in args.ddm_variants.split(",") if v.strip()]:
+        ddm = ddm_variant(v, task.schedule.epochs)
+        try:  # a variant whose fine-tunes diverge is reported, not dropped silently
+            ddm.fit(task).scores(x[:1], y[:1])
+            methods[f"ddm:{v}"] = ddm
+        except DistdmError as e:
+            failed[f"ddm:{v}"] = str(e)
+            print(f"ddm:{v} failed: {e}", flush=True)
     ev = evaluate(
         task, methods, (x, y), truth=truth, lds_subsets=args.lds_subsets,
         removal_ks=_ints(args.removal_ks), progress=args.progress,
     )  # fmt: skip
-    stem = f"quality-{args.setting}"
+    stem = f"quality-{args.setting}{suffix}"
     paths = ev.save(out, stem)
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -122,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         f"LDS subsets {args.lds_subsets}; wall {wall:.0f} s; peak RSS {peak_mb:.0f} MB\n"
         f"command: python {' '.join(sys.argv)}\n"
     )
-    paths["md"].write_text(header + "\n" + ev.to_markdown() + "\n")
+    notes = "".join(f"\n- {k}: {v}" for k, v in failed.items())
+    paths["md"].write_text(header + "\n" + ev.to_markdown() + "\n" + notes + "\n")
     print(header)
-    print(ev.to_markdown())
+    print(ev.to_markdown() + notes)
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
     return 0
 

@@ -88,6 +88,20 @@ def test_train_again_with_other_settings_says_what_differs(run_dir):
         (("attribute", "--method", "shapley"), ("unknown method 'shapley'", "grad-dot")),
         (("attribute", "--method", "grad-dot", "--objective", "top1"), ("unknown objective 'top1'",)),
         (("attribute", "--method", "grad-dot", "--queries", 0), ("number of queries",)),
+        (("attribute", "--method", "exact", "--executor", "dask"), ("unknown executor 'dask'", "ray")),
+        (("attribute", "--method", "exact", "--address", "auto"), ("--executor ray",)),
+        (("attribute", "--method", "exact", "--memory-budget", -1), ("--memory-budget", "> 0")),
+        (("attribute", "--method", "grad-dot", "--executor", "ray"), ("grad-dot trains no models",)),
+        (("evaluate", "--gold", "loo"), ("--gold must be exact or further-training",)),
+        (("evaluate", "--gold", "further-training", "--unit", "class"), ("--unit must be",)),
+        (("evaluate", "--gold", "further-training", "--optimizer", "lbfgs"), ("--optimizer must be",)),
+        (("evaluate", "--gold", "further-training", "--epochs", "1,two"), ("--epochs must be", "1,two")),
+        (("evaluate", "--gold", "further-training", "--epochs", "-1"), ("--epochs must be integers >= 0",)),
+        (("evaluate", "--gold", "further-training", "--seeds", "0,0"), ("--seeds must be distinct",)),
+        (
+            ("evaluate", "--gold", "further-training", "--unit", "sample", "--methods", "ddm"),
+            ("ddm attributes clusters only",),
+        ),
     ],
 )
 def test_bad_options_on_a_run(run_dir, args, fragments):
@@ -135,3 +149,54 @@ def test_report_command_writes_the_html_report(run_dir):
     assert result.exit_code == 0, result.output
     text = (root / "report.html").read_text()
     assert '<section id="clusters">' in text and "not computed yet" in text  # no synsets yet
+
+
+def test_exact_retraining_honours_the_memory_budget(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir[0], copy)
+    # 1 kB cannot hold one model: the budget reaches the engine, which says so before training
+    result = invoke("attribute", copy, "--method", "exact", "--queries", 3, "--memory-budget", 0.001)
+    assert_user_error(result, "memory_budget_bytes=1048 is below the estimated")
+
+
+@pytest.mark.slow
+def test_evaluate_against_further_training(run_dir):
+    import csv
+
+    import numpy as np
+
+    from distdm.attribution import make_attributor
+    from distdm.attribution.further import agreement
+    from distdm.run import Run
+
+    root = run_dir[0]
+    args = ("--gold", "further-training", "--methods", "grad-dot,random", "--epochs", "1,2")
+    result = invoke("evaluate", root, *args, "--seeds", "0,1", "--queries", 5)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "cosine vs further-training epochs, 2 seeds averaged" in result.output
+    out = root / "evaluation"
+    stem = "further-agreement-sgd-cluster-margin"
+    with open(out / f"{stem}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2  # methods x epochs x seeds averaged (1, 2)
+    assert {(r["method"], r["epochs"], r["n_seeds"]) for r in rows} >= {("grad-dot", "2", "2")}
+    assert (out / f"{stem}-cosine.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| random |" in (out / f"{stem}.md").read_text()
+    # the same number by hand: further training from the final model without each cluster
+    r = Run.open(root)
+    x, y, _ = r.queries(5)
+    task = r.task()
+    task.store = None
+    gold = make_attributor("further-training", epochs=1, seeds=[0, 1]).fit(task).scores(x, y).values
+    dot = make_attributor("grad-dot").fit(task).scores(x, y).values
+    row = next(r for r in rows if (r["method"], r["epochs"], r["n_seeds"]) == ("grad-dot", "1", "2"))
+    assert float(row["cosine"]) == pytest.approx(np.mean(agreement(dot, gold)["cosine"]), abs=1e-6)
+    assert -1 <= float(row["spearman_lo"]) <= float(row["spearman"]) <= float(row["spearman_hi"]) <= 1
+
+    sample = invoke(
+        "evaluate", root, "--gold", "further-training", "--methods", "grad-dot", "--epochs", 1,
+        "--seeds", 0, "--queries", 3, "--unit", "sample", "--optimizer", "adam", "--left-out", 6,
+    )  # fmt: skip
+    assert sample.exit_code == 0, (sample.output, sample.exception)
+    assert "6 left-out samples" in sample.output
+    assert (out / "further-agreement-adam-sample-margin.csv").is_file()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distdm.attribution.retrain import ExactRetrain
-from distdm.engine import Schedule, train_variants
+from distdm.engine import Schedule, estimate_variant_bytes, train_variants
 from distdm.errors import DistdmError
 from distdm.executors import LocalExecutor, RayExecutor, get_executor, import_ray
 from distdm.models import build_model
@@ -108,3 +108,103 @@ def test_ray_exact_retraining_gives_the_same_scores_and_caches_on_the_driver(
     assert all(task.store.is_done(f"retrain/loo/seed0/chunk{i}") for i in range(4))
     again = ExactRetrain(chunk_size=6).fit(dataclasses.replace(mini_task, store=RunStore(tmp_path / "run")))
     np.testing.assert_array_equal(again.scores(*queries).values, remote.values)
+
+
+def test_memory_budget_through_exact_retrain_and_the_task(mini_task, queries):
+    x, y = queries
+    t = mini_task
+    per = estimate_variant_bytes(t.model, t.data.x_train, t.data.y_train, t.schedule, loss=t.loss)
+    full = ExactRetrain().fit(t).scores(x, y).values  # 21 models (all kept + 20 left out) at once
+    counts = []
+    for budget in (per * 100, per * 7, per * 3):
+        spy = _Spy(LocalExecutor())
+        got = ExactRetrain(executor=spy, memory_budget_bytes=budget).fit(t).scores(x, y).values
+        counts.append(spy.calls)
+        np.testing.assert_allclose(got, full, atol=1e-6)
+    assert counts == [[1], [3], [7]]  # chunks of 21, 7 and 3 models
+    # the task's own settings are the default of every retrain (what Run and the CLI set)
+    spy = _Spy(LocalExecutor())
+    task = dataclasses.replace(t, executor=spy, memory_budget_bytes=per * 3)
+    np.testing.assert_allclose(ExactRetrain().fit(task).scores(x, y).values, full, atol=1e-6)
+    assert spy.calls == [7]
+    with pytest.raises(DistdmError, match="memory_budget_bytes"):
+        ExactRetrain(memory_budget_bytes=per - 1).fit(t)
+    with pytest.raises(DistdmError, match="positive integer"):
+        ExactRetrain(memory_budget_bytes=0)
+
+
+def test_further_training_runs_its_chunks_on_the_executor(mini_task, queries, tmp_path):
+    from distdm.attribution.further import FurtherTraining
+
+    x, y = queries
+    settings = dict(epochs=2, seeds=2, chunk_size=8)  # 21 models per seed: 3 chunks
+    local = FurtherTraining(**settings).fit(mini_task).scores(x, y).values
+    spy = _Spy(LocalExecutor())
+    task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
+    got = FurtherTraining(**settings, executor=spy).fit(task).scores(x, y).values
+    assert spy.calls == [3, 3]  # one engine call per seed, one item per chunk
+    np.testing.assert_allclose(got, local, atol=1e-6)
+    assert task.store.is_done("further/seed1/chunk2")  # the driver cached every chunk
+    spy = _Spy(LocalExecutor())
+    again = FurtherTraining(**settings, executor=spy).fit(task).scores(x, y).values
+    assert spy.calls == [] and np.array_equal(again, got)
+    # a budget for 4 models at once splits every seed's 21 models into 6 engine chunks
+    ft = FurtherTraining(**settings)
+    d = mini_task.data
+    per = estimate_variant_bytes(mini_task.model, d.x_train, d.y_train, ft.schedule_for(mini_task, 0))
+    spy = _Spy(LocalExecutor())
+    small = FurtherTraining(**settings, executor=spy, memory_budget_bytes=4 * per)
+    np.testing.assert_allclose(small.fit(mini_task).scores(x, y).values, local, atol=1e-6)
+    assert spy.calls == [6, 6]
+
+
+@pytest.mark.slow
+def test_ray_further_training_gives_the_same_scores(ray_executor, mini_task, queries):
+    from distdm.attribution.further import FurtherTraining
+
+    x, y = queries
+    settings = dict(epochs=1, seeds=2, chunk_size=11, optimizer="adam")
+    local = FurtherTraining(**settings).fit(mini_task).scores(x, y).values
+    remote = FurtherTraining(**settings, executor=ray_executor).fit(mini_task).scores(x, y).values
+    np.testing.assert_allclose(remote, local, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_executor_ray_gives_the_same_exact_scores(ray_executor, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from distdm.cli import app
+    from distdm.run import Run
+
+    calls = []
+    real_map = RayExecutor.map
+
+    def counting_map(self, fn, items):
+        calls.append(len(items))
+        return real_map(self, fn, items)
+
+    monkeypatch.setattr(RayExecutor, "map", counting_map)
+
+    def invoke(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, (result.output, result.exception)
+        return result
+
+    root = tmp_path / "ray"
+    invoke("train", root, "--epochs", 1, "--batch-size", 64)
+    invoke("cluster", root, "--per-class", 1)  # 10 clusters: 11 models to retrain
+    shutil.copytree(root, tmp_path / "local")
+    task = Run.open(root).task()
+    per = estimate_variant_bytes(task.model, task.data.x_train, task.data.y_train, task.schedule)
+    common = ("--method", "exact", "--queries", 4, "--objective", "margin")
+    invoke("attribute", root, *common, "--executor", "ray", "--memory-budget", 3.5 * per / 2**20)
+    assert calls == [4]  # 11 models, 3 at a time within the budget, as Ray tasks
+    invoke("attribute", tmp_path / "local", *common)
+    assert calls == [4]
+    tag = "attribution/exact-margin-q4s0.safetensors"
+    remote, local = load_file(root / tag), load_file(tmp_path / "local" / tag)
+    torch.testing.assert_close(remote["scores"], local["scores"], atol=1e-6, rtol=0)
+    assert (root / "retrain").is_dir()  # the driver wrote the retrained states into the run

@@ -162,3 +162,14 @@ def test_user_errors_are_clear():
     hv = hs.hvp(model, None, x, y, "ce")
     with pytest.raises(DistdmError, match="entries"):
         hv(torch.zeros(3))
+
+
+def test_exact_solver_handles_definite_and_indefinite_matrices_alike():
+    """Cholesky (positive definite) and eigh (indefinite) paths both solve (H + lambda I) x = b."""
+    b = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]], dtype=torch.float64)
+    for diag in ([1.0, 2.0, 3.0], [-1.0, 2.0, 3.0]):
+        q, _ = torch.linalg.qr(torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 1.0]]).double())
+        h = q @ torch.diag(torch.tensor(diag, dtype=torch.float64)) @ q.T
+        x = hs.exact_ihvp(h, 0.1)(b)
+        torch.testing.assert_close(x @ (h + 0.1 * torch.eye(3, dtype=torch.float64)), b)
+        torch.testing.assert_close(hs.exact_ihvp(h, 0.1)(b[0]), x[0])

@@ -356,6 +356,7 @@ def test_model_with_wrong_output_size_or_inputs_is_refused(small, tmp_path):
         ({"model": "gpt"}, "unknown model"),
         ({"train": {"epochs": 1}}, "train must be a TrainConfig"),
         ({"model_kwargs": {"width": 3}}, "cannot build model 'mlp'"),
+        ({"model": "resnet18-ap"}, "inputs of side >= 9"),  # 8x8 digits: a 1x1 map after 3 strides
     ],
 )
 def test_run_with_bad_arguments(small, tmp_path, kwargs, match):

@@ -49,19 +49,60 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what e
     )
 
 
-def _open(run: Path, dataset: str | None = None, model: str | None = None, **train: Any):
+def _open(
+    run: Path,
+    dataset: str | None = None,
+    model: str | None = None,
+    *,
+    executor: Any = None,
+    memory_budget_bytes: int | None = None,
+    **train: Any,
+):
     from .config import TrainConfig
     from .run import Run, default_train_config
 
+    how = {"executor": executor, "memory_budget_bytes": memory_budget_bytes}
     if (run / "manifest.json").exists() and dataset is None:
-        return Run.open(run, progress=True)
+        return Run.open(run, progress=True, **how)
     dataset = dataset or "digits"
     base = default_train_config(dataset).to_dict()
     base.update({k: v for k, v in train.items() if v is not None})
-    return Run(run, dataset, model or "mlp", train=TrainConfig.from_dict(base), progress=True)
+    return Run(run, dataset, model or "mlp", train=TrainConfig.from_dict(base), progress=True, **how)
 
 
 RUN = typer.Argument(..., help="Run directory (created if missing).")
+TRAINING_METHODS = frozenset({"exact", "further-training", "ddm"})  # methods that retrain or fine-tune
+EXECUTOR = typer.Option(
+    "local",
+    help="Where models are retrained or fine-tuned: local (in this process) or ray "
+    "(a Ray cluster at --address, or a local Ray instance started on this machine).",
+)
+ADDRESS = typer.Option(None, help="Address of a running Ray cluster, e.g. auto or ray://host:10001.")
+MEMORY_BUDGET = typer.Option(
+    None, help="Megabytes one batched training call may use; fewer models train at once if needed."
+)
+
+
+def _execution(executor: str, address: str | None, memory_budget: float | None) -> dict[str, Any]:
+    """Run settings for --executor/--address/--memory-budget; a Ray instance started here is
+    stopped when the command ends. Results do not depend on them."""
+    import math
+
+    import click
+
+    from .executors import get_executor
+
+    if memory_budget is not None and not (math.isfinite(memory_budget) and memory_budget > 0):
+        raise DistdmError(f"--memory-budget must be a number of megabytes > 0, got {memory_budget}")
+    ex = get_executor(executor, address)
+    if getattr(ex, "in_process", False):
+        ex = None  # the engine's own in-process path (with progress bars)
+    else:
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            ctx.call_on_close(ex.shutdown)  # type: ignore[union-attr]
+    budget = None if memory_budget is None else max(1, int(memory_budget * 2**20))
+    return {"executor": ex, "memory_budget_bytes": budget}
 
 
 @app.command()
@@ -109,11 +150,15 @@ def cluster(
 def distill(
     run: Path = RUN,
     preset: str = typer.Option("default", help="default (measured best) or paper (literal)."),
+    executor: str = EXECUTOR,
+    address: str = ADDRESS,
+    memory_budget: float = MEMORY_BUDGET,
 ) -> None:
-    """Distil one synthetic set per cluster; prints matching diagnostics and saves a synset grid."""
+    """Distil one synthetic set per cluster; prints matching diagnostics and saves a synset grid.
+    --executor and --memory-budget apply to the fine-tunes on synsets (the forgetting check)."""
     from .figures import bar_png, synset_grid_png
 
-    r = _open(run)
+    r = _open(run, **_execution(executor, address, memory_budget))
     syn = r.distill(preset)
     _print_synset(syn)
     png = synset_grid_png(syn, r.data.x_train, r.clusters())
@@ -152,8 +197,12 @@ def attribute(
     objective: str = typer.Option("dist1", help="margin, dist1, dist2, dist3, global."),
     top: int = typer.Option(3, help="Clusters to list per query."),
     seed: int = typer.Option(0, help="Seed of the query draw."),
+    executor: str = EXECUTOR,
+    address: str = ADDRESS,
+    memory_budget: float = MEMORY_BUDGET,
 ) -> None:
-    """Attribute test predictions to training clusters; prints the top clusters and saves a heatmap."""
+    """Attribute test predictions to training clusters; prints the top clusters and saves a heatmap.
+    --executor and --memory-budget apply to the methods that train models (exact, further-training, ddm)."""
     import torch
 
     from .figures import heatmap_png
@@ -162,7 +211,12 @@ def attribute(
     get_objective(objective)  # fail before any expensive fitting
     if top < 1:
         raise DistdmError(f"--top must be >= 1, got {top}")
-    r = _open(run)
+    if method not in TRAINING_METHODS and (executor != "local" or address or memory_budget is not None):
+        raise DistdmError(
+            f"{method} trains no models: --executor, --address and --memory-budget apply to "
+            f"{', '.join(sorted(TRAINING_METHODS))}"
+        )
+    r = _open(run, **_execution(executor, address, memory_budget))
     x, y, idx = r.queries(queries, seed)
     settings = {"preset_name": preset} if method == "ddm" else {}
     att = r.attributor(method, **settings)
@@ -189,29 +243,148 @@ def attribute(
     console.print(f"online time {s.seconds:.2f}s for {len(y)} queries x {s.n_units} clusters")
 
 
-def _method(run: Any, spec: str) -> Any:
+def _method(run: Any, spec: str, **settings: Any) -> Any:
     """'ddm' / 'ddm:paper' (a DDM preset) or any registered method name, fitted on the run."""
     name, _, preset_name = spec.partition(":")
     if name == "ddm":
         return run.attributor("ddm", preset_name=preset_name or "default")
     if preset_name:
         raise DistdmError(f"only ddm takes a preset (ddm:paper), got {spec!r}")
-    return run.attributor(name)
+    return run.attributor(name, **settings)
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    """Comma-separated integers of a flag, or a DistdmError naming the flag."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise DistdmError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise DistdmError(f"{flag} must list at least one integer, got {text!r}")
+    return values
+
+
+EXACT_METHODS = "ddm,ddm:paper,grad-dot,if-cg,random"
+FURTHER_METHODS = "grad-dot,grad-cos,tracin,if-cg,if-lissa,if-arnoldi"
+
+
+def _evaluate_further(
+    r: Any,
+    specs: list[str],
+    queries: int,
+    seeds: list[int],
+    *,
+    epochs: list[int],
+    unit: str,
+    optimizer: str,
+    lr: float | None,
+    left_out: int | None,
+    objective: str,
+) -> None:
+    """`evaluate --gold further-training`: agreement of each method with the final-model-only gold
+    standard against further-training epochs and seeds averaged; table, CSV and figures."""
+    import tempfile
+
+    from .attribution.further import agreement_to_markdown, further_agreement, left_out_units, write_agreement
+    from .objectives import get_objective
+
+    get_objective(objective)  # fail before any expensive fitting
+    if unit not in ("cluster", "sample"):
+        raise DistdmError(f"--unit must be cluster or sample, got {unit!r}")
+    if optimizer not in ("sgd", "adam"):
+        raise DistdmError(f"--optimizer must be sgd or adam, got {optimizer!r}")
+    if min(epochs) < 0:
+        raise DistdmError(f"--epochs must be integers >= 0, got {epochs}")
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise DistdmError(f"--seeds must be distinct seeds >= 0, got {seeds}")
+    if unit == "sample" and any(s.partition(":")[0] == "ddm" for s in specs):
+        raise DistdmError("ddm attributes clusters only: leave it out of --methods or use --unit cluster")
+    x, y, _ = r.queries(queries)
+    task = r.task()
+    n = task.clusters.n_clusters if unit == "cluster" else task.data.n_train
+    left = left_out_units(n, left_out if left_out is not None else (None if unit == "cluster" else 50))
+    settings = {"unit": unit} if unit == "sample" else {}
+    scores = {spec: _method(r, spec, **settings).scores(x, y, objective) for spec in specs}
+    rows = further_agreement(
+        task, scores, x, y, objective, epochs=epochs, seeds=seeds, optimizer=optimizer, lr=lr,
+        unit=unit, left_out=None if len(left) == n else left, progress=True,
+    )  # fmt: skip
+    stem = f"further-agreement-{optimizer}-{unit}-{objective}"
+    with tempfile.TemporaryDirectory() as tmp:
+        written = write_agreement(rows, tmp, stem=stem)
+        paths = [r.store.save_file(f"evaluation/{p.name}", p.read_bytes()) for p in written.values()]
+    console.print(
+        f"agreement with further training ({optimizer}) from the final model: {len(left)} left-out "
+        f"{unit}s, {len(y)} queries, objective {objective}; mean over queries [95% interval]",
+        highlight=False,
+    )
+    console.print(agreement_to_markdown(rows), markup=False, highlight=False, soft_wrap=True)
+    console.print("written: " + ", ".join(str(p) for p in paths), soft_wrap=True)
 
 
 @app.command()
 @user_errors
 def evaluate(
     run: Path = RUN,
-    methods: str = typer.Option("ddm,ddm:paper,grad-dot,if-cg,random", help="Comma-separated methods."),
+    methods: str = typer.Option(
+        None,
+        help=f"Comma-separated methods (default {EXACT_METHODS}; with --gold further-training "
+        f"{FURTHER_METHODS}).",
+    ),
     queries: int = typer.Option(20, help="Number of random test queries."),
-    seeds: str = typer.Option("0,1,2", help="Seeds of exact retraining (truth; noise ceiling needs 2+)."),
+    seeds: str = typer.Option(
+        "0,1,2",
+        help="Seeds of the gold standard: exact retraining's (noise ceiling needs 2+) or further training's "
+        "shuffle seeds.",
+    ),
     lds_subsets: int = typer.Option(100, help="Random half-subsets of clusters retrained for LDS."),
+    gold: str = typer.Option(
+        "exact", help="exact (leave-cluster-out retraining) or further-training (final-model-only)."
+    ),
+    epochs: str = typer.Option(
+        "1,2,20", help="Further-training epochs to compare (--gold further-training)."
+    ),
+    unit: str = typer.Option("cluster", help="cluster or sample units (--gold further-training)."),
+    optimizer: str = typer.Option("sgd", help="Further-training optimizer: sgd or adam."),
+    lr: float = typer.Option(
+        None, help="Further-training lr (default: the target's for sgd, 1e-3 for adam)."
+    ),
+    left_out: int = typer.Option(
+        None, help="Left-out units of further training (default: all clusters, 50 random samples)."
+    ),
+    objective: str = typer.Option("margin", help="Objective of --gold further-training."),
+    compare: str = typer.Option(
+        None,
+        help="Robustness instead: compare one method's class-wise and cluster-wise attribution matrices "
+        "across model variants ARCH, INIT or ARCH:INIT (optionally @SEED), e.g. mlp,convnet,vit or "
+        "kaiming,normal,xavier.",
+    ),
+    compare_method: str = typer.Option("grad-dot", help="Attribution method of --compare."),
+    executor: str = EXECUTOR,
+    address: str = ADDRESS,
+    memory_budget: float = MEMORY_BUDGET,
 ) -> None:
-    """Compare methods with exact leave-cluster-out retraining: Dist1-3, Spearman, LDS, timings."""
+    """Compare methods with exact leave-cluster-out retraining (Dist1-3, Spearman, LDS, timings), or
+    with the final-model-only further-training gold standard (--gold further-training), or one
+    method's attributions across architectures and initialisations (--compare)."""
     from .evaluate import evaluate as run_evaluation
 
-    r = _open(run)
+    if compare is not None:
+        return _evaluate_compare(_open(run), compare, compare_method, queries)
+
+    if gold not in ("exact", "further-training"):
+        raise DistdmError(f"--gold must be exact or further-training, got {gold!r}")
+    execution = _execution(executor, address, memory_budget)
+    if gold == "further-training":
+        specs = [s for s in (methods or FURTHER_METHODS).split(",") if s]
+        seed_list = _int_list("--seeds", seeds)
+        epoch_list = _int_list("--epochs", epochs)
+        return _evaluate_further(
+            _open(run, **execution), specs, queries, seed_list, epochs=epoch_list, unit=unit,
+            optimizer=optimizer, lr=lr, left_out=left_out, objective=objective,
+        )  # fmt: skip
+    methods = methods or EXACT_METHODS
+    r = _open(run, **execution)
     x, y, _ = r.queries(queries)
     fitted = {spec: _method(r, spec) for spec in methods.split(",") if spec}
     try:
@@ -274,6 +447,9 @@ def methods() -> None:
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory for the demo."),
     queries: int = typer.Option(20, help="Number of test queries."),
+    executor: str = EXECUTOR,
+    address: str = ADDRESS,
+    memory_budget: float = MEMORY_BUDGET,
 ) -> None:
     """Every stage on the embedded digits data with defaults, checked against exact retraining."""
     from scipy.stats import spearmanr
@@ -283,7 +459,7 @@ def demo(
     from .run import Run
 
     t0 = time.perf_counter()
-    r = Run(out, "digits", "mlp", progress=True)
+    r = Run(out, "digits", "mlp", progress=True, **_execution(executor, address, memory_budget))
     timings: dict[str, float] = {}
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
@@ -341,6 +517,315 @@ def demo(
     console.print(f"total {time.perf_counter() - t0:.1f}s; run directory {r.path}")
     for k, p in figs.items():
         console.print(f"  figure {k}: {p}")
+
+
+def _float_list(flag: str, text: str) -> list[float]:
+    """Comma-separated numbers of a flag, or a DistdmError naming the flag."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise DistdmError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise DistdmError(f"{flag} must list at least one number, got {text!r}")
+    return values
+
+
+def _ranking_methods(text: str) -> list[str]:
+    """Method specs of --methods, checked against the registry before any expensive work."""
+    from .attribution import ATTRIBUTORS
+
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    if not specs:
+        raise DistdmError("--methods must name at least one method, e.g. ddm,if-cg")
+    for spec in specs:
+        name = spec.partition(":")[0]
+        if name == "random":
+            raise DistdmError("random removal is always the baseline: leave 'random' out of --methods")
+        if name not in ATTRIBUTORS:
+            raise DistdmError(f"unknown method {name!r} in --methods; available: {sorted(ATTRIBUTORS)}")
+    return specs
+
+
+def _seed_list(flag: str, text: str) -> list[int | None]:
+    """'' -> [None] (the target's own seed); else comma-separated integers."""
+    return [None] if not text.strip() else list(_int_list(flag, text))
+
+
+def _save_outputs(r: Any, prefix: str, files: dict[str, Any]) -> None:
+    from .applications.diagnose import save_outputs
+
+    paths = save_outputs(r.store, prefix, files)
+    console.print("written: " + ", ".join(paths.values()), soft_wrap=True, highlight=False)
+
+
+@app.command()
+@user_errors
+def diagnose(
+    run: Path = RUN,
+    methods: str = typer.Option(
+        "ddm,if-cg", help="Comma-separated ranking methods (random is the baseline)."
+    ),
+    fractions: str = typer.Option(
+        None, help="Shares of training data to remove (default 0.01,0.1,0.2,0.5; with corruption 0.1-0.4)."
+    ),
+    random_seeds: int = typer.Option(5, help="Random-removal draws."),
+    retrain_seeds: str = typer.Option("", help="Retrain seeds (default: the target's init and order)."),
+    inject_noise: float = typer.Option(
+        None, help="Add Gaussian noise (norm --noise-norm) to this share of training images first."
+    ),
+    flip_labels: float = typer.Option(None, help="Flip the labels of this share of training samples first."),
+    noise_norm: float = typer.Option(0.1, help="L2 norm of the noise added per image."),
+    noise_seed: int = typer.Option(0, help="Seed choosing the corrupted samples."),
+    validation_fraction: float = typer.Option(0.5, help="Share of the test set held out as validation."),
+    balanced: bool = typer.Option(False, help="Remove the same share from every class."),
+) -> None:
+    """Rank clusters by validation loss, remove the most harmful data, retrain, compare with random
+    removal (DDM Table 3); with --inject-noise / --flip-labels also detect the corrupted data (Table 6)."""
+    import json
+
+    from .applications.diagnose import DEFAULT_FRACTIONS, check_fractions, diagnose, diagnosis_files
+    from .applications.noise import NOISE_FRACTIONS, corrupt, corrupted_run, noisy_diagnosis
+
+    specs = _ranking_methods(methods)
+    if inject_noise is not None and flip_labels is not None:
+        raise DistdmError("use either --inject-noise or --flip-labels, not both")
+    corrupting = inject_noise is not None or flip_labels is not None
+    for flag, share in (("--inject-noise", inject_noise), ("--flip-labels", flip_labels)):
+        if share is not None and not 0 < share < 1:
+            raise DistdmError(f"{flag} must lie in (0, 1) (e.g. 0.2 for 20%), got {share}")
+    default = NOISE_FRACTIONS if corrupting else DEFAULT_FRACTIONS
+    fr = check_fractions(_float_list("--fractions", fractions) if fractions else default)
+    if random_seeds < 1:
+        raise DistdmError(f"--random-seeds must be >= 1, got {random_seeds}")
+    seeds = _seed_list("--retrain-seeds", retrain_seeds)
+    r = _open(run)
+    settings = dict(fractions=fr, random_seeds=list(range(random_seeds)), retrain_seeds=seeds,
+                    validation_fraction=validation_fraction, balanced=balanced, progress=True)  # fmt: skip
+    if not corrupting:
+        fitted = {spec: _method(r, spec) for spec in specs}
+        console.print(f"ranking {r.task().clusters.n_clusters} clusters by validation loss ...")
+        d = diagnose(r.task(), fitted, **settings)
+        console.print(d.to_markdown(), markup=False, highlight=False, soft_wrap=True)
+        for spec in d.scores:
+            top = [f"{c['cluster']} (class {c['class']}, n={c['size']}, {c['score']:+.3g})"
+                   for c in d.ranking(spec, 10)]  # fmt: skip
+            console.print(
+                f"most harmful clusters by {spec}: " + ", ".join(top), highlight=False, soft_wrap=True
+            )
+        _save_outputs(r, "applications/diagnose", diagnosis_files(d, r.data.x_train))
+        return
+    kind, share = ("noise", inject_noise) if inject_noise is not None else ("labels", flip_labels)
+    c = corrupt(r.data, kind, share, seed=noise_seed, norm=noise_norm)  # type: ignore[arg-type]
+    console.print(f"corrupted {len(c.indices)} of {c.data.n_train} training samples ({c.tag}); training "
+                  f"and clustering the corrupted copy ...")  # fmt: skip
+    sub = corrupted_run(r, c)
+    from .applications.diagnose import validation_split
+
+    split = validation_split(r.data, validation_fraction)
+    xt, yt = split.xy(r.data, "test")
+    clean = float((r.task().outputs(xt).argmax(-1) == yt).double().mean())
+    settings.pop("validation_fraction")
+    fitted = {spec: _method(sub, spec) for spec in specs}
+    rep = noisy_diagnosis(sub.task(), c, fitted, clean_accuracy=clean, split=split, **settings)
+    console.print(rep.to_markdown(), markup=False, highlight=False, soft_wrap=True)
+    files = diagnosis_files(rep.diagnosis, c.data.x_train, stem="diagnose")
+    files["detection.csv"] = rep.to_csv()
+    files["corruption.json"] = json.dumps(rep.to_json(), indent=2)
+    files["report.md"] = rep.to_markdown()
+    _save_outputs(r, f"applications/diagnose-{c.tag}", files)
+
+
+@app.command()
+@user_errors
+def transfer(
+    run: Path = RUN,
+    methods: str = typer.Option("ddm", help="Comma-separated ranking methods (random is the baseline)."),
+    fractions: str = typer.Option("0.1,0.2,0.5", help="Shares of training data to delete."),
+    alpha: float = typer.Option(0.5, help="Weight a of the KL term: (1 - a) CE + a KL(teacher || student)."),
+    temperature: float = typer.Option(1.0, help="Distillation temperature."),
+    random_seeds: int = typer.Option(3, help="Random-deletion draws."),
+    student_seeds: str = typer.Option("", help="Student seeds (default: the target's init and order)."),
+    validation_fraction: float = typer.Option(0.5, help="Share of the test set the KL is ranked on."),
+    balanced: bool = typer.Option(False, help="Delete the same share from every class."),
+) -> None:
+    """Delete the data the teacher (the target model) rests on least by the KL objective, train a
+    student with (1 - a) CE + a KL on the rest, compare with random deletion (DDM Table 7)."""
+    from .applications.diagnose import check_fractions
+    from .applications.transfer import kd_loss
+    from .applications.transfer import transfer as run_transfer
+
+    specs = _ranking_methods(methods)
+    fr = check_fractions(_float_list("--fractions", fractions))
+    kd_loss(alpha, temperature)
+    if random_seeds < 1:
+        raise DistdmError(f"--random-seeds must be >= 1, got {random_seeds}")
+    seeds = _seed_list("--student-seeds", student_seeds)
+    r = _open(run)
+    fitted = {spec: _method(r, spec) for spec in specs}
+    res = run_transfer(
+        r.task(), fitted, fractions=fr, alpha=alpha, temperature=temperature,
+        random_seeds=list(range(random_seeds)), student_seeds=seeds,
+        validation_fraction=validation_fraction, balanced=balanced, progress=True,
+    )  # fmt: skip
+    console.print(res.to_markdown(), markup=False, highlight=False, soft_wrap=True)
+    _save_outputs(r, "applications/transfer", res.files())
+
+
+def _synset_names(flag: str, text: str) -> list[str]:
+    """Synset variant names of a flag (paper, paper-match, default), checked before any work."""
+    from .applications.unlearn import SYNSET_VARIANTS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in SYNSET_VARIANTS]
+    if not names or bad:
+        raise DistdmError(f"{flag} takes synsets from {list(SYNSET_VARIANTS)}, got {text!r}")
+    if len(set(names)) != len(names):
+        raise DistdmError(f"{flag} names a synset twice: {text!r}")
+    return names
+
+
+@app.command()
+@user_errors
+def unlearn(
+    run: Path = RUN,
+    clusters: str = typer.Option(None, help="Comma-separated cluster ids to remove, e.g. 3,17."),
+    all_synset: bool = typer.Option(
+        False, "--all", help="Table 4: fine-tune on the whole synset of each of --presets instead."
+    ),
+    out: Path = typer.Option(None, help="Write the unlearned model here (.safetensors; with --clusters)."),
+    preset: str = typer.Option("default", help="Synset to unlearn with: default, paper or paper-match."),
+    presets: str = typer.Option("paper,paper-match,default", help="Synsets compared by --all."),
+    lr_scales: str = typer.Option("0.01,0.1,1", help="With --all: multiples of each synset's online lr."),
+    retrain: bool = typer.Option(
+        True, "--retrain/--no-retrain", help="Also retrain exactly without the clusters."
+    ),
+) -> None:
+    """Remove clusters' effect by fine-tuning on their synsets; compare with the original model and
+    exact retraining without them (accuracy and margin on removed / kept / test samples). --all:
+    accuracy after fine-tuning on the whole synset, reverse vs standard matching (DDM Table 4)."""
+    import math
+
+    from .applications.unlearn import (
+        forgetting_table,
+        parse_clusters,
+        rows_to_markdown,
+        save_state,
+        synset_variant,
+        unlearn_report,
+    )
+
+    if all_synset == (clusters is not None):
+        raise DistdmError("give either --clusters (e.g. --clusters 3,17) or --all")
+    if out is not None and (all_synset or out.suffix != ".safetensors"):
+        raise DistdmError(f"--out must be a .safetensors file and goes with --clusters, got {str(out)!r}")
+    if all_synset:
+        names = _synset_names("--presets", presets)
+        scales = _float_list("--lr-scales", lr_scales)
+        if not all(math.isfinite(s) and s > 0 for s in scales):
+            raise DistdmError(f"--lr-scales must be numbers > 0, got {lr_scales!r}")
+        r = _open(run)
+        task = r.task()
+        syns = {n: synset_variant(task, n, progress=True) for n in names}
+        rows = forgetting_table(task, syns, lr_scales=scales)
+        table = rows_to_markdown(rows)
+        console.print("test accuracy after fine-tuning theta_tau on the whole synset (DDM Table 4; "
+                      "'forgotten' 1 = back to theta_0's accuracy):", highlight=False)  # fmt: skip
+        console.print(table, markup=False, highlight=False, soft_wrap=True)
+        path = r.store.save_file("applications/unlearn/forgetting.md", (table + "\n").encode())
+        console.print(f"written: {path}", soft_wrap=True, highlight=False)
+        return
+    name = _synset_names("--preset", preset)[0]
+    r = _open(run)
+    ids = parse_clusters(clusters, r.clusters().n_clusters)
+    task = r.task()
+    rep = unlearn_report(task, synset_variant(task, name, progress=True), ids, retrain=retrain)
+    sizes = task.clusters.sizes()
+    console.print(
+        "removed clusters: " + ", ".join(f"{k} (class {task.clusters.cluster_class[k]}, n={sizes[k]})"
+                                         for k in ids) + f"; synset '{name}'",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    table = rep.to_markdown()
+    console.print(table, markup=False, highlight=False, soft_wrap=True)
+    tag = "-".join(str(k) for k in ids)
+    written = [r.store.save_file(f"applications/unlearn/clusters-{tag}-{name}.md", (table + "\n").encode())]
+    if out is not None:
+        meta = {"removed_clusters": ids, "synset": name, "run": str(r.path), "model": r.model_name}
+        written.append(save_state(out, rep.state, meta))
+    console.print("written: " + ", ".join(str(p) for p in written), soft_wrap=True, highlight=False)
+
+
+@app.command()
+@user_errors
+def privacy(
+    run: Path = RUN,
+    presets: str = typer.Option("paper,paper-match,default", help="Synsets to measure and draw."),
+    rows: int = typer.Option(10, help="Clusters drawn in the figure (one per class first)."),
+) -> None:
+    """How close synthetic samples are to real training images (cosine, L2 in standardised input space)
+    and a nearest-synthetic-distance membership-inference AUC; figure of synsets beside their nearest
+    real images."""
+    import json
+
+    from .applications.privacy import privacy_figure_png, privacy_table
+    from .applications.unlearn import rows_to_markdown, synset_variant
+
+    names = _synset_names("--presets", presets)
+    if rows < 1:
+        raise DistdmError(f"--rows must be >= 1, got {rows}")
+    r = _open(run)
+    task = r.task()
+    syns = {n: synset_variant(task, n, progress=True) for n in names}
+    table = privacy_table(syns, r.data)
+    console.print(
+        "per synset: nearest real training image of each synthetic sample (standardised inputs); "
+        "membership-inference AUC of the nearest-synthetic-distance attack (members: training images, "
+        "non-members: test images; 0.5 = nothing revealed)",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    console.print(rows_to_markdown(table), markup=False, highlight=False, soft_wrap=True)
+    written = [r.store.save_file("applications/privacy/metrics.json", json.dumps(table, indent=2).encode())]
+    png = privacy_figure_png(syns, r.data, task.clusters.cluster_class, n_rows=rows)
+    if png is not None:
+        written.append(r.store.save_file("applications/privacy/nearest-real.png", png))
+    console.print("written: " + ", ".join(str(p) for p in written), soft_wrap=True, highlight=False)
+
+
+def _evaluate_compare(r: Any, spec: str, method: str, queries: int) -> None:
+    """`evaluate --compare`: class-wise and cluster-wise attribution matrices of one method under
+    several architectures / initialisations, their pairwise agreement and a side-by-side heatmap."""
+    import json
+
+    import torch
+
+    from .applications.compare import compare_heatmaps_png, compare_study, parse_variants
+    from .attribution import ATTRIBUTORS
+
+    variants = parse_variants(spec, r.model_name)
+    if method not in ATTRIBUTORS:
+        raise DistdmError(f"unknown --compare-method {method!r}; available: {sorted(ATTRIBUTORS)}")
+    x, y, _ = r.queries(queries)
+    clusters = r.clusters()
+    kwargs = {r.model_name: r.store.config("model").get("kwargs", {})}
+    comp = compare_study(
+        r.data, variants, r.schedule, clusters, (x, y), method=method, seed=r.train_config.seed,
+        model_kwargs=kwargs, store=r.store, progress=True,
+    )  # fmt: skip
+    console.print(
+        f"{method} attribution matrices (margin) under {len(variants)} variants, {len(y)} queries, "
+        f"{clusters.n_clusters} clusters / {len(comp.matrices[variants[0].name]['class'])} classes:",
+        highlight=False,
+    )
+    console.print(comp.to_markdown(), markup=False, highlight=False, soft_wrap=True)
+    tag = f"compare-{method}-" + "-".join(v.name.replace(":", "_").replace("@", "s") for v in variants)
+    mats = {f"{v}/{lvl}": torch.as_tensor(m) for v, d in comp.matrices.items() for lvl, m in d.items()}
+    r.store.save_tensors(f"evaluation/{tag}", mats)
+    written = [
+        r.store.save_file(f"evaluation/{tag}.json", json.dumps({"accuracy": comp.accuracy,
+                                                                "rows": comp.rows}, indent=2).encode()),
+        r.store.save_file(f"figures/{tag}.png", compare_heatmaps_png(comp, clusters, y.numpy())),
+    ]  # fmt: skip
+    console.print("written: " + ", ".join(str(p) for p in written), soft_wrap=True, highlight=False)
 
 
 def run_cli() -> None:

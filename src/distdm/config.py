@@ -131,7 +131,7 @@ class ClusterConfig(_Config):
 class DistillConfig(_Config):
     """How one synthetic set per cluster is distilled (SPEC.md section 1.3 and 6)."""
 
-    target: str = "trajectory"  # trajectory (reverse gradient matching) | influence
+    target: str = "trajectory"  # trajectory (reverse gradient matching) | influence | oracle (exact removal)
     ipc: int = 1
     iterations: int = 50  # image-update steps per sampled start (trajectory) or in total
     starts: int = 10  # sampled trajectory starts t
@@ -156,7 +156,7 @@ class DistillConfig(_Config):
     seed: int = 0
 
     def validate(self) -> None:
-        _choice("target", self.target, ("trajectory", "influence"))
+        _choice("target", self.target, ("trajectory", "influence", "oracle"))
         _positive("ipc", self.ipc)
         _positive("iterations", self.iterations)
         _positive("starts", self.starts)

@@ -253,13 +253,19 @@ def warn_on_cosines(cosines: dict[str, float]) -> None:
 
 def finetune(task: Task, synset: Synset, delete: torch.Tensor, *, executor: Any = None) -> State:
     """Fine-tune theta_tau on the synsets of the deleted clusters, one variant per row of
-    `delete` (V, K): `steps` full-batch SGD steps of size `lr` on the scale-weighted summed loss."""
+    `delete` (V, K): `steps` full-batch SGD steps of size `lr` on the scale-weighted summed loss.
+    Runs on `executor` (default the task's) within the task's memory budget."""
     from .engine import Schedule
 
     sched = Schedule(epochs=synset.steps, lr=synset.lr, batch_size=None, shuffle=False)
+    weights = synset.weights(delete)
+    size = None
+    if task.memory_budget_bytes is not None:
+        size = task.variants_per_chunk(weights.shape[0], sched, x=synset.x, y=synset.y, loss="ce")
     return train_variants(
-        task.model, synset.x, synset.y, sched, weights=synset.weights(delete), init=task.final,
-        loss="ce", reduction="sum", strategy=task.strategy, executor=executor,
+        task.model, synset.x, synset.y, sched, weights=weights, init=task.final,
+        loss="ce", reduction="sum", strategy=task.strategy, chunk_size=size,
+        executor=task.executor if executor is None else executor,
     ).states  # fmt: skip
 
 

@@ -44,6 +44,8 @@ def influence_targets(
     idx, mask = _cluster_batches(clusters, np.random.default_rng(0), 10**9)
     g = cluster_gradients(task, task.final, idx, mask, mean=False)
     b = flatten_batch(g, fm.names) / len(clusters.assignment)
+    if cfg.target == "oracle":
+        return b, oracle_targets(task, clusters)
     if cfg.metric == "hessian" and cfg.hessian_rank is not None and cfg.hessian_target == "metric":
         if cfg.damping <= 0:
             raise DistdmError("the low-rank Hessian metric needs damping > 0")
@@ -52,6 +54,19 @@ def influence_targets(
         return b, (proj / (vals + cfg.damping)) @ vecs + (b - proj @ vecs) / cfg.damping
     hv = hvp(task, curvature=cfg.curvature)
     return b, cg(hv, b, damping=cfg.damping, max_iter=cfg.cg_iterations, tol=1e-4)
+
+
+def oracle_targets(task: Task, clusters: Clusters) -> torch.Tensor:
+    """The exact removal updates theta_{-k} - theta_tau (K, P): retrain once without each cluster
+    (same theta_0 and shuffle order; cached in the task's run directory). An upper bound for what
+    any synset can reach, at the price of K retrainings: for studies, not for production."""
+    from .attribution.retrain import retrain_masks  # import here: attribution builds on distillation
+
+    a = np.asarray(clusters.assignment)
+    keep = torch.as_tensor(a[None, :] != np.arange(clusters.n_clusters)[:, None], dtype=torch.float32)
+    states = retrain_masks(task, keep, unit="sample", tag=f"oracle-{clusters.kind}")
+    names = flat_model(task).names
+    return flatten_batch({k: states[k] - task.final[k] for k in names}, names)
 
 
 _EIGEN_CACHE: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -131,7 +146,7 @@ def distill_influence(
     # relative error cannot swamp the others
     d_norm_a = d_norm_a.clamp_min(1e-3 * float(d_norm_a.median().clamp_min(1e-30)))
     # 'solve': fit the CG solution d in the metric; 'metric': fit the metric's own minimiser A^-1 b
-    rhs = a_d if cfg.hessian_target == "solve" else b
+    rhs = a_d if cfg.hessian_target == "solve" or cfg.target == "oracle" else b
     d_layer_norm = {k: (d[:, s] ** 2).sum(-1).clamp_min(1e-30) for k, s in slices.items()}
 
     sx, onehot, cl = init_synset(task, clusters, cfg.ipc, cfg.seed)

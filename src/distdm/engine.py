@@ -490,6 +490,34 @@ def chunk_for_budget(per_variant_bytes: int, budget_bytes: int, n_variants: int)
     return max(1, min(n_variants, budget_bytes // per_variant_bytes))
 
 
+def variants_per_chunk(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    schedule: Schedule,
+    n_variants: int,
+    *,
+    chunk_size: int | None = None,
+    memory_budget_bytes: int | None = None,
+    loss: str | LossFn = "ce",
+    record: bool = False,
+) -> int:
+    """Variants trained at once: chunk_size (default all), lowered so a chunk fits the memory budget."""
+    if chunk_size is not None and chunk_size < 1:
+        raise DistdmError(f"chunk_size must be >= 1, got {chunk_size}")
+    size = max(1, n_variants if chunk_size is None else min(chunk_size, n_variants))
+    if memory_budget_bytes is not None:
+        per = estimate_variant_bytes(model, x, y, schedule, loss=loss, record=record)
+        size = min(size, chunk_for_budget(per, int(memory_budget_bytes), n_variants))
+        log.info(
+            "memory budget %d bytes, about %d per variant: %d variants per chunk",
+            memory_budget_bytes,
+            per,
+            size,
+        )
+    return size
+
+
 # --- the public entry points -------------------------------------------------------------------------
 
 
@@ -550,18 +578,10 @@ def train_variants(
         raise DistdmError(f"strategy must be 'auto', 'vmap' or 'loop', got {strategy!r}")
     if chunk_size is not None and memory_budget_bytes is not None:
         raise DistdmError("pass chunk_size or memory_budget_bytes, not both")
-    if chunk_size is not None and chunk_size < 1:
-        raise DistdmError(f"chunk_size must be >= 1, got {chunk_size}")
-    size = chunk_size or n_var
-    if memory_budget_bytes is not None:
-        per = estimate_variant_bytes(model, x, y, schedule, loss=loss, record=record)
-        size = chunk_for_budget(per, int(memory_budget_bytes), n_var)
-        log.info(
-            "memory budget %d bytes, about %d per variant: %d variants per chunk",
-            memory_budget_bytes,
-            per,
-            size,
-        )
+    size = variants_per_chunk(
+        model, x, y, schedule, n_var, chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes,
+        loss=loss, record=record,
+    )  # fmt: skip
 
     slices = [slice(i, min(i + size, n_var)) for i in range(0, n_var, size)]
     # 'auto' trains a lone variant in the loop: a plain forward and backward beats vmap's overhead

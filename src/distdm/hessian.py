@@ -472,11 +472,21 @@ def _check_damping(damping: float) -> None:
 
 
 def exact_ihvp(h: torch.Tensor, damping: float = 0.0) -> HVP:
-    """b -> (H + damping I)^-1 b from a dense symmetric Hessian, factorised once (eigh).
+    """b -> (H + damping I)^-1 b from a dense symmetric Hessian, factorised once: Cholesky when
+    H + damping I is positive definite (about 25x cheaper than an eigendecomposition), else eigh.
 
-    Directions with H + damping I singular (|eigenvalue| < 1e-12 * largest) are dropped
-    (pseudo-inverse); a warning is logged when H + damping I is indefinite."""
+    In the eigh case, directions with H + damping I singular (|eigenvalue| < 1e-12 * largest) are
+    dropped (pseudo-inverse) and a warning is logged when H + damping I is indefinite."""
     _check_damping(damping)
+    a = h.double() + damping * torch.eye(h.shape[0], dtype=torch.float64)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+
+        def solve(b: torch.Tensor) -> torch.Tensor:
+            rhs = b.double().reshape(-1, h.shape[0]).T
+            return torch.cholesky_solve(rhs, chol).T.reshape(b.shape).to(h.dtype)
+
+        return solve
     w, v = torch.linalg.eigh(h.double())
     w = w + damping
     if w.min() < 0:

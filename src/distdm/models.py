@@ -128,6 +128,14 @@ class ResNet18AP(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], num_outputs: int, width: int = 64):
         super().__init__()
+        side = min(input_shape[1:]) if len(input_shape) == 3 else 0
+        for _ in range(3):  # the three stride-2 stages (kernel 3, padding 1)
+            side = (side - 1) // 2 + 1
+        if side < 2:
+            # a 1x1 final map is set to zero by instance norm: every input would give the same output
+            raise DistdmError(
+                f"ResNet-18-AP needs (channels, height, width) inputs of side >= 9, got {input_shape}"
+            )
         c = input_shape[0]
         self.stem = nn.Sequential(nn.Conv2d(c, width, 3, 1, 1, bias=False), _instance_norm(width), nn.ReLU())
         blocks, cin = [], width

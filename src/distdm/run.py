@@ -31,7 +31,7 @@ from .models import build_model
 from .presets import preset
 from .store import RunStore
 from .synset import Synset
-from .task import Task, check_model, train_target
+from .task import Task, check_memory_budget, check_model, train_target
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,10 @@ def _state_hash(state: State) -> str:
 
 
 class Run:
-    """A run directory holding one target model's trajectory, clusters, synsets and results."""
+    """A run directory holding one target model's trajectory, clusters, synsets and results.
+
+    executor (distdm.executors, e.g. get_executor("ray"); None: in-process) and memory_budget_bytes
+    set how its retrains, further training and DDM fine-tunes run; results do not depend on them."""
 
     def __init__(
         self,
@@ -70,7 +73,10 @@ class Run:
         model_kwargs: dict[str, Any] | None = None,
         data_kwargs: dict[str, Any] | None = None,
         progress: bool = False,
+        executor: Any = None,
+        memory_budget_bytes: int | None = None,
     ):
+        check_memory_budget(memory_budget_bytes)
         if not isinstance(data, (str, TensorData)):
             raise DistdmError(
                 f"data must be a built-in dataset name or a TensorData (distdm.from_tensors / from_dataset), "
@@ -85,6 +91,9 @@ class Run:
         source = {"dataset": data, "kwargs": data_kwargs or {}} if isinstance(data, str) else None
         self.data = load_dataset(data, **(data_kwargs or {})) if isinstance(data, str) else data
         self.progress = progress
+        # how retrains, further training and fine-tunes run (see Task); results do not depend on them
+        self.executor = executor
+        self.memory_budget_bytes = memory_budget_bytes
         self.train_config = train or default_train_config(self.data.name)
         n_out = self.data.num_classes if self.data.num_classes > 0 else 1
         if isinstance(model, str):
@@ -113,8 +122,17 @@ class Run:
         self._clusters: Clusters | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, data: TensorData | None = None, progress: bool = False) -> Run:
-        """Reopen an existing run directory with the dataset, model and training settings it records."""
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        data: TensorData | None = None,
+        progress: bool = False,
+        executor: Any = None,
+        memory_budget_bytes: int | None = None,
+    ) -> Run:
+        """Reopen an existing run directory with the dataset, model and training settings it records
+        (executor and memory_budget_bytes: how its training jobs run, as in `Run`)."""
         store = RunStore(path, create=False)
         cfg = store.manifest["configs"]
         if "data" not in cfg or "model" not in cfg:
@@ -133,7 +151,8 @@ class Run:
         train = TrainConfig.from_dict(cfg["train"]) if "train" in cfg else None
         return cls(
             path, data_arg, model, train=train, model_kwargs=cfg["model"]["kwargs"],
-            data_kwargs=data_kwargs, progress=progress,
+            data_kwargs=data_kwargs, progress=progress, executor=executor,
+            memory_budget_bytes=memory_budget_bytes,
         )  # fmt: skip
 
     @property
@@ -223,8 +242,9 @@ class Run:
         """The Task (model, data, clusters, schedule, trajectory) that attributors are fitted on."""
         if self._task is None:
             self._task = Task(
-                self.model, self.data, self.clusters(), self.schedule, self.trajectory(), store=self.store
-            )
+                self.model, self.data, self.clusters(), self.schedule, self.trajectory(), store=self.store,
+                executor=self.executor, memory_budget_bytes=self.memory_budget_bytes,
+            )  # fmt: skip
         return self._task
 
     def distill(self, preset_name: str = "default", config: DistillConfig | None = None) -> Synset:

@@ -4,6 +4,7 @@ training schedule and the target model's trajectory."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from .engine import (
     select,
     stack_states,
     train_variants,
+    variants_per_chunk,
 )
 from .errors import DistdmError
 from .store import RunStore
@@ -38,6 +40,10 @@ class Task:
     reduction: str = "mean"
     strategy: str = "auto"
     store: RunStore | None = None  # where attributors cache expensive work (retrains), if given
+    # how training jobs run (results do not depend on them): the default executor (distdm.executors;
+    # None: in-process) and memory budget in bytes of every retrain, further training and fine-tune
+    executor: Any = None
+    memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.clusters.assignment) != self.data.n_train:
@@ -47,6 +53,7 @@ class Task:
             )
         if not self.trajectory:
             raise DistdmError("the trajectory is empty: train the target model first")
+        check_memory_budget(self.memory_budget_bytes)
 
     @property
     def init(self) -> State:
@@ -72,21 +79,55 @@ class Task:
         progress: bool = False,
         chunk_size: int | None = None,
         executor: object = None,
+        memory_budget_bytes: int | None = None,
     ) -> State:
         """Retrain from theta_0 with the target's schedule, once per row of `keep` (V, units):
         same data order, dropped units masked out of every batch. Returns stacked final states.
-        `seed` changes both the initialisation and the shuffle order (None: the target's own)."""
+        `seed` changes both the initialisation and the shuffle order (None: the target's own).
+        chunk_size: variants trained at once (default all), lowered to fit memory_budget_bytes;
+        executor and memory_budget_bytes default to the task's own (results do not depend on them)."""
         keep = torch.as_tensor(keep, dtype=torch.float32)
         weights = self.clusters.keep_weights(keep) if unit == "cluster" else keep
         schedule, init = self.schedule, self.init
         if seed is not None and seed != self.schedule.seed:
             schedule = dataclasses.replace(self.schedule, seed=seed)
             init = reinitialise(self.model, seed)
+        size = self.variants_per_chunk(weights.shape[0], schedule, chunk_size, memory_budget_bytes)
         return train_variants(
             self.model, self.data.x_train, self.data.y_train, schedule,
             weights=weights, init=init, loss=self.loss, reduction=self.reduction,
-            strategy=self.strategy, chunk_size=chunk_size, executor=executor, progress=progress,
+            strategy=self.strategy, chunk_size=size,
+            executor=self.executor if executor is None else executor, progress=progress,
         ).states  # fmt: skip
+
+    def variants_per_chunk(
+        self,
+        n_variants: int,
+        schedule: Schedule | None = None,
+        chunk_size: int | None = None,
+        memory_budget_bytes: int | None = None,
+        *,
+        x: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        loss: str | LossFn | None = None,
+    ) -> int:
+        """Variants per engine call on the training data (or x, y): chunk_size (default all), lowered
+        to fit memory_budget_bytes (default the task's)."""
+        budget = self.memory_budget_bytes if memory_budget_bytes is None else memory_budget_bytes
+        check_memory_budget(budget)
+        return variants_per_chunk(
+            self.model, self.data.x_train if x is None else x, self.data.y_train if y is None else y,
+            schedule or self.schedule, n_variants, chunk_size=chunk_size, memory_budget_bytes=budget,
+            loss=self.loss if loss is None else loss,
+        )  # fmt: skip
+
+
+def check_memory_budget(budget: int | None) -> None:
+    """Raise a DistdmError unless the memory budget is None or a positive integer number of bytes."""
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
+        raise DistdmError(f"memory_budget_bytes must be a positive integer or None, got {budget!r}")
 
 
 def reinitialise(model: nn.Module, seed: int) -> State:

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import torch
 
-from ..clusters import Clusters, classwise
+from ..clusters import Clusters, classwise, index_order
 from ..config import DistillConfig, OnlineConfig
 from ..datamodel import Fit, fit_datamodel, sample_deletions
 from ..distill import distill, finetune
@@ -59,9 +59,13 @@ class DDM(Attributor):
         distill_config: DistillConfig | None = None,
         online: OnlineConfig | None = None,
         synset: Synset | None = None,
+        clusters: str = "task",
         progress: bool = False,
     ):
+        if clusters not in ("task", "index"):
+            raise DistdmError(f"clusters must be 'task' or 'index', got {clusters!r}")
         self.preset_name = preset_name
+        self.clusters = clusters
         self.distill_config = distill_config
         self.online = online
         self.synset = synset
@@ -75,16 +79,23 @@ class DDM(Attributor):
         self._deltas = None
         self.distill_config_, self.online_ = self._settings(task)
         lr = self.online_.lr or task.schedule.lr
+        self.units_ = task.clusters
+        if self.clusters == "index":
+            # the paper's 'w/o cluster' ablation: as many units as the task has clusters, but cut in
+            # index order within each class; scores come back per sample (a unit's score shared
+            # equally by its members), so they can be compared on the task's own clusters
+            per_class = np.bincount(np.asarray(task.clusters.cluster_class)).max()
+            self.units_ = index_order(task.data.y_train, int(per_class))
         if self.synset is not None:
-            if self.synset.n_clusters != task.clusters.n_clusters:
+            if self.synset.n_clusters != self.units_.n_clusters:
                 raise DistdmError(
                     f"the synset covers {self.synset.n_clusters} clusters, "
-                    f"the task has {task.clusters.n_clusters}"
+                    f"the task has {self.units_.n_clusters}"
                 )
             self.synset_ = self.synset
         else:
             self.synset_ = load_or_distill(
-                task, self.distill_config_, task.clusters, lr, self.online_.steps, self.progress
+                task, self.distill_config_, self.units_, lr, self.online_.steps, self.progress
             )
 
     def outcomes(
@@ -137,7 +148,12 @@ class DDM(Attributor):
     def _scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
         fit = self.fit_matrix(x, y, objective)
         self.last_fit_ = fit
-        return Scores(fit.w, "cluster", objective_name(objective), f"ddm-{self.preset_name}")
+        name = f"ddm-{self.preset_name}"
+        if self.clusters == "index":
+            a = self.units_.assignment
+            share = fit.w[a] / np.bincount(a, minlength=self.units_.n_clusters)[a, None]
+            return Scores(share, "sample", objective_name(objective), name + "-index")
+        return Scores(fit.w, "cluster", objective_name(objective), name)
 
     def hierarchical(
         self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective = "dist1"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -22,11 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import Schedule, State, predict, train_variants
+from ..engine import Schedule, State, predict, train_variants, variants_per_chunk
 from ..errors import DistdmError
 from ..objectives import Objective, get_objective, objective_name
 from ..scores import Scores
-from ..task import Task
+from ..task import Task, check_memory_budget
 from .base import Attributor, register
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class FurtherTraining(Attributor):
     unit: 'cluster' or 'sample'. left_out: the units to evaluate (default all; the others get NaN).
     centre: subtract the per-query mean over left-out units. chunk_size: variants trained at once
     (and the unit of caching). stage: the name under which results are cached in task.store.
+    executor (distdm.executors; default the task's, else in-process): runs the chunks, e.g. on Ray;
+    then a seed's unfinished chunks go out in one engine call. memory_budget_bytes (default the
+    task's): trains fewer variants at once than a chunk if one would not fit. Results do not depend
+    on the executor or the budget.
     """
 
     def __init__(
@@ -71,7 +76,10 @@ class FurtherTraining(Attributor):
         chunk_size: int | None = None,
         stage: str = "further",
         progress: bool = False,
+        executor: object = None,
+        memory_budget_bytes: int | None = None,
     ):
+        check_memory_budget(memory_budget_bytes)
         if not isinstance(epochs, int) or epochs < 0:
             raise DistdmError(f"epochs must be an integer >= 0, got {epochs!r}")
         rec = sorted({int(e) for e in record}) if record is not None else [epochs]
@@ -105,6 +113,8 @@ class FurtherTraining(Attributor):
         self.chunk_size = chunk_size
         self.stage = stage
         self.progress = progress
+        self.executor = executor
+        self.memory_budget_bytes = memory_budget_bytes
 
     # offline ------------------------------------------------------------------------------
     def schedule_for(self, task: Task, seed: int) -> Schedule:
@@ -142,17 +152,33 @@ class FurtherTraining(Attributor):
         store = task.store
         if store is not None:
             store.check_config(self.stage, self._config(task))
+        executor = task.executor if self.executor is None else self.executor
         # states_[e][s]: stacked states (1 + left-out units) at recorded epoch e, seed s
         self.states_: list[list[State]] = [[] for _ in self.record]
         for seed in self.seeds:
-            parts: list[list[State]] = [[] for _ in self.record]
-            for c, sl in enumerate(chunks):
+
+            def cached(c: int, seed: int = seed) -> tuple[str, str, bool]:
                 key = f"{self.stage}/seed{seed}/chunk{c}"
                 name = f"{self.stage}/seed{seed}_chunk{c}.safetensors"
-                if store is not None and store.is_done(key) and store.has(name):
-                    per_epoch = _split_epochs(store.load_tensors(name), self.record)
+                return key, name, store is not None and store.is_done(key) and store.has(name)
+
+            trained: dict[int, list[State]] = {}
+            todo = [c for c in range(len(chunks)) if not cached(c)[2]]
+            if executor is not None and todo:  # every unfinished chunk in one engine call
+                rows = torch.cat([weights[chunks[c]] for c in todo])
+                together = self._train(task, rows, seed, size, executor)
+                at = 0
+                for c in todo:
+                    n = chunks[c].stop - chunks[c].start
+                    trained[c] = [{k: v[at : at + n].contiguous() for k, v in st.items()} for st in together]
+                    at += n
+            parts: list[list[State]] = [[] for _ in self.record]
+            for c, sl in enumerate(chunks):
+                key, name, done = cached(c)
+                if done:
+                    per_epoch = _split_epochs(store.load_tensors(name), self.record)  # type: ignore[union-attr]
                 else:
-                    per_epoch = self._train(task, weights[sl], seed)
+                    per_epoch = trained[c] if c in trained else self._train(task, weights[sl], seed)
                     if store is not None:
                         flat = {f"epoch{e}:{k}": v for e, st in zip(self.record, per_epoch, strict=True)
                                 for k, v in st.items()}  # fmt: skip
@@ -165,11 +191,28 @@ class FurtherTraining(Attributor):
         if store is not None:
             store.mark_done(self.stage, seeds=len(self.seeds), variants=int(weights.shape[0]))
 
-    def _train(self, task: Task, weights: torch.Tensor, seed: int) -> list[State]:
+    def _train(
+        self,
+        task: Task,
+        weights: torch.Tensor,
+        seed: int,
+        chunk_size: int | None = None,
+        executor: object = None,
+    ) -> list[State]:
+        schedule = self.schedule_for(task, seed)
+        record = self.record != [self.epochs]
+        size = chunk_size
+        budget = self.memory_budget_bytes or task.memory_budget_bytes
+        if budget is not None:
+            size = variants_per_chunk(
+                task.model, task.data.x_train, task.data.y_train, schedule, weights.shape[0],
+                chunk_size=chunk_size, memory_budget_bytes=budget, loss=task.loss, record=record,
+            )  # fmt: skip
         res = train_variants(
-            task.model, task.data.x_train, task.data.y_train, self.schedule_for(task, seed),
+            task.model, task.data.x_train, task.data.y_train, schedule,
             weights=weights, init=task.final, loss=task.loss, reduction=task.reduction,
-            record=self.record != [self.epochs], strategy=task.strategy, progress=self.progress,
+            record=record, strategy=task.strategy, progress=self.progress, chunk_size=size,
+            executor=executor,
         )  # fmt: skip
         if res.trajectory is None:
             return [res.states]
@@ -404,3 +447,145 @@ def plot_agreement(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# -------------------------------------------------------------------------------------------------
+# the study from a task: what `distdm evaluate --gold further-training` and the benchmark run
+
+
+def left_out_units(n_units: int, count: int | None = None, seed: int = 0) -> np.ndarray:
+    """Sorted indices of `count` units drawn at random with `seed` (all units if count is None or
+    at least n_units)."""
+    if count is not None and count < 1:
+        raise DistdmError(f"the number of left-out units must be >= 1, got {count}")
+    if count is None or count >= n_units:
+        return np.arange(n_units)
+    return np.sort(np.random.default_rng(seed).choice(n_units, count, replace=False))
+
+
+def further_agreement(
+    task: Task,
+    scores: Mapping[str, Scores],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objective: str | Objective = "margin",
+    *,
+    epochs: Sequence[int] = (1, 2, 20),
+    seeds: int | Sequence[int] = 5,
+    seed_counts: Sequence[int] | None = None,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    unit: str = "cluster",
+    left_out: Sequence[int] | np.ndarray | None = None,
+    centre: bool | None = None,
+    chunk_size: int | None = None,
+    stage: str | None = None,
+    executor: object = None,
+    memory_budget_bytes: int | None = None,
+    progress: bool = False,
+) -> list[AgreementRow]:
+    """Fit the further-training gold standard once (recording every epoch count in `epochs`) and
+    return each method's agreement with it per epoch count and number of seeds averaged, labelled
+    with the optimizer. stage (default: a name derived from the settings) caches it in task.store."""
+    record = sorted({int(e) for e in epochs})
+    if not record or record[0] < 0:
+        raise DistdmError(f"further-training epochs must be integers >= 0, got {list(epochs)}")
+    if stage is None:
+        settings = {
+            "record": record, "seeds": seeds if isinstance(seeds, int) else list(seeds),
+            "optimizer": optimizer, "lr": lr, "unit": unit, "chunk_size": chunk_size,
+            "left_out": None if left_out is None else [int(i) for i in np.asarray(left_out).reshape(-1)],
+        }  # fmt: skip
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        stage = f"further-{optimizer}-{unit}-{digest}"
+    ft = FurtherTraining(
+        epochs=record[-1], record=record, optimizer=optimizer, lr=lr, seeds=seeds, unit=unit,
+        left_out=left_out, chunk_size=chunk_size, stage=stage, progress=progress, executor=executor,
+        memory_budget_bytes=memory_budget_bytes,
+    ).fit(task)  # fmt: skip
+    return agreement_study(
+        ft, scores, x, y, objective, epochs=record, seed_counts=seed_counts, centre=centre, label=optimizer
+    )
+
+
+def _cell(r: AgreementRow, metric: str) -> str:
+    m, lo, hi = getattr(r, metric), getattr(r, metric + "_lo"), getattr(r, metric + "_hi")
+    if not math.isfinite(m):
+        return "n/a"
+    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) else f"{m:.3f}"
+
+
+def agreement_to_markdown(rows: Sequence[AgreementRow], *, seeds_at_epoch: int | None = None) -> str:
+    """Markdown tables, per label and metric: methods x further-training epochs (all seeds averaged)
+    and methods x seeds averaged (at one epoch count, default the largest); mean [95% interval]."""
+    if not rows:
+        raise DistdmError("no agreement rows to tabulate")
+    out = []
+    for lab in dict.fromkeys(r.label for r in rows):
+        sub = [r for r in rows if r.label == lab]
+        names = list(dict.fromkeys(r.method for r in sub))
+        epochs = sorted({r.epochs for r in sub})
+        counts = sorted({r.n_seeds for r in sub})
+        e_at = seeds_at_epoch if seeds_at_epoch is not None else epochs[-1]
+        at = {(r.method, r.epochs, r.n_seeds): r for r in sub}
+        prefix = f"further training by {lab}: " if lab else ""
+        for metric in ("cosine", "spearman"):
+            by_epoch = {(m, e): at.get((m, e, counts[-1])) for m in names for e in epochs}
+            by_seeds = {(m, c): at.get((m, e_at, c)) for m in names for c in counts}
+            out += _table(f"{prefix}{metric} vs further-training epochs, {counts[-1]} seeds averaged",
+                          "epochs", epochs, names, by_epoch, metric)  # fmt: skip
+            out += _table(f"{prefix}{metric} vs seeds averaged, {e_at} further-training epochs",
+                          "seeds", counts, names, by_seeds, metric)  # fmt: skip
+    return "\n".join(out)
+
+
+def _table(
+    title: str,
+    head: str,
+    cols: list[int],
+    names: list[str],
+    cells: dict[tuple[str, int], AgreementRow | None],
+    metric: str,
+) -> list[str]:
+    lines = [f"**{title}**", "", "| method | " + " | ".join(f"{head} {c}" for c in cols) + " |"]
+    lines.append("|---|" + "---:|" * len(cols))
+    for name in names:
+        row = [cells[name, c] for c in cols]
+        lines.append(f"| {name} | " + " | ".join("" if r is None else _cell(r, metric) for r in row) + " |")
+    return [*lines, ""]
+
+
+def agreement_to_csv(rows: Sequence[AgreementRow]) -> str:
+    """The rows as CSV, one line per (label, method, epochs, seeds averaged)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    fields = [f.name for f in dataclasses.fields(AgreementRow)]
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r.to_dict())
+    return buf.getvalue()
+
+
+def write_agreement(
+    rows: Sequence[AgreementRow],
+    out: str | Path,
+    *,
+    stem: str = "further-agreement",
+    seeds_at_epoch: int | None = None,
+) -> dict[str, Path]:
+    """Write the agreement as markdown, CSV and one figure per metric (cosine, Spearman) under out."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / f"{stem}.md"
+    md.write_text(agreement_to_markdown(rows, seeds_at_epoch=seeds_at_epoch))
+    csv_path = out / f"{stem}.csv"
+    csv_path.write_text(agreement_to_csv(rows))
+    written = {"markdown": md, "csv": csv_path}
+    for metric in ("cosine", "spearman"):
+        written[metric] = plot_agreement(
+            rows, out / f"{stem}-{metric}.png", metric=metric, seeds_at_epoch=seeds_at_epoch
+        )
+    return written

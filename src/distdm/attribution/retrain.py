@@ -27,7 +27,7 @@ from ..engine import State, predict
 from ..errors import DistdmError
 from ..objectives import Objective, get_objective, objective_name
 from ..scores import Scores
-from ..task import Task
+from ..task import Task, check_memory_budget
 from .base import Attributor, register
 
 log = logging.getLogger(__name__)
@@ -91,14 +91,17 @@ def retrain_masks(
     chunk_size: int = DEFAULT_CHUNK,
     progress: bool = False,
     executor: object = None,
+    memory_budget_bytes: int | None = None,
 ) -> State:
     """Retrain once per row of `keep` (V, units) and return the stacked final states (V leading).
 
     seed None means the task's own seed (its theta_0 and shuffle order); another seed draws a new
     initialisation and shuffle order. With `task.store` set, chunks of `chunk_size` rows are cached
     under 'retrain/<tag>/seed<s>/chunk<i>' (tag default: a hash of the masks) and reused or resumed.
-    executor (see distdm.executors): runs the chunks, e.g. in parallel on Ray; the unfinished chunks
-    then go out in one engine call and are saved when it returns.
+    executor (see distdm.executors; default the task's): runs the chunks, e.g. in parallel on Ray;
+    the unfinished chunks then go out in one engine call and are saved when it returns.
+    memory_budget_bytes (default the task's): trains fewer variants at once than a chunk if one
+    chunk would not fit; results do not depend on the executor or the budget.
     """
     keep_t = torch.as_tensor(np.asarray(keep) if not torch.is_tensor(keep) else keep, dtype=torch.float32)
     k = n_units(task, unit)
@@ -114,14 +117,17 @@ def retrain_masks(
         raise DistdmError(f"chunk_size must be >= 1, got {chunk_size}")
     s = task.schedule.seed if seed is None else int(seed)
     store = task.store
+    executor = task.executor if executor is None else executor
+    budget = task.memory_budget_bytes if memory_budget_bytes is None else memory_budget_bytes
     if store is None and executor is not None:
         return task.retrain(
-            keep_t, seed=s, unit=unit, progress=progress, chunk_size=chunk_size, executor=executor
-        )
+            keep_t, seed=s, unit=unit, progress=progress, chunk_size=chunk_size, executor=executor,
+            memory_budget_bytes=budget,
+        )  # fmt: skip
     if store is None:
         return _concat_states(
             [
-                task.retrain(keep_t[sl], seed=s, unit=unit, progress=progress)
+                task.retrain(keep_t[sl], seed=s, unit=unit, progress=progress, memory_budget_bytes=budget)
                 for sl in _chunks(len(keep_t), chunk_size)
             ]
         )
@@ -137,14 +143,14 @@ def retrain_masks(
     )
     parts: list[State] = []
     if executor is not None:
-        _run_pending(task, keep_t, s, unit, job, chunk_size, progress, executor)
+        _run_pending(task, keep_t, s, unit, job, chunk_size, progress, executor, budget)
     for i, sl in enumerate(_chunks(len(keep_t), chunk_size)):
         name = f"{job}/chunk{i}"
         if store.is_done(name) and store.has(name + ".safetensors"):
             parts.append(store.load_tensors(name))
             continue
         t = time.perf_counter()
-        states = task.retrain(keep_t[sl], seed=s, unit=unit, progress=progress)
+        states = task.retrain(keep_t[sl], seed=s, unit=unit, progress=progress, memory_budget_bytes=budget)
         store.save_tensors(name, states)
         store.mark_done(name, seconds=time.perf_counter() - t, variants=sl.stop - sl.start)
         log.info("retrained %s (%d variants) in %.1f s", name, sl.stop - sl.start, time.perf_counter() - t)
@@ -154,7 +160,7 @@ def retrain_masks(
 
 def _run_pending(
     task: Task, keep: torch.Tensor, seed: int, unit: str, job: str, chunk_size: int, progress: bool,
-    executor: object,
+    executor: object, memory_budget_bytes: int | None,
 ) -> None:  # fmt: skip
     """Retrain every unfinished chunk of a job in one engine call through the executor; save each."""
     store = task.store
@@ -168,8 +174,9 @@ def _run_pending(
     t = time.perf_counter()
     rows = torch.cat([keep[sl] for _, sl in todo])
     states = task.retrain(
-        rows, seed=seed, unit=unit, progress=progress, chunk_size=chunk_size, executor=executor
-    )
+        rows, seed=seed, unit=unit, progress=progress, chunk_size=chunk_size, executor=executor,
+        memory_budget_bytes=memory_budget_bytes,
+    )  # fmt: skip
     seconds = (time.perf_counter() - t) / len(todo)
     at = 0
     for i, sl in todo:
@@ -225,7 +232,8 @@ class ExactRetrain(Attributor):
 
     Settings: seeds (None: the task's own seed only; put the task's seed first so that per-seed
     index 0 is the model other methods explain), unit ('cluster' or 'sample'), chunk_size (variants
-    per cached chunk), progress, executor (distdm.executors; default in-process). The reference
+    per cached chunk), progress, executor (distdm.executors; default the task's, else in-process),
+    memory_budget_bytes (bytes one engine call may use; default the task's). The reference
     outputs an objective sees are those of the all-kept model of the same seed.
     """
 
@@ -236,7 +244,9 @@ class ExactRetrain(Attributor):
         chunk_size: int = DEFAULT_CHUNK,
         progress: bool = False,
         executor: object = None,
+        memory_budget_bytes: int | None = None,
     ):
+        check_memory_budget(memory_budget_bytes)
         if seeds is not None and (len(seeds) == 0 or len(set(seeds)) != len(seeds)):
             raise DistdmError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
         if unit not in ("cluster", "sample"):
@@ -246,6 +256,7 @@ class ExactRetrain(Attributor):
         self.chunk_size = chunk_size
         self.progress = progress
         self.executor = executor
+        self.memory_budget_bytes = memory_budget_bytes
 
     def _fit(self, task: Task) -> None:
         self.seeds_ = self.seeds if self.seeds is not None else (task.schedule.seed,)
@@ -261,6 +272,7 @@ class ExactRetrain(Attributor):
                 chunk_size=self.chunk_size,
                 progress=self.progress,
                 executor=self.executor,
+                memory_budget_bytes=self.memory_budget_bytes,
             )
             for s in self.seeds_
         }
