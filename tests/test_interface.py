@@ -7,7 +7,6 @@ import pytest
 from distdm.attribution import ATTRIBUTORS, make_attributor
 from distdm.scores import Scores
 
-
 # LiSSA's recursion depth only sets how close it gets to the inverse; 50 steps keep the suite fast
 CHEAP = {"if-lissa": {"depth": 50}, "fastif": {"depth": 50}}
 
