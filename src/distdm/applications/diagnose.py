@@ -25,7 +25,7 @@ import io
 import logging
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -148,6 +148,28 @@ def fit_methods(task: Task, methods: Sequence[str] | Mapping[str, Attributor]) -
             raise DistdmError("'random' is always the baseline; list only the methods that rank clusters")
         out[name] = make_attributor(name).fit(task)
     return out
+
+
+def fit_and_score(
+    task: Task,
+    methods: Sequence[str] | Mapping[str, Attributor],
+    score: Callable[[Attributor, torch.Tensor, torch.Tensor], np.ndarray],
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Fit every method and score its clusters with `score` on (x, y); returns the scores by name
+    and the seconds spent ('fit', 'scores NAME')."""
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    fitted = fit_methods(task, methods)
+    seconds["fit"] = time.perf_counter() - t
+    scores = {}
+    for name, att in fitted.items():
+        t = time.perf_counter()
+        scores[name] = score(att, x, y)
+        seconds[f"scores {name}"] = time.perf_counter() - t
+        log.info("%s: scored %d clusters on %d samples", name, len(scores[name]), len(y))
+    return scores, seconds
 
 
 # ------------------------------------------------------------------------------------------------
@@ -500,16 +522,7 @@ def diagnose(
     split = split or validation_split(task.data, validation_fraction)
     xv, yv = split.xy(task.data, "validation")
     xt, yt = split.xy(task.data, "test")
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
-    fitted = fit_methods(task, methods)
-    seconds["fit"] = time.perf_counter() - t
-    scores = {}
-    for name, att in fitted.items():
-        t = time.perf_counter()
-        scores[name] = validation_scores(att, xv, yv)
-        seconds[f"scores {name}"] = time.perf_counter() - t
-        log.info("%s: scored %d clusters on %d validation samples", name, len(scores[name]), len(yv))
+    scores, seconds = fit_and_score(task, methods, validation_scores, xv, yv)
     sizes = task.clusters.sizes()
     cc = task.clusters.cluster_class if balanced else None
     removals = {

@@ -35,7 +35,7 @@ from .diagnose import (
     Split,
     accuracy_table,
     check_fractions,
-    fit_methods,
+    fit_and_score,
     random_orders,
     removal_curve_png,
     rows_to_csv,
@@ -235,15 +235,7 @@ def transfer(
     split = split or validation_split(task.data, validation_fraction)
     xv, yv = split.xy(task.data, "validation")
     xt, yt = split.xy(task.data, "test")
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
-    fitted = fit_methods(task, methods)
-    seconds["fit"] = time.perf_counter() - t
-    scores = {}
-    for name, att in fitted.items():
-        t = time.perf_counter()
-        scores[name] = kl_scores(att, xv, yv)
-        seconds[f"scores {name}"] = time.perf_counter() - t
+    scores, seconds = fit_and_score(task, methods, kl_scores, xv, yv)
     sizes = task.clusters.sizes()
     cc = task.clusters.cluster_class if balanced else None
     removals = {
