@@ -91,6 +91,39 @@ def test_hessian_and_hvp_equal_autograd_hessian(reg):
     torch.testing.assert_close(sub(v[0]), sub_ref @ v[0], atol=1e-10, rtol=1e-8)
 
 
+def test_batched_hvp_groups_vectors_to_fit_the_memory_budget(reg, monkeypatch):
+    fm, x, y = reg
+    _, graph_bytes = hs._chunk_operator(fm, x, y, "mse", len(x), "hessian")
+    # the measured graph is the data's activations: twice the samples, about twice the bytes
+    _, double_bytes = hs._chunk_operator(fm, torch.cat([x, x]), torch.cat([y, y]), "mse", len(x), "hessian")
+    assert graph_bytes > 0 and 1.8 < double_bytes / graph_bytes < 2.2
+    v = torch.randn(5, fm.n_params, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    full = hs.hvp(fm, None, x, y, "mse")(v)
+    sizes: list[int] = []
+    vjp = hs._vjp
+    def counting(out, inp, w):
+        sizes.append(w.shape[0] if w.ndim > out.ndim else 1)
+        return vjp(out, inp, w)
+
+    monkeypatch.setattr(hs, "_vjp", counting)
+    for budget, groups in [(1, [1, 1, 1, 1, 1]), (2 * graph_bytes + 1, [2, 2, 1]), (10**12, [5])]:
+        sizes.clear()
+        got = hs.hvp(fm, None, x, y, "mse", memory_budget_bytes=budget)(v)
+        assert sizes == groups
+        torch.testing.assert_close(got, full, atol=1e-12, rtol=1e-10)
+    with pytest.raises(DistdmError, match="memory_budget_bytes"):
+        hs.hvp(fm, None, x, y, "mse", memory_budget_bytes=0)
+    # convolutions on a CPU: one vector at a time, whatever the budget
+    conv = hs.flat_model(build_model("convnet", (1, 8, 8), 3, seed=0, width=4, depth=1))
+    xc, yc = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    vc = torch.randn(3, conv.n_params)
+    sizes.clear()
+    got = hs.hvp(conv, None, xc, yc, "ce", memory_budget_bytes=10**12)(vc)
+    assert sizes == [1, 1, 1]
+    one = hs.hvp(conv, None, xc, yc, "ce")
+    torch.testing.assert_close(got, torch.stack([one(v) for v in vc]))
+
+
 def test_gauss_newton_is_jacobian_gram_for_mse(reg):
     fm, x, y = reg
     j = hs.output_jacobian(fm, x)[:, 0, :]  # (n, P): one output

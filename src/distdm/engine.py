@@ -21,13 +21,14 @@ How a chunk of V variants is trained (`_train_chunk`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import math
 import numbers
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -442,6 +443,23 @@ def _train_chunk(job: _ChunkJob, chunk: _Chunk, strategy: str) -> TrainResult:
 # --- memory --------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[dict[int, int]]:
+    """Count the bytes autograd saves for backward inside the block: yields {storage: bytes},
+    filled as the graph is built; storages of `exclude` (e.g. the parameters) are not counted."""
+    own = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
 def estimate_variant_bytes(
     model: nn.Module,
     x: torch.Tensor,
@@ -460,16 +478,7 @@ def estimate_variant_bytes(
     opt_copies = 2 if schedule.optimizer == "adam" else (1 if schedule.momentum else 0)
     bs = min(schedule.batch_size or x.shape[0], x.shape[0])
     m = copy.deepcopy(model).train()
-    own = {t.untyped_storage().data_ptr() for t in m.state_dict().values()}  # counted above
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), saved_tensor_bytes(m.state_dict().values()) as seen:  # state counted above
         out = m(x[:bs])
         per_sample_loss(out, y[:bs], loss).sum()
     act_bytes = sum(seen.values()) + out.numel() * out.element_size()

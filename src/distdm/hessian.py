@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from .engine import LossFn, State, per_sample_loss
+from .engine import LossFn, State, choose_strategy, per_sample_loss, saved_tensor_bytes
 from .errors import DistdmError
 from .models import last_linear
 
@@ -278,14 +278,15 @@ def _vjp(out: torch.Tensor, inp: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def _chunk_operator(
     fm: FlatModel, xb: torch.Tensor, yb: torch.Tensor, loss: str | LossFn, n: int, curvature: str
-) -> HVP:
-    """The Hessian (or GGN) of sum_{i in chunk} loss_i / n as a double-backward graph, built once."""
+) -> tuple[HVP, int]:
+    """The Hessian (or GGN) of sum_{i in chunk} loss_i / n as a double-backward graph, built once,
+    and the bytes that graph saves (what one vector's pass through it costs again in memory)."""
     th = fm.theta.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), _eval_mode(fm.model):
+    with torch.enable_grad(), _eval_mode(fm.model), saved_tensor_bytes([th]) as saved:
         out = fm.outputs(th, xb)
         if curvature == "hessian":
             (g,) = torch.autograd.grad(per_sample_loss(out, yb, loss).sum() / n, th, create_graph=True)
-            return lambda v: _vjp(g, th, v)
+            return (lambda v: _vjp(g, th, v)), sum(saved.values())
         # generalised Gauss-Newton J^T H_out J v, every factor by reverse mode
         leaf = out.detach().requires_grad_(True)
         (g_out,) = torch.autograd.grad(per_sample_loss(leaf, yb, loss).sum() / n, leaf, create_graph=True)
@@ -296,10 +297,13 @@ def _chunk_operator(
         jv = _vjp(jt_u, u, v)  # J v by the double-vjp trick
         return _vjp(out, th, _vjp(g_out, leaf, jv))
 
-    return ggn
+    return ggn, sum(saved.values())
 
 
 CURVATURES = ("hessian", "ggn")
+
+
+HVP_MEMORY_BUDGET = 2 * 2**30  # bytes a batched Hessian-vector product may take by default
 
 
 def _hvp_on(
@@ -311,14 +315,19 @@ def _hvp_on(
     weight_decay: float,
     curvature: str = "hessian",
     cache: bool = True,
+    memory_budget_bytes: int | None = None,
 ) -> HVP:
     if curvature not in CURVATURES:
         raise DistdmError(f"curvature must be one of {list(CURVATURES)}, got {curvature!r}")
+    budget = HVP_MEMORY_BUDGET if memory_budget_bytes is None else int(memory_budget_bytes)
+    if budget <= 0:
+        raise DistdmError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
     n = x.shape[0]
     slices = _chunks(n, chunk)
-    cached: list[HVP] = []
+    cached: list[tuple[HVP, int]] = []
+    loop = choose_strategy(fm.model, fm.theta.device) == "loop"
 
-    def operators() -> Iterator[HVP]:
+    def operators() -> Iterator[tuple[HVP, int]]:
         if cached:
             yield from cached
             return
@@ -333,8 +342,18 @@ def _hvp_on(
             raise DistdmError(f"vector has {v.shape[-1]} entries, the model {fm.n_params} parameters")
         v = v.detach()
         total = weight_decay * v if weight_decay else torch.zeros_like(v)
-        for op in operators():
-            total = total + op(v)
+        for op, graph_bytes in operators():
+            if v.ndim == 1:
+                total = total + op(v)
+                continue
+            # a batched backward holds one copy of the graph's intermediates per vector; where the
+            # engine trains one variant at a time (convolutions on a CPU), one vector at a time is
+            # faster too (measured: 0.046 vs 0.082 s per vector on the benchmark ConvNet)
+            if loop:
+                total = total + torch.stack([op(vi) for vi in v])
+                continue
+            rows = max(1, budget // max(graph_bytes, 1))
+            total = total + torch.cat([op(v[i : i + rows]) for i in range(0, v.shape[0], rows)])
         return total.detach()
 
     return apply
@@ -354,6 +373,7 @@ def hvp(
     weight_decay: float = 0.0,
     curvature: str = "hessian",
     cache: bool = True,
+    memory_budget_bytes: int | None = None,
 ) -> HVP:
     """v -> H v for the Hessian of the mean training loss at `state` (double backward).
 
@@ -365,11 +385,16 @@ def hvp(
     `weight_decay` adds wd * v.
     curvature='ggn' uses the generalised Gauss-Newton matrix J^T H_out J instead (positive
     semi-definite for convex losses such as 'ce' and 'mse', so CG and LiSSA always converge).
+    A batch of vectors goes through the graph in groups sized so that their intermediates stay
+    within memory_budget_bytes (default HVP_MEMORY_BUDGET, 2 GiB; at least one vector a pass), or
+    one at a time where `engine.choose_strategy` picks 'loop' (convolutions on a CPU).
     """
     fm = flat_model(source, state, params)
     x, y, loss = _data_of(source, x, y, loss)
     x, y = subsample_data(x, y, subsample, seed)
-    return _hvp_on(fm, x, y, loss, chunk, weight_decay, curvature, cache)
+    if memory_budget_bytes is None:  # a Task carries the user's budget
+        memory_budget_bytes = getattr(source, "memory_budget_bytes", None)
+    return _hvp_on(fm, x, y, loss, chunk, weight_decay, curvature, cache, memory_budget_bytes)
 
 
 def stochastic_hvp(
@@ -382,6 +407,7 @@ def stochastic_hvp(
     seed: int = 0,
     weight_decay: float = 0.0,
     curvature: str = "hessian",
+    memory_budget_bytes: int | None = None,
 ) -> HVP:
     """v -> H_B v on a fresh random minibatch B at every call (for LiSSA); reproducible by seed."""
     if batch_size <= 0:
@@ -391,7 +417,9 @@ def stochastic_hvp(
 
     def apply(v: torch.Tensor) -> torch.Tensor:
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        return _hvp_on(fm, x[idx], y[idx], loss, len(idx), weight_decay, curvature, cache=False)(v)
+        return _hvp_on(
+            fm, x[idx], y[idx], loss, len(idx), weight_decay, curvature, False, memory_budget_bytes
+        )(v)
 
     return apply
 
@@ -412,13 +440,14 @@ def hessian(
     weight_decay: float = 0.0,
     curvature: str = "hessian",
     max_params: int = 20_000,
+    memory_budget_bytes: int | None = None,
 ) -> torch.Tensor:
     """The exact (P, P) Hessian (or GGN) of the mean training loss plus damping I, from P HVPs
     with the unit vectors, `block` at a time. Memory P^2 floats: small models or params='last'."""
     fm = flat_model(source, state, params)
     x, y, loss = _data_of(source, x, y, loss)
     x, y = subsample_data(x, y, subsample, seed)
-    hv = _hvp_on(fm, x, y, loss, chunk, weight_decay, curvature)
+    hv = _hvp_on(fm, x, y, loss, chunk, weight_decay, curvature, True, memory_budget_bytes)
     h = dense(hv, fm.n_params, block=block, dtype=fm.theta.dtype, max_params=max_params)
     if damping:
         h = h + damping * torch.eye(fm.n_params, dtype=h.dtype)

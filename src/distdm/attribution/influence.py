@@ -89,8 +89,9 @@ class InfluenceFunction(GradientAttributor):
         x, y = self._hessian_data()
         self.weight_decay_ = float(task.schedule.weight_decay)
         self.hvp_: HVP = hvp(
-            self.fm_, None, x, y, task.loss, weight_decay=self.weight_decay_, curvature=self.curvature
-        )
+            self.fm_, None, x, y, task.loss, weight_decay=self.weight_decay_, curvature=self.curvature,
+            memory_budget_bytes=task.memory_budget_bytes,
+        )  # fmt: skip
         self._prepare_solver(task)
 
     def _prepare_solver(self, task: Task) -> None:  # noqa: B027 - optional hook
@@ -256,6 +257,7 @@ class IFLiSSA(InfluenceFunction):
             hv = stochastic_hvp(
                 self.fm_, x, y, self.task_.loss, batch_size=self.batch_size, seed=self.seed,
                 weight_decay=self.weight_decay_, curvature=self.curvature,
+                memory_budget_bytes=self.task_.memory_budget_bytes,
             )  # fmt: skip
         return lissa(hv, b, damping=self.damping, scale=self.scale_, depth=self.depth, repeat=self.repeat)
 
