@@ -6,8 +6,9 @@ detection (Table 6) and transferability (Table 7), each beside its random baseli
 
 Settings (benchmarks/quality.py `build_task`): 'digits' = digits-mlp-k100 (sklearn digits, MLP
 64-128-10, 30 epochs SGD, 10 k-means clusters per class on the inputs); 'fmnist' =
-fmnist-convnet-k100 (the first 200 Fashion-MNIST training images per class = 2,000 images, ConvNet
-width 16 depth 3, 15 epochs, 10 k-means clusters per class on the target's penultimate features).
+fmnist-convnet-k100 (the first 200 Fashion-MNIST training images per class = 2,000 images, or
+--per-class; ConvNet width 16 depth 3, 15 epochs, 10 k-means clusters per class on the target's
+penultimate features).
 Validation data: a stratified half of the test set (at most 1,000 samples, seed 0) ranks the
 clusters; accuracy is measured on the rest of the test set. Retrains use the target's theta_0 and
 data order (--retrain-seeds adds others). Table 6 corrupts 20% of the training set (seed 0) with
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corrupt-fraction", type=float, default=0.2)
     ap.add_argument("--alpha", type=float, default=0.5, help="KL weight of the Table 7 students")
     ap.add_argument("--balanced", action="store_true", help="also run Table 3 with class-balanced removal")
+    ap.add_argument("--per-class", type=int, default=200, help="Fashion-MNIST training images per class")
     ap.add_argument("--out", default="benchmarks/out/applications")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     tables = {t.strip() for t in args.tables.split(",")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    task = build_task(setting, args.progress)
+    task = build_task(setting, args.progress, args.per_class)
+    setting += f"-pc{args.per_class}" if args.setting == "fmnist" and args.per_class != 200 else ""
     task = dataclasses.replace(
         task, store=RunStore(out / f"run-{setting}", fingerprint=task.data.fingerprint())
     )

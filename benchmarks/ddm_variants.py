@@ -87,7 +87,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", default="digits-mlp-k100")
     ap.add_argument("--variants", default="all", help="comma-separated names, or all")
-    ap.add_argument("--references", default="grad-dot,if-cg", help="registered methods to compare")
+    ap.add_argument(
+        "--references",
+        default="grad-dot,if-cg",
+        help="registered methods to compare (NAME@LABEL: a second setting)",
+    )
+    ap.add_argument(
+        "--settings", default="{}", help='JSON per-reference settings, e.g. \'{"if-cg": {"max_iter": 30}}\''
+    )
     ap.add_argument("--seeds", default="0", help="seeds of the exact truth")
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--lds-subsets", type=int, default=100)
@@ -95,6 +102,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=200, help="Fashion-MNIST training images per class")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
+    settings = json.loads(args.settings)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -154,7 +162,7 @@ def main() -> None:
         )
     for name in [r for r in args.references.split(",") if r]:
         t = time.perf_counter()
-        att = make_attributor(name).fit(task)
+        att = make_attributor(name.partition("@")[0], **settings.get(name, {})).fit(task)
         off = time.perf_counter() - t
         s = att.scores(x, y, "margin")
         row(name, s.values, off, s.seconds, {})
@@ -188,9 +196,11 @@ def main() -> None:
             },
         )
     stamp = datetime.date.today().isoformat()
-    (out / f"ddm-variants-{args.setting}.json").write_text(
+    meta = {"date": stamp, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    meta["command"] = "python " + " ".join(sys.argv)
+    (out / f"ddm-variants-{args.setting}{suffix}.json").write_text(
         json.dumps(
-            {"date": stamp, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "rows": rows},
+            {**meta, "rows": rows},
             indent=1,
             default=str,
         )  # fmt: skip

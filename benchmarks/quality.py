@@ -8,6 +8,8 @@ ATTRIBUTORS registry (default: all registered, so methods added later join autom
 exact leave-cluster-out retraining with --seeds as the truth (mean over seeds; noise ceiling: first
 seed against the mean of the others), and writes quality-<setting>.md / .csv / .png to --out.
 Retrains are cached in <out>/run-<setting>, so a second run (or one after a kill) reuses them.
+A method can appear twice with different settings as NAME@LABEL, e.g. `--methods if-cg,if-cg@ggn
+--settings '{"if-cg@ggn": {"curvature": "ggn"}}'`.
 """
 
 from __future__ import annotations
@@ -96,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=SETTINGS, default="digits-mlp-k100")
-    ap.add_argument("--methods", default="all", help="comma-separated registered names, or 'all'")
+    ap.add_argument(
+        "--methods",
+        default="all",
+        help="comma-separated registered names (NAME@LABEL for a second setting), or 'all'",
+    )
     ap.add_argument("--ddm-variants", default="", help=f"comma-separated, of {','.join(DDM_VARIANTS)}")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the exact truth; the first is the target's")
     ap.add_argument("--queries", type=int, default=50)
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     names = sorted(ATTRIBUTORS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
-    unknown = [n for n in names if n not in ATTRIBUTORS]
+    unknown = [n for n in names if n.partition("@")[0] not in ATTRIBUTORS]
     if unknown:
         raise DistdmError(f"unknown methods {unknown}; registered: {sorted(ATTRIBUTORS)}")
     settings = json.loads(args.settings)
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     truth = ExactRetrain(seeds=seeds, progress=args.progress, **settings.get("exact", {}))
     methods = {}
     for n in names:
-        methods[n] = truth if n == "exact" else make_attributor(n, **settings.get(n, {}))
+        # NAME@LABEL: the registered method NAME, with its own settings under "NAME@LABEL"
+        methods[n] = truth if n == "exact" else make_attributor(n.partition("@")[0], **settings.get(n, {}))
     failed = {}
     for v in [v.strip() for v in args.ddm_variants.split(",") if v.strip()]:
         ddm = ddm_variant(v, task.schedule.epochs)

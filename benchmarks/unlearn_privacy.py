@@ -60,6 +60,7 @@ def main() -> int:
     ap.add_argument("--compare-methods", default="grad-dot,if-cg")
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--skip", default="", help="parts to skip: table4,unlearn,privacy,compare")
+    ap.add_argument("--per-class", type=int, default=200, help="Fashion-MNIST training images per class")
     ap.add_argument("--out", default="benchmarks/out/unlearn_privacy")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,7 +69,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     setting = SETTINGS[args.setting]
     skip = set(args.skip.split(","))
-    task = build_task(setting)
+    task = build_task(setting, per_class=args.per_class)
+    setting += f"-pc{args.per_class}" if args.setting == "fmnist" and args.per_class != 200 else ""
     task = dataclasses.replace(
         task, store=RunStore(out / f"run-{setting}", fingerprint=task.data.fingerprint())
     )

@@ -101,6 +101,7 @@ def test_batched_hvp_groups_vectors_to_fit_the_memory_budget(reg, monkeypatch):
     full = hs.hvp(fm, None, x, y, "mse")(v)
     sizes: list[int] = []
     vjp = hs._vjp
+
     def counting(out, inp, w):
         sizes.append(w.shape[0] if w.ndim > out.ndim else 1)
         return vjp(out, inp, w)

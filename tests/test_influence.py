@@ -105,6 +105,23 @@ def test_influence_signs_agree_with_exact_leave_cluster_out(tiny_task, queries, 
     assert _mean_spearman(ggn.scores(x, y, "margin").values, tiny_lco["margin"]) > 0.35
 
 
+def test_objectives_sharing_query_rows_share_one_solve(tiny_task, queries, monkeypatch):
+    x, y = queries[0][:3], queries[1][:3]
+    cg = make_attributor("if-cg", damping=0.1, unit="sample", max_iter=50).fit(tiny_task)
+    calls = []
+    solve = type(cg).ihvp
+    monkeypatch.setattr(type(cg), "ihvp", lambda self, b: calls.append(b.shape) or solve(self, b))
+    d1 = cg.scores(x, y, "dist1").values
+    d3 = cg.scores(x, y, "dist3").values  # same output-Jacobian rows as dist1: no new solve
+    assert len(calls) == 1 and calls[0][0] == 3 * 10
+    cg.scores(x, y, "margin")
+    cg.scores(x[:2], y[:2], "dist1")  # other rows: solved
+    assert len(calls) == 3
+    fresh = make_attributor("if-cg", damping=0.1, unit="sample", max_iter=50).fit(tiny_task)
+    np.testing.assert_allclose(fresh.scores(x, y, "dist3").values, d3, rtol=1e-6)
+    np.testing.assert_allclose(fresh.scores(x, y, "dist1").values, d1, rtol=1e-6)
+
+
 def test_fastif_scores_only_the_nearest_neighbours(tiny_task, queries):
     x, y = queries[0][:3], queries[1][:3]
     settings = dict(damping=0.1, unit="sample", depth=100, batch_size=None)

@@ -14,6 +14,7 @@ factorised Hessian for 'if-exact', the Krylov eigenbasis for 'if-arnoldi', the L
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ from .base import register
 from .gradients import GradientAttributor, dot_chunks
 
 log = logging.getLogger(__name__)
+
+SOLVE_MEMO = 4  # inverse-HVP solves kept per fitted method (a few query sets x objectives)
 
 
 class InfluenceFunction(GradientAttributor):
@@ -86,6 +89,7 @@ class InfluenceFunction(GradientAttributor):
         return subsample_data(d.x_train, d.y_train, self.hessian_samples, self.seed)
 
     def _prepare(self, task: Task) -> None:
+        self.solves_: dict[str, torch.Tensor] = {}
         x, y = self._hessian_data()
         self.weight_decay_ = float(task.schedule.weight_decay)
         self.hvp_: HVP = hvp(
@@ -101,12 +105,23 @@ class InfluenceFunction(GradientAttributor):
         """(H + damping I)^-1 b for flat vectors b (P,) or (k, P) with this method's solver."""
         raise NotImplementedError
 
+    def solve_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """ihvp(rows), reusing the solve of identical rows from an earlier call on the same fit:
+        objectives scored through the output Jacobian (dist1, dist3) share their query rows."""
+        key = hashlib.sha1(rows.detach().contiguous().numpy().tobytes()).hexdigest() + str(tuple(rows.shape))
+        solves = self.solves_
+        if key not in solves:
+            if len(solves) >= SOLVE_MEMO:
+                solves.pop(next(iter(solves)))
+            solves[key] = self.ihvp(rows)
+        return solves[key]
+
     def _products(
         self, x: torch.Tensor, y: torch.Tensor, obj: Objective, ref: torch.Tensor, expansion: str
     ) -> torch.Tensor:
         rows = self._rows(self.fm_, x, y, obj, ref, expansion)
         n = self.task_.data.n_train
-        return dot_chunks(self.ihvp(rows), self.train_grads(), n) / n
+        return dot_chunks(self.solve_rows(rows), self.train_grads(), n) / n
 
 
 @register("if-exact")
@@ -384,7 +399,7 @@ class FastIF(IFLiSSA):
         nn = torch.cdist(fq, self.features_).topk(k, dim=1, largest=False).indices  # (Q, k)
         cand = torch.unique(nn)
         rows = self._rows(self.fm_, x, y, obj, ref, expansion)
-        solved = self.ihvp(rows)
+        solved = self.solve_rows(rows)
         if self.grads_ is not None:
             g = self.grads_[cand]
         else:
