@@ -173,7 +173,7 @@ def main() -> None:
         t = time.perf_counter()
         try:
             ddm = DDM(distill_config=dc, online=oc).fit(task)
-            off = time.perf_counter() - t
+            off = max(time.perf_counter() - t, ddm.recorded_seconds_ or 0.0)  # a cached synset: its cost
             s = ddm.scores(x, y, "margin")
         except DistdmError as e:
             print(json.dumps({"method": f"ddm:{name}", "failed": str(e)}), flush=True)

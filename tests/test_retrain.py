@@ -90,7 +90,7 @@ def test_cached_retrains_are_not_recomputed(mini_task, queries, tmp_path, monkey
     assert calls == [6, 6, 6, 3]
     np.testing.assert_array_equal(a.scores(*queries).values, b.scores(*queries).values)
     # the cost recorded when the chunks were computed survives loading them
-    assert b.retrain_seconds_ == a.retrain_seconds_ > 0
+    assert b.recorded_seconds_ == a.recorded_seconds_ > 0
 
 
 def test_killed_sweep_resumes_where_it_stopped(mini_task, queries, tmp_path, monkeypatch):

@@ -187,7 +187,7 @@ def evaluate(
             if not np.isfinite(by_obj[obj]).all():
                 log.warning("%s: non-finite scores for objective %s", name, obj)
         offline = float(getattr(method, "offline_seconds_", math.nan))
-        recorded = getattr(method, "retrain_seconds_", None)  # cached retrains: their recorded cost
+        recorded = getattr(method, "recorded_seconds_", None)  # cached work (retrains, synsets): its cost
         add_row(name, by_obj, max(offline, recorded) if recorded is not None else offline, online)
 
     if ceiling and len(truth.seeds_) >= 2:

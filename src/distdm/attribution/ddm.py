@@ -97,6 +97,8 @@ class DDM(Attributor):
             self.synset_ = load_or_distill(
                 task, self.distill_config_, self.units_, lr, self.online_.steps, self.progress
             )
+        # what the distillation cost when it ran, also when this fit loaded the synset from the run
+        self.recorded_seconds_ = self.synset_.info.get("seconds")
 
     def outcomes(
         self, delete: np.ndarray, x: torch.Tensor, y: torch.Tensor, objective: str | Objective

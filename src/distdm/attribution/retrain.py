@@ -278,7 +278,7 @@ class ExactRetrain(Attributor):
         }
         recorded = [recorded_seconds(task, tag, s) for s in self.seeds_]
         # with a store: what the retrains cost when computed, also when this fit loaded them
-        self.retrain_seconds_ = None if None in recorded else float(sum(recorded))  # type: ignore[arg-type]
+        self.recorded_seconds_ = None if None in recorded else float(sum(recorded))  # type: ignore[arg-type]
 
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Raw model outputs (seeds, 1 + units, Q, O): row 0 the all-kept model, row k + 1 without k."""
