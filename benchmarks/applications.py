@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import build_task  # noqa: E402
+from quality import build_task, run_name  # noqa: E402
 
 from distdm.applications.diagnose import diagnose, diagnosis_files, validation_split  # noqa: E402
 from distdm.applications.noise import corrupt, corrupted_task, noisy_diagnosis  # noqa: E402
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     task = build_task(setting, args.progress, args.per_class)
-    setting += f"-pc{args.per_class}" if args.setting == "fmnist" and args.per_class != 200 else ""
+    setting = run_name(setting, args.per_class)
     task = dataclasses.replace(
         task, store=RunStore(out / f"run-{setting}", fingerprint=task.data.fingerprint())
     )

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import build_task, pick_queries  # noqa: E402
+from quality import build_task, pick_queries, run_name  # noqa: E402
 
 from distdm import metrics  # noqa: E402
 from distdm.applications.privacy import privacy_metrics  # noqa: E402
@@ -115,8 +115,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     # the same store, tags and chunks as benchmarks/quality.py: retrains cached by one are reused
-    suffix = f"-pc{args.per_class}" if args.setting.startswith("fmnist") and args.per_class != 200 else ""
-    store = RunStore(out / f"run-{args.setting}{suffix}", fingerprint=task.data.fingerprint())
+    stem = run_name(args.setting, args.per_class)
+    store = RunStore(out / f"run-{stem}", fingerprint=task.data.fingerprint())
     task = dataclasses.replace(task, store=store)
     t = time.perf_counter()
     truth_fit = ExactRetrain(seeds=tuple(seeds)).fit(task)
@@ -202,7 +202,7 @@ def main() -> None:
     stamp = datetime.date.today().isoformat()
     meta = {"date": stamp, "cores": os.cpu_count(), "threads": torch.get_num_threads()}
     meta["command"] = "python " + " ".join(sys.argv)
-    (out / f"ddm-variants-{args.setting}{suffix}.json").write_text(
+    (out / f"ddm-variants-{stem}.json").write_text(
         json.dumps(
             {**meta, "rows": rows},
             indent=1,

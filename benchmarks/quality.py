@@ -62,6 +62,12 @@ def build_task(setting: str, progress: bool = False, per_class: int = 200) -> Ta
     raise DistdmError(f"unknown setting {setting!r}; one of {list(SETTINGS)}")
 
 
+def run_name(setting: str, per_class: int) -> str:
+    """The setting's name for run directories and output files: '-pcN' marks a Fashion-MNIST subset
+    other than BENCHMARKS.md's 200 images per class."""
+    return f"{setting}-pc{per_class}" if setting.startswith("fmnist") and per_class != 200 else setting
+
+
 def pick_queries(task: Task, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """n test points drawn with `seed`."""
     g = torch.Generator().manual_seed(seed)
@@ -130,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     task = build_task(args.setting, args.progress, args.per_class)
     if seeds[0] != task.schedule.seed:
         raise DistdmError(f"the first truth seed must be the target's seed {task.schedule.seed}, got {seeds}")
-    suffix = f"-pc{args.per_class}" if args.setting.startswith("fmnist") and args.per_class != 200 else ""
-    store = RunStore(out / f"run-{args.setting}{suffix}", fingerprint=task.data.fingerprint())
+    name = run_name(args.setting, args.per_class)
+    store = RunStore(out / f"run-{name}", fingerprint=task.data.fingerprint())
     task = dataclasses.replace(task, store=store)
     x, y = pick_queries(task, args.queries)
     acc = float((task.outputs(task.data.x_test).argmax(1) == task.data.y_test).float().mean())
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         task, methods, (x, y), truth=truth, lds_subsets=args.lds_subsets,
         removal_ks=_ints(args.removal_ks), progress=args.progress,
     )  # fmt: skip
-    stem = f"quality-{args.setting}{suffix}"
+    stem = f"quality-{name}"
     paths = ev.save(out, stem)
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

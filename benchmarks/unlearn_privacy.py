@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import build_task, pick_queries  # noqa: E402
+from quality import build_task, pick_queries, run_name  # noqa: E402
 
 from distdm.applications.compare import Variant, compare_heatmaps_png, compare_study  # noqa: E402
 from distdm.applications.privacy import privacy_figure_png, privacy_table  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> int:
     setting = SETTINGS[args.setting]
     skip = set(args.skip.split(","))
     task = build_task(setting, per_class=args.per_class)
-    setting += f"-pc{args.per_class}" if args.setting == "fmnist" and args.per_class != 200 else ""
+    setting = run_name(setting, args.per_class)
     task = dataclasses.replace(
         task, store=RunStore(out / f"run-{setting}", fingerprint=task.data.fingerprint())
     )
