@@ -1,13 +1,18 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
+# exact versions of everything installed (pyproject.toml only declares ranges)
+CONSTRAINTS := constraints.txt
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint install bench clean
 
-$(STAMP): pyproject.toml
+# reinstalled whenever the declared dependencies or their pins change
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
+
+install: $(STAMP)
 
 demo: $(STAMP)
 	.venv/bin/distdm demo --out runs/demo

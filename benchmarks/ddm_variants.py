@@ -176,7 +176,7 @@ def main() -> None:
         dc, oc = grid[name]
         t = time.perf_counter()
         try:
-            ddm = DDM(distill_config=dc, online=oc).fit(task)
+            ddm = DDM(distill=dc, online=oc).fit(task)
             off = max(time.perf_counter() - t, ddm.recorded_seconds_ or 0.0)  # a cached synset: its cost
             s = ddm.scores(x, y, "margin")
         except DistdmError as e:

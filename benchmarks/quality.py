@@ -92,7 +92,7 @@ def ddm_variant(name: str, epochs: int) -> DDM:
         return DDM("paper", online=paper_o.replace(lr=0.01), clusters="index")
     if name == "match":
         match = paper_d.replace(direction="match")
-        return DDM("paper", distill_config=match, online=paper_o.replace(lr=0.01))
+        return DDM("paper", distill=match, online=paper_o.replace(lr=0.01))
     raise DistdmError(f"unknown DDM variant {name!r}; one of {list(DDM_VARIANTS)}")
 
 

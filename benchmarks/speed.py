@@ -183,7 +183,7 @@ def engine_stage(task: Task, sample: int, log: list[Stage]) -> dict[str, float]:
 def ddm_for(task: Task, preset_name: str, overrides: dict[str, Any]) -> DDM:
     """A DDM attributor with the preset's settings and DistillConfig overrides."""
     d, o = preset(preset_name, epochs=task.schedule.epochs)
-    return DDM(preset_name, distill_config=d.replace(**overrides) if overrides else None, online=o)
+    return DDM(preset_name, distill=d.replace(**overrides) if overrides else None, online=o)
 
 
 def methods_stage(

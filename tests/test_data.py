@@ -67,3 +67,18 @@ def test_torch_dataset_is_materialised():
     ds = torch.utils.data.TensorDataset(torch.randn(40, 3), torch.arange(40) % 4)
     d = from_dataset(ds, test_fraction=0.25)
     assert d.n_train == 30 and d.num_classes == 4 and d.x_test.shape == (10, 3)
+
+
+def test_without_test_nothing_is_moved_out_of_training():
+    x, y = torch.randn(40, 3), torch.arange(40) % 4
+    d = from_tensors(x, y)
+    assert d.n_train == 40 and not d.has_test and d.x_test.shape == (0, 3)
+    torch.testing.assert_close(d.x_train, x)
+    assert from_dataset(torch.utils.data.TensorDataset(x, y)).n_train == 40
+    split = from_tensors(x, y, test_fraction=0.25)
+    assert split.n_train == 30 and split.has_test and torch.bincount(split.y_test).tolist() == [3, 3, 2, 2]
+    with pytest.raises(DistdmError, match="no test set, which evaluation needs: pass test="):
+        d.require_test("evaluation")
+    for bad in (0.0, 1.0, True, "0.2"):
+        with pytest.raises(DistdmError, match="test_fraction must be in"):
+            from_tensors(x, y, test_fraction=bad)

@@ -82,9 +82,7 @@ def test_index_order_units_share_their_score_among_members(tiny_task, queries):
     from distdm.config import DistillConfig, OnlineConfig
 
     cfg = DistillConfig(target="trajectory", ipc=1, iterations=5)
-    ddm = DDM("paper", distill_config=cfg, online=OnlineConfig(steps=1, lr=0.01), clusters="index").fit(
-        tiny_task
-    )
+    ddm = DDM("paper", distill=cfg, online=OnlineConfig(steps=1, lr=0.01), clusters="index").fit(tiny_task)
     s = ddm.scores(x[:3], y[:3])
     units = ddm.units_
     assert s.unit == "sample" and s.values.shape == (tiny_task.data.n_train, 3)
@@ -103,7 +101,7 @@ def test_oracle_target_reaches_the_exact_effects(tiny_task, queries, exact_effec
 
     x, y = queries
     cfg = preset("default", epochs=tiny_task.schedule.epochs)[0].replace(target="oracle", iterations=300)
-    s = DDM(distill_config=cfg).fit(tiny_task).scores(x, y, "margin")
+    s = DDM(distill=cfg).fit(tiny_task).scores(x, y, "margin")
     rho_all = _spearman_all(s.values, exact_effects)
     rho_within = _within_class_spearman(s.values, exact_effects, tiny_task.clusters, y)
     print(f"oracle target on the tiny task: Spearman all {rho_all:.3f}, within class {rho_within:.3f}")
@@ -130,3 +128,82 @@ def test_a_cached_synset_is_reused_and_reports_its_distillation_cost(tiny_task, 
         task2, {"ddm": again}, (x, y), truth_seeds=(0,), lds_subsets=4, removal_ks=(), ceiling=False
     )
     assert next(r for r in ev.rows if r["method"] == "ddm")["offline_s"] == pytest.approx(cost)
+
+
+def test_an_unknown_preset_is_refused_when_the_attributor_is_made():
+    from distdm.attribution import make_attributor
+    from distdm.presets import PRESETS
+
+    with pytest.raises(
+        DistdmError, match="unknown preset 'fastest' for ddm; known presets: " + ", ".join(PRESETS)
+    ):
+        make_attributor("ddm", preset="fastest")
+    with pytest.raises(DistdmError, match="does not take the settings \\['preset_name'\\]"):
+        make_attributor("ddm", preset_name="paper")  # the CLI's word is --preset
+    assert make_attributor("ddm", preset="paper").preset == "paper"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"online": {"perturbations": 8}}, "unknown settings \\['perturbations'\\]"),
+        ({"online": {"perturbations_per_cluster": -1}}, "perturbations_per_cluster must be"),
+        ({"online": 8}, "online must be a full OnlineConfig or a dict"),
+        ({"distill": {"iterations": 0}}, "iterations"),
+        ({"distill": {"ipcs": 2}}, "unknown settings \\['ipcs'\\]"),
+        ({"distill": "default"}, "distill must be a full DistillConfig or a dict"),
+    ],
+)
+def test_invalid_overrides_are_refused_at_construction(settings, message):
+    with pytest.raises(DistdmError, match=message):
+        DDM("default", **settings)
+
+
+def test_overrides_change_one_setting_and_keep_the_rest_of_the_preset(tiny_task, queries):
+    from distdm.config import OnlineConfig
+    from distdm.presets import preset
+
+    d, o = preset("paper", epochs=tiny_task.schedule.epochs)
+    ddm = DDM(
+        "paper", distill={"iterations": 3, "starts": 2}, online={"lr": 0.01, "perturbations_per_cluster": 2}
+    )
+    ddm.fit(tiny_task)
+    assert ddm.distill_config_ == d.replace(iterations=3, starts=2)
+    assert ddm.online_ == o.replace(lr=0.01, perturbations_per_cluster=2.0)
+    assert ddm.online_.steps == tiny_task.schedule.epochs  # the paper preset's T = tau is kept
+    x, y = queries
+    ddm.scores(x[:2], y[:2])
+    assert len(ddm.last_fit_.w) == tiny_task.clusters.n_clusters
+    # a full config is still taken as it is, replacing the preset's
+    full = OnlineConfig(steps=1, lr=0.02)
+    assert DDM("paper", distill={"iterations": 3, "starts": 2}, online=full).fit(tiny_task).online_ == full
+
+
+def test_each_custom_distillation_keeps_its_own_stage_in_the_run(digits, tmp_path, monkeypatch):
+    import distdm.attribution.ddm as ddm_module
+    from distdm import Run
+    from distdm.config import ClusterConfig, DistillConfig, TrainConfig
+
+    run = Run(tmp_path / "run", digits, "logreg", train=TrainConfig(epochs=6))
+    run.train()
+    run.cluster(ClusterConfig(per_class=1, n_init=1))
+    first = DistillConfig(target="trajectory", iterations=3, starts=2)
+    run.distill("paper", first)
+    run.distill("paper", first.replace(iterations=4))
+    run.distill("paper", {"iterations": 3, "starts": 2, "soft_labels": True})  # overrides of the preset
+    stages = [s for s in run.store.manifest["stages"] if s.startswith("distill-")]
+    assert len(stages) == 3 and all(s.startswith("distill-custom-") for s in stages), stages
+    first_info = dict(run.store.manifest["stages"][stages[0]])
+    run.distill("paper", first)  # the same settings again: the same stage, its record untouched
+    assert [s for s in run.store.manifest["stages"] if s.startswith("distill-")] == stages
+    assert run.store.manifest["stages"][stages[0]] == first_info
+    # online settings given to the run reach the attributor; the synset they make is a custom one
+    ddm = run.attributor("ddm", preset="paper", distill={"iterations": 3, "starts": 2}, online={"lr": 0.01})
+    assert ddm.online_.lr == 0.01 and ddm.distill_stage_.startswith("distill-custom-")
+    # the preset's own settings, also when spelled out, are recorded under the preset's name (here a
+    # cheap stand-in for the paper preset, whose 500 matching steps would dominate the test)
+    cheap = (first, ddm_module.preset_settings("paper", epochs=6)[1])
+    monkeypatch.setattr(ddm_module, "preset_settings", lambda name, *, epochs: cheap)
+    assert run.attributor("ddm", preset="paper").distill_stage_ == "distill-paper"
+    run.distill("paper", first)
+    assert run.store.is_done("distill-paper") and not run.store.is_done("distill-default")

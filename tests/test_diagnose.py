@@ -186,7 +186,7 @@ def test_cli_diagnose_rejects_bad_input_in_one_line(tmp_path, args, fragment):
 
 def test_cli_diagnose_on_an_untrained_run_says_what_to_do(tmp_path):
     _user_error(
-        runner.invoke(app, ["diagnose", str(tmp_path / "run"), "--methods", "grad-dot"]), "stage first"
+        runner.invoke(app, ["diagnose", str(tmp_path / "run"), "--methods", "grad-dot"]), "no such run"
     )
     bad = runner.invoke(app, ["diagnose", str(tmp_path / "run"), "--flip-labels", "1.5"])
     _user_error(bad, "--flip-labels must lie in (0, 1)")

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from distdm.attribution import make_attributor
@@ -57,6 +58,29 @@ def test_writers_and_figure(evaluation, tmp_path):
     paths = ev.save(tmp_path, "q")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths["md"].read_text().strip() == md
+
+
+def test_every_printed_column_is_explained_once_and_intervals_stay_in_range(evaluation):
+    from distdm.evaluate import COLUMN_HELP, columns, legend
+
+    ev, _ = evaluation
+    cols = columns(ev.rows)
+    lines = legend(ev.rows)
+    assert lines[0].startswith("mean over 8 queries [95% Student-t interval")
+    for c in cols:
+        key = "drop_at_K" if c.startswith("drop_at_") else c
+        assert key in COLUMN_HELP
+        assert sum(COLUMN_HELP[key] in line for line in lines) == 1, c
+    assert "drop_at_1, drop_at_4: " in "\n".join(lines)
+    ranges = {"spearman": (-1, 1), "spearman_class": (-1, 1), "pearson": (-1, 1), "lds": (-1, 1),
+              "top1_in_top3": (0, 1), "dist3": (1 / 3, 1), "dist1_x100": (0, 200),
+              "dist2": (0, np.inf)}  # fmt: skip
+    for r in ev.rows:
+        for key, (lo, hi) in ranges.items():
+            if not np.isnan(r[f"{key}_lo"]):
+                assert lo <= r[f"{key}_lo"] <= r[key] <= r[f"{key}_hi"] <= hi, (r["method"], key)
+    # exact against itself hits for every query: the interval is [1, 1]
+    assert (ev.rows[0]["top1_in_top3_lo"], ev.rows[0]["top1_in_top3_hi"]) == (1.0, 1.0)
 
 
 def test_mismatched_queries_are_rejected(mini_task, queries):

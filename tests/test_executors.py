@@ -67,6 +67,7 @@ class _Spy:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_runs_tasks_in_worker_processes_in_order(ray_executor):
     def pid_and_double(v: int) -> tuple[int, int]:  # a closure: Ray ships it by value
         return os.getpid(), 2 * v
@@ -78,6 +79,7 @@ def test_ray_runs_tasks_in_worker_processes_in_order(ray_executor):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_and_local_train_the_same_states(ray_executor):
     x, y = _toy()
     model = build_model("mlp", (8,), 3, seed=1, hidden=(16,))
@@ -95,6 +97,7 @@ def test_ray_and_local_train_the_same_states(ray_executor):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_exact_retraining_gives_the_same_scores_and_caches_on_the_driver(
     ray_executor, mini_task, queries, tmp_path
 ):
@@ -103,7 +106,8 @@ def test_ray_exact_retraining_gives_the_same_scores_and_caches_on_the_driver(
     spy = _Spy(ray_executor)
     remote = ExactRetrain(chunk_size=6, executor=spy).fit(task).scores(*queries)
     assert spy.calls == [4]  # 21 models (all kept + 20 left out): 4 chunks of 6 in one call
-    np.testing.assert_allclose(remote.values, local.values, atol=1e-6)
+    # workers run with their own torch thread count, so float32 reductions may round differently
+    np.testing.assert_allclose(remote.values, local.values, rtol=1e-4, atol=1e-4)
     # the driver wrote every chunk (21 models in chunks of 6), so a reopened run reuses them
     assert all(task.store.is_done(f"retrain/loo/seed0/chunk{i}") for i in range(4))
     again = ExactRetrain(chunk_size=6).fit(dataclasses.replace(mini_task, store=RunStore(tmp_path / "run")))
@@ -159,6 +163,7 @@ def test_further_training_runs_its_chunks_on_the_executor(mini_task, queries, tm
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_further_training_gives_the_same_scores(ray_executor, mini_task, queries):
     from distdm.attribution.further import FurtherTraining
 
@@ -166,10 +171,11 @@ def test_ray_further_training_gives_the_same_scores(ray_executor, mini_task, que
     settings = dict(epochs=1, seeds=2, chunk_size=11, optimizer="adam")
     local = FurtherTraining(**settings).fit(mini_task).scores(x, y).values
     remote = FurtherTraining(**settings, executor=ray_executor).fit(mini_task).scores(x, y).values
-    np.testing.assert_allclose(remote, local, atol=1e-6)
+    np.testing.assert_allclose(remote, local, rtol=1e-4, atol=1e-4)  # workers' own thread count
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_cli_executor_ray_gives_the_same_exact_scores(ray_executor, tmp_path, monkeypatch):
     import shutil
 
@@ -206,5 +212,5 @@ def test_cli_executor_ray_gives_the_same_exact_scores(ray_executor, tmp_path, mo
     assert calls == [4]
     tag = "attribution/exact-margin-q4s0.safetensors"
     remote, local = load_file(root / tag), load_file(tmp_path / "local" / tag)
-    torch.testing.assert_close(remote["scores"], local["scores"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(remote["scores"], local["scores"], atol=1e-4, rtol=1e-4)  # workers' threads
     assert (root / "retrain").is_dir()  # the driver wrote the retrained states into the run

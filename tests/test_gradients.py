@@ -142,3 +142,105 @@ def test_settings_are_checked(tiny_task, queries):
     last = make_attributor("grad-dot", params="last", cache_grads=False).fit(tiny_task)
     assert last.fm_.names == ["head.weight", "head.bias"]
     assert last.scores(*queries).values.shape == (tiny_task.clusters.n_clusters, 20)
+
+
+def _loop_grads(task, state, x, fn):
+    """Per-sample gradients by a plain autograd loop: row i is the gradient of fn(model, i)."""
+    model = copy.deepcopy(task.model)
+    model.load_state_dict(state)
+    model.eval()
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        fn(model, i).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    return torch.stack(rows).double()
+
+
+def test_all_scores_equal_a_reference_loop_on_both_gradient_paths(tiny_task, queries, monkeypatch):
+    # every (sample, query) score of the three methods against per-sample gradients taken one by one
+    from distdm import hessian as hs
+
+    d = tiny_task.data
+    x, y = queries[0][:4], queries[1][:4]
+    ref_out = tiny_task.outputs(x)
+
+    def train_fn(state):
+        return _loop_grads(
+            tiny_task, state, d.x_train,
+            lambda m, i: per_sample_loss(m(d.x_train[i : i + 1]), d.y_train[i : i + 1], tiny_task.loss)[0],
+        )  # fmt: skip
+
+    def query_fn(state):
+        return _loop_grads(
+            tiny_task,
+            state,
+            x,
+            lambda m, q: margin(m(x[q : q + 1])[None], ref_out[q : q + 1], y[q : q + 1])[0, 0],
+        )
+
+    g, gq = train_fn(tiny_task.final), query_fn(tiny_task.final)
+    expected = {
+        "grad-dot": (g @ gq.T).numpy(),
+        "grad-cos": ((g / g.norm(dim=1, keepdim=True)) @ (gq / gq.norm(dim=1, keepdim=True)).T).numpy(),
+        "tracin": sum(
+            tiny_task.schedule.lr * (train_fn(tiny_task.trajectory[c]) @ query_fn(tiny_task.trajectory[c]).T)
+            for c in (3, 10)
+        ).numpy(),
+    }
+    settings = {"tracin": {"checkpoints": [3, 10]}}
+
+    def all_scores(cache):
+        return {
+            name: make_attributor(name, unit="sample", cache_grads=cache, **settings.get(name, {}))
+            .fit(tiny_task)
+            .scores(x, y, "margin")
+            .values
+            for name in expected
+        }
+
+    factored = all_scores("auto")
+    assert hs._linear_layout(hs.flat_model(tiny_task)) is not None  # the MLP takes the factored path
+    for name, want in expected.items():
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(factored[name], want, rtol=0, atol=1e-5 * scale, err_msg=name)
+    uncached = all_scores(False)
+    monkeypatch.setattr(hs, "_linear_layout", lambda fm: None)  # the general path: vmap over grad
+    general = all_scores("auto")
+    for name, want in expected.items():
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(uncached[name], factored[name], rtol=0, atol=1e-6 * scale, err_msg=name)
+        np.testing.assert_allclose(general[name], want, rtol=0, atol=1e-5 * scale, err_msg=name)
+
+
+def test_output_expansion_is_the_same_on_both_gradient_paths(tiny_task, queries, monkeypatch):
+    from distdm import hessian as hs
+
+    x, y = queries[0][:3], queries[1][:3]
+    names = ("grad-dot", "grad-cos", "tracin")
+    factored = {n: make_attributor(n).fit(tiny_task).scores(x, y, "dist1").values for n in names}
+    last = make_attributor("grad-dot", params="last").fit(tiny_task).scores(x, y, "dist1").values
+    monkeypatch.setattr(hs, "_linear_layout", lambda fm: None)
+    for n in names:
+        general = make_attributor(n).fit(tiny_task).scores(x, y, "dist1").values
+        np.testing.assert_allclose(
+            factored[n], general, rtol=1e-4, atol=1e-7 * np.abs(general).max(), err_msg=n
+        )
+    general_last = make_attributor("grad-dot", params="last").fit(tiny_task).scores(x, y, "dist1").values
+    np.testing.assert_allclose(last, general_last, rtol=1e-4, atol=1e-7 * np.abs(general_last).max())
+
+
+def test_training_gradients_are_kept_factored(tiny_task):
+    # fit keeps N x (d_in + d_out) floats per layer, not N x P; train_grads still yields dense chunks
+    a = make_attributor("grad-dot", chunk=500).fit(tiny_task)
+    n, p = tiny_task.data.n_train, a.fm_.n_params
+    assert a.grads_ is None and a.factors_ is not None
+    assert a.factors_.nbytes < 0.1 * n * p * 4
+    chunks = list(a.train_grads())
+    assert [c.shape for _, c in chunks] == [(500, p), (500, p), (n - 1000, p)]
+    torch.testing.assert_close(
+        chunks[1][1][7], _train_grad(tiny_task, tiny_task.final, 507), atol=1e-6, rtol=1e-5
+    )
+    tr = make_attributor("tracin").fit(tiny_task)
+    assert len(tr.cp_grads_) == len(tiny_task.trajectory) - 1
+    assert all(c is not None and not isinstance(c, torch.Tensor) for c in tr.cp_grads_)

@@ -7,6 +7,7 @@ from distdm import hessian as hs
 from distdm.engine import Schedule, per_sample_loss, select, train_variants
 from distdm.errors import DistdmError
 from distdm.models import build_model
+from distdm.objectives import margin
 
 
 def _regression_mlp(n=120, dim=6, hidden=8, seed=0):
@@ -207,3 +208,152 @@ def test_exact_solver_handles_definite_and_indefinite_matrices_alike():
         x = hs.exact_ihvp(h, 0.1)(b)
         torch.testing.assert_close(x @ (h + 0.1 * torch.eye(3, dtype=torch.float64)), b)
         torch.testing.assert_close(hs.exact_ihvp(h, 0.1)(b[0]), x[0])
+
+
+class _Twice(torch.nn.Module):
+    """A user module that applies one linear layer twice (its gradient is no outer product)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.lin(torch.relu(self.lin(x)))))
+
+
+def _loop_rows(model, fm, x, fn):
+    """Gradients of fn(outputs of sample i) with respect to fm's parameters, one sample at a time."""
+    rows = []
+    for i in range(len(x)):
+        params = dict(model.named_parameters())
+        model.zero_grad()
+        fn(model(x[i : i + 1]), i).backward()
+        rows.append(torch.cat([params[k].grad.reshape(-1) for k in fm.names]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    "name, params, factored",
+    [("mlp", "all", True), ("convnet", "last", True), ("convnet", "all", False), ("twice", "all", False)],
+)
+def test_per_sample_gradients_on_the_factored_and_general_paths(name, params, factored):
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 8, 8) if name == "convnet" else (4,)
+    x, y = torch.randn(11, *shape, generator=g), torch.randint(0, 3, (11,), generator=g)
+    if name == "twice":
+        torch.manual_seed(0)
+        model = _Twice()
+    else:
+        kw = {"width": 4, "depth": 1} if name == "convnet" else {"hidden": (7, 5)}
+        model = build_model(name, shape, 3, seed=0, **kw)
+    fm = hs.flat_model(model, params=params)
+    f = hs.per_sample_linear_grads(fm, x, y, "ce", chunk=4)
+    assert (f is not None) == factored
+    loop = _loop_rows(model, fm, x, lambda out, i: per_sample_loss(out, y[i : i + 1], "ce")[0])
+    torch.testing.assert_close(hs.per_sample_grads(fm, x, y, "ce", chunk=4), loop, atol=1e-6, rtol=1e-5)
+    # query gradients of an objective and output Jacobians agree with the general (vmap) path too
+    ref = fm.outputs(fm.theta, x).detach()
+    obj_loop = _loop_rows(model, fm, x, lambda out, i: margin(out[None], ref[i : i + 1], y[i : i + 1])[0, 0])
+    torch.testing.assert_close(
+        hs.objective_grads(fm, x, y, margin, ref, chunk=4), obj_loop, atol=1e-6, rtol=1e-5
+    )
+    jac = torch.func.vmap(torch.func.jacrev(lambda th, xi: fm.outputs(th, xi[None])[0]), in_dims=(None, 0))
+    torch.testing.assert_close(hs.output_jacobian(fm, x, chunk=4), jac(fm.theta, x), atol=1e-6, rtol=1e-5)
+    if factored:  # products, norms and Gram matrices from the factors alone
+        rows = torch.randn(5, fm.n_params, generator=g)
+        torch.testing.assert_close(f.dot(rows, chunk=3), rows @ loop.T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(f.sq_norms(), loop.square().sum(1), atol=1e-5, rtol=1e-5)
+        q = hs.objective_linear_grads(fm, x[:3], y[:3], margin, ref[:3])
+        torch.testing.assert_close(q.gram(f, chunk=4), obj_loop[:3] @ loop.T, atol=1e-5, rtol=1e-5)
+        j = hs.linear_grads(fm, x[:2], None).flat_rows()
+        torch.testing.assert_close(
+            j.dense(), jac(fm.theta, x[:2]).reshape(-1, fm.n_params), atol=1e-6, rtol=1e-5
+        )
+
+
+def _spectrum_matrix(n=300, seed=0, dtype=torch.float64):
+    """H = U diag(lambda) U^T with known eigenpairs: a separated top 10, 9, ..., 1 over a bulk in [0, 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.cat(
+        [torch.arange(10, 0, -1, dtype=torch.float64), 0.5 * torch.rand(n - 10, generator=g).double()]
+    )
+    return ((u * lam) @ u.T).to(dtype), lam, u
+
+
+def test_arnoldi_in_float32_finds_known_eigenpairs():
+    h, lam, u = _spectrum_matrix()
+    h32 = h.float()
+    vals, vecs = hs.arnoldi(lambda v: h32 @ v, h.shape[0], n_iters=60, top_p=5)
+    assert vals.dtype == vecs.dtype == torch.float32  # the basis and the result stay float32
+    # measured: eigenvalues to 1e-7 relative, eigenvectors aligned to 1 - 3e-8, orthonormal to 6e-8
+    torch.testing.assert_close(vals.double(), lam[:5], atol=0, rtol=1e-5)
+    align = (vecs.double() @ u[:, :5]).abs().diagonal()
+    assert float((1 - align).abs().max()) < 1e-5
+    gram = vecs.double() @ vecs.double().T
+    torch.testing.assert_close(gram, torch.eye(5, dtype=torch.float64), atol=1e-5, rtol=0)
+    # a Krylov space that becomes invariant stops early with exact eigenpairs
+    d = torch.tensor([3.0, 2.0, 1.0, 0.0, 0.0, 0.0])
+    vals, _ = hs.arnoldi(lambda v: d * v, 6, n_iters=6, top_p=6)
+    torch.testing.assert_close(vals[:3], d[:3], atol=1e-6, rtol=1e-6)
+
+
+def test_arnoldi_refuses_a_basis_over_the_memory_budget():
+    p = 10_000
+    need = hs.arnoldi_bytes(p, 400, 200)
+    assert need == (400 + 200 + 4) * p * 4
+    with pytest.raises(DistdmError, match=r"needs 23\.0 MiB .* lower n_iters and top_p") as err:
+        hs.arnoldi(lambda v: v, p, n_iters=400, top_p=200, memory_budget_bytes=need - 1)
+    assert "memory_budget_bytes" in str(err.value) and "params='last'" in str(err.value)
+    with pytest.raises(DistdmError, match="memory_budget_bytes must be > 0"):
+        hs.arnoldi(lambda v: v, p, memory_budget_bytes=0)
+
+
+def test_arnoldi_on_a_small_budget_chunks_and_gives_the_same_result(monkeypatch):
+    h, _, _ = _spectrum_matrix()
+    h32 = h.float()
+    n = h.shape[0]
+    free = hs.arnoldi(lambda v: h32 @ v, n, n_iters=50, top_p=40)
+    blocks = []
+    matmul = torch.matmul
+
+    def counting(a, b, **kw):
+        if "out" in kw:
+            blocks.append(b.shape[1])
+        return matmul(a, b, **kw)
+
+    monkeypatch.setattr(torch, "matmul", counting)
+    tight = hs.arnoldi(
+        lambda v: h32 @ v, n, n_iters=50, top_p=40, memory_budget_bytes=hs.arnoldi_bytes(n, 50, 40)
+    )
+    assert len(blocks) > 1 and sum(blocks) == n  # the eigenvectors were assembled in column blocks
+    torch.testing.assert_close(tight[0], free[0], atol=0, rtol=0)
+    torch.testing.assert_close(tight[1], free[1], atol=1e-7, rtol=1e-6)
+
+
+_PEAK_SCRIPT = """
+import resource, torch
+from distdm import hessian as hs
+p = {p}
+d = torch.linspace(1.0, 2.0, p)
+hv = lambda v: d * v
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+vals, vecs = hs.arnoldi(hv, p, n_iters={m}, top_p={k})
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_arnoldi_peak_memory_is_its_preallocated_basis():
+    # a fresh process, so that its peak resident memory is the Arnoldi step's; the former basis
+    # (float64 vectors, re-stacked each iteration) took about 4x arnoldi_bytes here
+    import subprocess
+    import sys
+
+    p, m, k = 400_000, 40, 10
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT.format(p=p, m=m, k=k)], capture_output=True, text=True, check=True
+    )
+    grew = int(out.stdout.strip().splitlines()[-1])
+    need = hs.arnoldi_bytes(p, m, k)
+    assert grew < 1.15 * need + 8 * 2**20, (grew, need)

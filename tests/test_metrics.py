@@ -20,6 +20,39 @@ def test_t_interval_matches_hand_computation():
     assert one.mean == 0.5 and np.isnan(one.low)
 
 
+def test_intervals_of_bounded_metrics_stay_in_their_range():
+    # three hits out of four: mean 0.75, sd 0.5, half-width t_{0.975, 3} * 0.5 / 2 = 0.7956
+    hits = [1.0, 1.0, 1.0, 0.0]
+    half = 3.182446305284263 * 0.5 / 2
+    raw = metrics.t_interval(hits)
+    assert raw.low == pytest.approx(0.75 - half) and raw.high == pytest.approx(0.75 + half)  # -0.05, 1.55
+    iv = metrics.t_interval(hits, bounds=metrics.SHARE)
+    assert (iv.mean, iv.low, iv.high, iv.n) == (pytest.approx(0.75), 0.0, 1.0, 4)
+    # an interval inside the range is left as it is
+    inside = metrics.t_interval([0.4, 0.5, 0.6], bounds=metrics.SHARE)
+    assert inside.low == pytest.approx(0.5 - 4.302652729911275 * 0.1 / np.sqrt(3))
+    # top-1 hits as the evaluation table reports them: 3 of 4 queries hit, the bound is 1, not 1.55
+    truth = np.array([[3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 1.0], [1.0, 1.0, 1.0, 2.0], [0.0, 0.0, 0.0, 3.0]])
+    scores = truth.copy()
+    scores[:, 3] = truth[:, 0]  # query 3 picks unit 0, the truth's bottom
+    top = metrics.top1_in_topk(scores, truth, 1)
+    assert (top.mean, top.low, top.high) == (pytest.approx(0.75), 0.0, 1.0)
+    # correlations: per-query Spearman (1, 1, 1, -1): mean 0.5, sd 1, half-width 1.59 -> [-1, 1]
+    sp = metrics.spearman(scores, truth)
+    assert (sp.mean, sp.low, sp.high) == (pytest.approx(0.5), -1.0, 1.0)
+    rho = metrics.t_interval([1.0, 1.0, 1.0, 0.6], bounds=metrics.CORRELATION)
+    assert rho.low == pytest.approx(0.9 - 3.182446305284263 * 0.2 / 2) and rho.high == 1.0
+
+
+def test_paper_dist_intervals_stay_in_the_objectives_range():
+    # dist3 = 1 / (1 + Dist1) lies in [1/3, 1]: values near 1 must not give an upper bound above 1
+    values = {"dist3": np.array([[1.0, 1.0, 0.5]]), "dist1": np.array([[0.0, 0.0, 2.0]])}
+    picks = {"dist3": np.zeros(3, dtype=int), "dist1": np.zeros(3, dtype=int)}
+    out = metrics.paper_dist(picks, values)
+    assert out["dist3"].high == 1.0 and out["dist3"].low == pytest.approx(1 / 3)
+    assert out["dist1_x100"].low == 0.0 and out["dist1_x100"].mean == pytest.approx(200 / 3)
+
+
 def test_spearman_and_pearson_per_query_by_hand():
     scores = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])
     truth = np.array([[1.0, 4.0], [3.0, 3.0], [2.0, 2.0], [4.0, 1.0]])

@@ -34,7 +34,7 @@ def test_predict_is_minus_the_mean_distance_of_member_predictions(tiny_task, que
     np.testing.assert_allclose(m.scores(x, y, "dist1").values, expected, atol=1e-9)
     np.testing.assert_allclose(m.scores(x, y, "margin").values, -expected, atol=1e-9)
     # the most similar cluster by prediction belongs to the predicted class for nearly every query
-    top = m.scores(x, y, "dist1").top(1)[0]
+    top = m.scores(x, y, "dist1").top(1).indices[0]
     pred = p_q.argmax(1).numpy()
     assert (cl.cluster_class[top] == pred).mean() >= 0.9
 
@@ -50,7 +50,7 @@ def test_clustering_is_minus_the_distance_to_the_centroid(tiny_task, queries):
     np.testing.assert_allclose(m.scores(x, y, "dist2").values, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(m.scores(x, y, "dist3").values, -expected, rtol=1e-5, atol=1e-5)
     # nearest centroid in feature space lies in the query's class for most queries
-    top = m.scores(x, y, "dist1").top(1)[0]
+    top = m.scores(x, y, "dist1").top(1).indices[0]
     assert (cl.cluster_class[top] == y.numpy()).mean() >= 0.7
 
 
@@ -59,7 +59,7 @@ def test_clustering_on_inputs_picks_the_cluster_whose_centroid_is_the_query(tiny
     cl = tiny_task.clusters
     xq = torch.stack([tiny_task.data.x_train[cl.members(k)].mean(0) for k in (4, 17)])
     s = m.scores(xq, torch.tensor([0, 0]), "dist1")
-    np.testing.assert_array_equal(s.top(1)[0], [4, 17])
+    np.testing.assert_array_equal(s.top(1).indices[0], [4, 17])
     np.testing.assert_allclose(s.values[[4, 17], [0, 1]], 0.0, atol=1e-5)
 
 

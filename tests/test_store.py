@@ -4,9 +4,12 @@ atomic writes, and no pickle anywhere."""
 from __future__ import annotations
 
 import ast
+import errno
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from distdm.config import ClusterConfig, TrainConfig
 from distdm.data import TensorData
 from distdm.errors import DistdmError
 from distdm.run import Run
-from distdm.store import RunStore, atomic_write_bytes
+from distdm.store import ReadOnlyRunError, RunStore, atomic_write_bytes
 
 
 def _sha_ok(store: RunStore) -> None:
@@ -120,7 +123,7 @@ def test_paths_that_are_not_run_directories(tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("x")
     with pytest.raises(DistdmError, match="not empty and has no manifest.json"):
         RunStore(tmp_path / "busy")
-    with pytest.raises(DistdmError, match="no run directory"):
+    with pytest.raises(DistdmError, match="no such run at .*absent: create it with `distdm train`"):
         RunStore(tmp_path / "absent", create=False)
 
 
@@ -299,3 +302,175 @@ def test_no_pickle_anywhere_in_the_package():
     assert len(files) > 10  # the scan does look at the package
     offenders = [use for path in files for use in _pickle_uses(path)]
     assert not offenders, "pickle-based I/O in the package:\n" + "\n".join(offenders)
+
+
+# two processes, one run: nothing lost -----------------------------------------------------------
+
+WRITER = """
+import sys, time, torch
+from pathlib import Path
+from distdm.store import RunStore
+
+root, tag, n, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+while not go.exists():  # both processes start writing at the same moment
+    time.sleep(0.01)
+store = RunStore(root)
+store.check_config(tag, {"writer": tag})
+for i in range(n):
+    store.save_tensors(f"{tag}/chunk{i}", {"w": torch.full((50,), float(i))})
+    store.mark_done(f"{tag}/chunk{i}", seconds=0.0)
+store.save_json(f"{tag}/summary", {"n": n})
+store.mark_done(tag)
+"""
+
+
+def test_two_processes_writing_one_run_lose_no_manifest_entry(tmp_path):
+    # what a concurrent `distdm distill` and `distdm evaluate` do to one run, many times over
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    root, go, n = tmp_path / "run", tmp_path / "go", 30
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(root), tag, str(n), str(go)], stderr=subprocess.PIPE
+        )
+        for tag in ("distill-default", "evaluation")
+    ]
+    go.touch()
+    errors = [p.communicate(timeout=240)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    store = RunStore(root)
+    m = store.manifest
+    for tag in ("distill-default", "evaluation"):
+        assert m["configs"][tag] == {"writer": tag}
+        assert store.is_done(tag) and all(store.is_done(f"{tag}/chunk{i}") for i in range(n))
+        assert {f"{tag}/chunk{i}.safetensors" for i in range(n)} | {f"{tag}/summary.json"} <= set(
+            m["artifacts"]
+        )
+        assert store.load_tensors(f"{tag}/chunk{n - 1}")["w"][0] == n - 1
+    assert len(m["artifacts"]) == 2 * (n + 1)
+    _sha_ok(store)
+
+
+def test_a_store_sees_what_another_one_recorded(tmp_path):
+    a = RunStore(tmp_path / "run")
+    b = RunStore(tmp_path / "run")
+    a.mark_done("train", seconds=1.0)
+    b.save_json("other", {"x": 1})  # b's change is made on the manifest as a left it, not as b read it
+    assert b.is_done("train") and a.has("other.json")
+    assert RunStore(tmp_path / "run").manifest["stages"]["train"]["seconds"] == 1.0
+
+
+# read-only run directories and the umask ---------------------------------------------------------
+
+
+def _make_read_only(monkeypatch, root: Path) -> None:
+    """chmod the run read-only; as root (whom chmod does not stop) also refuse every write under it
+    the way the kernel would for anyone else: PermissionError from os.open/mkdir/replace/unlink."""
+    for p in [root, *root.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    if os.geteuid() != 0:
+        return
+
+    def inside(path) -> bool:
+        try:
+            return Path(os.fsdecode(path)).resolve().is_relative_to(root.resolve())
+        except (TypeError, ValueError):
+            return False
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+
+    real_open, real_mkdir, real_replace, real_unlink = os.open, os.mkdir, os.replace, os.unlink
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def guarded_open(path, flags, *a, **k):
+        if flags & writing and inside(path):
+            refuse(path)
+        return real_open(path, flags, *a, **k)
+
+    def guarded(real):
+        def call(path, *a, **k):
+            if inside(path):
+                refuse(path)
+            return real(path, *a, **k)
+
+        return call
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(os, "mkdir", guarded(real_mkdir))
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst, **k: refuse(dst) if inside(dst) else real_replace(src, dst, **k)
+    )
+    monkeypatch.setattr(os, "unlink", guarded(real_unlink))
+
+
+@pytest.fixture
+def writable_again(tmp_path):
+    yield
+    for p in [tmp_path, *tmp_path.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def test_a_read_only_run_can_be_read_and_refuses_writes_in_one_line(
+    tmp_path, small, monkeypatch, writable_again
+):
+    r = _run(tmp_path / "r", small)
+    r.train()
+    r.cluster(ClusterConfig(per_class=2, n_init=1))
+    (tmp_path / "r" / ".distdm.lock").unlink()  # as a copy made without it (e.g. cp of the visible files)
+    _make_read_only(monkeypatch, tmp_path / "r")
+
+    opened = Run.open(tmp_path / "r", data=small)  # reading needs no lock file and writes nothing
+    assert opened.clusters().n_clusters == 20 and len(opened.train()) == TC.epochs + 1
+    opened.cluster(ClusterConfig(per_class=2, n_init=1))  # cached: reused without writing
+    for write in (
+        lambda: opened.store.mark_done("x"),
+        lambda: opened.store.save_json("note", {"a": 1}),
+        lambda: opened.store.check_config("distill-default", {"a": 1}),
+        lambda: opened.store.reset("cluster"),
+    ):
+        with pytest.raises(ReadOnlyRunError) as e:
+            write()
+        assert "is read-only" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ReadOnlyRunError, match="parent is read-only"):
+        _run(tmp_path / "r" / "nested", small)
+    assert opened.store.is_done("cluster")  # nothing was lost either
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_files_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        store = RunStore(tmp_path / "run")
+        store.save_tensors("t", {"w": torch.ones(2)})
+        store.save_json("j", {"a": 1})
+        store.save_file("f.txt", b"x")
+        atomic_write_bytes(tmp_path / "plain.bin", b"y")
+    finally:
+        os.umask(old)
+    for name in ("manifest.json", "t.safetensors", "j.json", "f.txt"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == mode, name
+    assert (tmp_path / "plain.bin").stat().st_mode & 0o777 == mode
+
+
+def test_changed_settings_give_the_exact_reset_command(store):
+    store.check_config("train", {"epochs": 2})
+    with pytest.raises(DistdmError) as e:
+        store.check_config("train", {"epochs": 3})
+    assert f"`distdm reset {store.root} train`" in str(e.value)
+    store.check_config("model", {"name": "mlp"})
+    with pytest.raises(DistdmError) as e:
+        store.check_config("model", {"name": "convnet"})
+    assert "use a new run directory" in str(e.value) and "distdm reset" not in str(e.value)
+
+
+def test_discard_removes_only_a_run_this_store_made_and_nothing_finished(tmp_path):
+    made = RunStore(tmp_path / "new")
+    made.save_tensors("model-init", {"w": torch.ones(1)})
+    assert made.discard() and not (tmp_path / "new").exists()
+    with pytest.raises(DistdmError, match="removed after a failed command"):
+        made.mark_done("x")
+    kept = RunStore(tmp_path / "kept")
+    kept.mark_done("train")
+    assert not kept.discard() and (tmp_path / "kept" / "manifest.json").exists()
+    assert not RunStore(tmp_path / "kept").discard()  # opened, not made, here

@@ -81,7 +81,7 @@ runner = CliRunner()
         (["--methods", "nope"], "unknown method 'nope'"),
         (["--random-seeds", "0"], "--random-seeds must be >= 1"),
         (["--student-seeds", "a"], "--student-seeds must be comma-separated integers"),
-        (["--methods", "grad-dot"], "stage first"),  # an untrained run
+        (["--methods", "grad-dot"], "no such run"),  # a run that was never made
     ],
 )
 def test_cli_transfer_rejects_bad_input_in_one_line(tmp_path, args, fragment):

@@ -7,8 +7,11 @@ from .data import TensorData, from_dataset, from_tensors, load_dataset
 from .engine import Schedule, predict, train_variants
 from .errors import DistdmError
 from .models import build_model
-from .scores import SIGN_CONVENTION, Scores
+from .presets import PRESETS, preset
+from .run import Run
+from .scores import SIGN_CONVENTION, Scores, TopUnits
 from .task import Task, train_target
+from .userdata import load_data_file, load_model_spec
 
 __version__ = "0.1.0"
 
@@ -21,9 +24,12 @@ __all__ = [
     "DistdmError",
     "DistillConfig",
     "OnlineConfig",
+    "PRESETS",
+    "Run",
     "Schedule",
     "Scores",
     "Task",
+    "TopUnits",
     "TensorData",
     "TrainConfig",
     "build_model",
@@ -32,10 +38,13 @@ __all__ = [
     "from_tensors",
     "index_order",
     "kmeans_per_class",
+    "load_data_file",
     "load_dataset",
+    "load_model_spec",
     "make_attributor",
     "penultimate_features",
     "predict",
+    "preset",
     "train_target",
     "train_variants",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -49,28 +50,25 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what e
     )
 
 
-def _open(
-    run: Path,
-    dataset: str | None = None,
-    model: str | None = None,
-    *,
-    executor: Any = None,
-    memory_budget_bytes: int | None = None,
-    **train: Any,
-):
-    from .config import TrainConfig
-    from .run import Run, default_train_config
+def _open(run: Path, *, executor: Any = None, memory_budget_bytes: int | None = None) -> Any:
+    """Reopen an existing run with the data, model and settings it records."""
+    from .run import Run
 
-    how = {"executor": executor, "memory_budget_bytes": memory_budget_bytes}
-    if (run / "manifest.json").exists() and dataset is None:
-        return Run.open(run, progress=True, **how)
-    dataset = dataset or "digits"
-    base = default_train_config(dataset).to_dict()
-    base.update({k: v for k, v in train.items() if v is not None})
-    return Run(run, dataset, model or "mlp", train=TrainConfig.from_dict(base), progress=True, **how)
+    if not (run / "manifest.json").exists():
+        if run.exists() and not run.is_dir():
+            raise DistdmError(f"{run} is a file, not a run directory: choose another path")
+        raise DistdmError(f"no such run {run}: create it with `distdm train {run}`")
+    return Run.open(run, progress=True, executor=executor, memory_budget_bytes=memory_budget_bytes)
 
 
-RUN = typer.Argument(..., help="Run directory (created if missing).")
+def _refuse_changed(store: Any, stage: str, config: dict[str, Any]) -> None:
+    """Refuse, before any work, settings that differ from those a finished stage was made with (the
+    message names the `distdm reset` command that forgets the stage)."""
+    if store.is_done(stage) and store.config(stage) is not None:
+        store.check_config(stage, config)  # records nothing: the stage's settings exist
+
+
+RUN = typer.Argument(..., help="Run directory (`distdm train` creates it).")
 TRAINING_METHODS = frozenset({"exact", "further-training", "ddm"})  # methods that retrain or fine-tune
 EXECUTOR = typer.Option(
     "local",
@@ -83,24 +81,21 @@ MEMORY_BUDGET = typer.Option(
 )
 
 
-def _execution(executor: str, address: str | None, memory_budget: float | None) -> dict[str, Any]:
+def _execution(
+    ctx: typer.Context, executor: str, address: str | None, memory_budget: float | None
+) -> dict[str, Any]:
     """Run settings for --executor/--address/--memory-budget; a Ray instance started here is
-    stopped when the command ends. Results do not depend on them."""
-    import math
-
-    import click
-
-    from .executors import get_executor
+    stopped when the command ends (also when it fails). Results do not depend on them."""
+    from . import executors
 
     if memory_budget is not None and not (math.isfinite(memory_budget) and memory_budget > 0):
         raise DistdmError(f"--memory-budget must be a number of megabytes > 0, got {memory_budget}")
-    ex = get_executor(executor, address)
+    ex = executors.get_executor(executor, address)
     if getattr(ex, "in_process", False):
         ex = None  # the engine's own in-process path (with progress bars)
     else:
-        ctx = click.get_current_context(silent=True)
-        if ctx is not None:
-            ctx.call_on_close(ex.shutdown)  # type: ignore[union-attr]
+        # the command's context closes when the command returns or raises, before the process exits
+        ctx.call_on_close(ex.shutdown)  # type: ignore[union-attr]
     budget = None if memory_budget is None else max(1, int(memory_budget * 2**20))
     return {"executor": ex, "memory_budget_bytes": budget}
 
@@ -109,21 +104,75 @@ def _execution(executor: str, address: str | None, memory_budget: float | None) 
 @user_errors
 def train(
     run: Path = RUN,
-    dataset: str = typer.Option("digits", help="Built-in dataset: digits, fashion-mnist."),
-    model: str = typer.Option(
-        "mlp", help="Built-in model: mlp, logreg, convnet, alexnet-in, resnet18-ap, vit."
+    dataset: str = typer.Option(
+        None, help="Built-in dataset: digits (a new run's default), fashion-mnist, diabetes (regression)."
     ),
-    epochs: int = typer.Option(None, help="Epochs (default: the dataset's benchmark setting)."),
+    data: Path = typer.Option(
+        None,
+        help="Your own data instead of --dataset: a .npz, .pt or .safetensors file holding x_train, "
+        "y_train and optionally x_test, y_test.",
+    ),
+    model: str = typer.Option(
+        None,
+        help="Built-in model (mlp (default), logreg, convnet, alexnet-in, resnet18-ap, vit), or your own: "
+        "module:callable or path/to/file.py:callable returning an nn.Module.",
+    ),
+    epochs: int = typer.Option(
+        None, help="Epochs (default: the dataset's benchmark setting; 30 with --data)."
+    ),
     lr: float = typer.Option(None, help="Learning rate of plain SGD."),
     batch_size: int = typer.Option(None, help="Batch size."),
     seed: int = typer.Option(None, help="Seed of initialisation and shuffle order."),
 ) -> None:
-    """Train the target model and record its trajectory (one checkpoint per epoch)."""
-    r = _open(run, dataset, model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    """Train the target model and record its trajectory (one checkpoint per epoch). On an existing run
+    without --dataset/--data/--model: resume with the settings it records."""
+    from .config import TrainConfig
+    from .run import Run, default_train_config
+    from .store import RunStore
+    from .userdata import DATA_SUFFIXES
+
+    if dataset is not None and data is not None:
+        raise DistdmError("--dataset and --data are exclusive: give a built-in dataset or your own file")
+    if data is not None:
+        if data.suffix.lower() not in DATA_SUFFIXES:
+            raise DistdmError(f"--data takes a {', '.join(DATA_SUFFIXES)} file, got {str(data)!r}")
+        if not data.is_file():
+            raise DistdmError(f"--data {str(data)!r}: no such file")
+    overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed).items()
+                 if v is not None}  # fmt: skip
+    base = None  # the run's recorded training settings, if any: options change them one by one
+    if (run / "manifest.json").exists():
+        store = RunStore(run, create=False)
+        base = store.config("train")
+        wanted = None if base is None else TrainConfig.from_dict({**base, **overrides}).to_dict()
+        if wanted is not None:  # a changed setting is refused before data is loaded or a model built
+            _refuse_changed(store, "train", wanted)
+        if not overrides or (wanted is not None and wanted == base):
+            # the recorded data, model and settings; --dataset/--data/--model given again must match them
+            _train_and_report(Run.open(run, data=data or dataset, model=model, progress=True))
+            return
+        if dataset is None and data is None and model is None:
+            raise DistdmError(
+                f"run {run} has no finished training; to train it with other settings give its "
+                f"--dataset or --data and --model again"
+            )
+    source: Path | str = data if data is not None else (dataset or "digits")
+    if base is None:
+        base = (default_train_config(dataset or "digits") if data is None else TrainConfig()).to_dict()
+    cfg = TrainConfig.from_dict({**base, **overrides})
+    _train_and_report(Run(run, source, model or "mlp", train=cfg, progress=True))
+
+
+def _train_and_report(r: Any) -> None:
+    """Train (or reuse) the target model and print its test quality: accuracy, or MSE for regression."""
     r.train()
     info = r.store.stage_info("train")
-    console.print(f"trained {r.model_name} on {r.data.name}: test accuracy {info['accuracy']:.3f} "
-                  f"in {info['seconds']:.1f}s -> {r.path}")  # fmt: skip
+    if "mse" in info or r.data.is_regression:
+        quality = f"test MSE {info.get('mse', info.get('accuracy')):.4g}"
+    else:
+        quality = f"test accuracy {info['accuracy']:.3f}"
+    console.print(f"trained {r.model_name} on {r.data.name}: {quality} in {info['seconds']:.1f}s -> {r.path}",
+                  highlight=False, soft_wrap=True)  # fmt: skip
 
 
 @app.command()
@@ -136,9 +185,13 @@ def cluster(
 ) -> None:
     """Partition the training data into attribution units."""
     from .config import ClusterConfig
+    from .store import RunStore
 
+    cfg = ClusterConfig(per_class=per_class, features=features, kind=kind)
+    if (run / "manifest.json").exists():  # a changed setting is refused before the run is loaded
+        _refuse_changed(RunStore(run, create=False), "cluster", cfg.to_dict())
     r = _open(run)
-    c = r.cluster(ClusterConfig(per_class=per_class, features=features, kind=kind))
+    c = r.cluster(cfg)
     sizes = c.sizes()
     console.print(
         f"{c.n_clusters} clusters, sizes {sizes.min()}..{sizes.max()} (median {int(np.median(sizes))})"
@@ -148,6 +201,7 @@ def cluster(
 @app.command()
 @user_errors
 def distill(
+    ctx: typer.Context,
     run: Path = RUN,
     preset: str = typer.Option("default", help="default (measured best) or paper (literal)."),
     executor: str = EXECUTOR,
@@ -158,7 +212,8 @@ def distill(
     --executor and --memory-budget apply to the fine-tunes on synsets (the forgetting check)."""
     from .figures import bar_png, synset_grid_png
 
-    r = _open(run, **_execution(executor, address, memory_budget))
+    _check_preset(preset)
+    r = _open(run, **_execution(ctx, executor, address, memory_budget))
     syn = r.distill(preset)
     _print_synset(syn)
     png = synset_grid_png(syn, r.data.x_train, r.clusters())
@@ -170,6 +225,14 @@ def distill(
         bar_png(list(cos), list(cos.values()), "matching cosine per layer", "cosine"),
     )
     console.print(f"matching cosines: {path}")
+
+
+def _check_preset(name: str) -> None:
+    """Refuse an unknown DDM preset before any work."""
+    from .presets import PRESETS
+
+    if name not in PRESETS:
+        raise DistdmError(f"unknown preset {name!r}; one of {', '.join(map(repr, PRESETS))}")
 
 
 def _print_synset(syn: Any) -> None:
@@ -190,6 +253,7 @@ def _print_synset(syn: Any) -> None:
 @app.command()
 @user_errors
 def attribute(
+    ctx: typer.Context,
     run: Path = RUN,
     method: str = typer.Option("ddm", help="ddm, exact, grad-dot, if-cg, ... (see `distdm methods`)."),
     preset: str = typer.Option("default", help="DDM preset."),
@@ -209,6 +273,10 @@ def attribute(
     from .objectives import get_objective
 
     get_objective(objective)  # fail before any expensive fitting
+    _check_methods("--method", [method])
+    if method == "ddm":
+        _check_preset(preset)
+    _check_queries(queries)
     if top < 1:
         raise DistdmError(f"--top must be >= 1, got {top}")
     if method not in TRAINING_METHODS and (executor != "local" or address or memory_budget is not None):
@@ -216,23 +284,29 @@ def attribute(
             f"{method} trains no models: --executor, --address and --memory-budget apply to "
             f"{', '.join(sorted(TRAINING_METHODS))}"
         )
-    r = _open(run, **_execution(executor, address, memory_budget))
-    x, y, idx = r.queries(queries, seed)
-    settings = {"preset_name": preset} if method == "ddm" else {}
+    r = _open(run, **_execution(ctx, executor, address, memory_budget))
+    x, y, idx = _queries(r, queries, seed)
+    clusters = r.clusters()
+    if top > clusters.n_clusters:
+        console.print(f"note: --top {top} is more than the run's {clusters.n_clusters} clusters: listing all "
+                      f"{clusters.n_clusters}", highlight=False)  # fmt: skip
+        top = clusters.n_clusters
+    settings = {"preset": preset} if method == "ddm" else {}
     att = r.attributor(method, **settings)
     s = att.scores(x, y, objective)
-    clusters = r.clusters()
     pred = r.task().outputs(x).argmax(-1).numpy()
     t = Table(title=f"{method}: top clusters for '{objective}' (score = change when removed)")
-    for col in ("query", "label", "pred", *[f"#{i + 1} cluster (class, size): score" for i in range(top)]):
-        t.add_column(col)
-    tops = s.top(top)
+    for col in ("query", "label", "pred", "rank", "cluster", "class", "size", "score"):
+        t.add_column(col, justify="left" if col == "query" else "right")
+    tops = s.top(min(top, s.n_units)).indices
     sizes = clusters.sizes()
-    for q in range(len(y)):
-        cells = [f"{k} ({clusters.cluster_class[k]}, {sizes[k]}): {s.values[k, q]:+.3g}" for k in tops[:, q]]
-        t.add_row(str(idx[q]), str(int(y[q])), str(int(pred[q])), *cells)
+    for q in range(len(y)):  # one row per (query, rank): as narrow for --top 50 as for --top 1
+        for rank, k in enumerate(tops[:, q]):
+            head = (str(idx[q]), str(int(y[q])), str(int(pred[q]))) if rank == 0 else ("", "", "")
+            about = (str(rank + 1), str(int(k)), str(int(clusters.cluster_class[k])), str(int(sizes[k])))
+            t.add_row(*head, *about, f"{s.values[k, q]:+.3g}", end_section=rank == len(tops) - 1)
     console.print(t)
-    tag = f"{method}-{objective}-q{queries}s{seed}"
+    tag = f"{method}-{objective}-q{len(y)}s{seed}"
     r.store.save_tensors(
         f"attribution/{tag}", {"scores": torch.as_tensor(s.values), "queries": torch.as_tensor(idx)}
     )
@@ -243,11 +317,43 @@ def attribute(
     console.print(f"online time {s.seconds:.2f}s for {len(y)} queries x {s.n_units} clusters")
 
 
+def _check_queries(n: int) -> None:
+    """Refuse a number of queries below 1 before any work."""
+    if n < 1:
+        raise DistdmError(f"--queries (the number of queries) must be an integer >= 1, got {n}")
+
+
+def _queries(r: Any, n: int, seed: int = 0) -> tuple[Any, Any, np.ndarray]:
+    """The run's n random test queries; says so when the test set holds fewer than n."""
+    x, y, idx = r.queries(n, seed)
+    if len(y) < n:
+        console.print(f"note: --queries {n} is more than the {len(y)} test samples: using all {len(y)}",
+                      highlight=False)  # fmt: skip
+    return x, y, idx
+
+
+def _check_methods(flag: str, specs: list[str]) -> None:
+    """Refuse unknown method names (and presets of ddm:PRESET) before any work."""
+    from .attribution import ATTRIBUTORS
+
+    if not specs:
+        raise DistdmError(f"{flag} must name at least one method, e.g. ddm,grad-dot")
+    for spec in specs:
+        name, _, preset = spec.partition(":")
+        if name not in ATTRIBUTORS:
+            known = ", ".join(sorted(ATTRIBUTORS))
+            raise DistdmError(f"unknown method {name!r} in {flag}; available: {known}")
+        if preset and name != "ddm":
+            raise DistdmError(f"only ddm takes a preset (ddm:paper), got {spec!r} in {flag}")
+        if name == "ddm":
+            _check_preset(preset or "default")
+
+
 def _method(run: Any, spec: str, **settings: Any) -> Any:
     """'ddm' / 'ddm:paper' (a DDM preset) or any registered method name, fitted on the run."""
     name, _, preset_name = spec.partition(":")
     if name == "ddm":
-        return run.attributor("ddm", preset_name=preset_name or "default")
+        return run.attributor("ddm", preset=preset_name or "default")
     if preset_name:
         raise DistdmError(f"only ddm takes a preset (ddm:paper), got {spec!r}")
     return run.attributor(name, **settings)
@@ -286,20 +392,8 @@ def _evaluate_further(
     import tempfile
 
     from .attribution.further import agreement_to_markdown, further_agreement, left_out_units, write_agreement
-    from .objectives import get_objective
 
-    get_objective(objective)  # fail before any expensive fitting
-    if unit not in ("cluster", "sample"):
-        raise DistdmError(f"--unit must be cluster or sample, got {unit!r}")
-    if optimizer not in ("sgd", "adam"):
-        raise DistdmError(f"--optimizer must be sgd or adam, got {optimizer!r}")
-    if min(epochs) < 0:
-        raise DistdmError(f"--epochs must be integers >= 0, got {epochs}")
-    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise DistdmError(f"--seeds must be distinct seeds >= 0, got {seeds}")
-    if unit == "sample" and any(s.partition(":")[0] == "ddm" for s in specs):
-        raise DistdmError("ddm attributes clusters only: leave it out of --methods or use --unit cluster")
-    x, y, _ = r.queries(queries)
+    x, y, _ = _queries(r, queries)
     task = r.task()
     n = task.clusters.n_clusters if unit == "cluster" else task.data.n_train
     left = left_out_units(n, left_out if left_out is not None else (None if unit == "cluster" else 50))
@@ -322,9 +416,103 @@ def _evaluate_further(
     console.print("written: " + ", ".join(str(p) for p in paths), soft_wrap=True)
 
 
+def _check_further(
+    specs: list[str], epochs: list[int], unit: str, optimizer: str, lr: float | None, left_out: int | None,
+    objective: str,
+) -> None:  # fmt: skip
+    """Options of `evaluate --gold further-training`, checked before any work."""
+    from .objectives import get_objective
+
+    get_objective(objective)
+    if unit not in ("cluster", "sample"):
+        raise DistdmError(f"--unit must be cluster or sample, got {unit!r}")
+    if optimizer not in ("sgd", "adam"):
+        raise DistdmError(f"--optimizer must be sgd or adam, got {optimizer!r}")
+    if min(epochs) < 0:
+        raise DistdmError(f"--epochs must be integers >= 0, got {epochs}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise DistdmError(f"--lr must be a finite number > 0, got {lr}")
+    if left_out is not None and left_out < 1:
+        raise DistdmError(f"--left-out must be >= 1, got {left_out}")
+    if unit == "sample" and any(s.partition(":")[0] == "ddm" for s in specs):
+        raise DistdmError("ddm attributes clusters only: leave it out of --methods or use --unit cluster")
+
+
+def _check_seeds(flag: str, seeds: list[int]) -> None:
+    """Distinct seeds >= 0, or a DistdmError naming the flag."""
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise DistdmError(f"{flag} must be distinct seeds >= 0, got {seeds}")
+
+
+def _check_lds_cache(r: Any, lds_subsets: int) -> None:
+    """Refuse, before any fitting, an LDS subset count other than the one this run's LDS retrains used."""
+    job = f"retrain/lds/seed{r.train_config.seed}"
+    stored = r.store.config(job)
+    if lds_subsets and stored is not None and stored.get("variants") != lds_subsets:
+        n = stored.get("variants")
+        raise DistdmError(
+            f"run {r.path} retrained its LDS subsets with --lds-subsets {n}: pass --lds-subsets {n}, or "
+            f"redo them with {lds_subsets}: distdm reset {r.path} {job}"
+        )
+
+
+OUTPUT_FORMATS = ("auto", "table", "markdown", "csv")
+
+
+def _print_evaluation(rows: list[dict[str, Any]], output: str) -> None:
+    """The evaluation table: a rich table on a terminal, plain markdown or CSV (never wrapped) else;
+    then one line per column saying what it measures."""
+    from .evaluate import legend, to_csv, to_markdown
+
+    if output == "csv":
+        sys.stdout.write(to_csv(rows))  # machine-readable: no legend mixed in
+        return
+    if output == "table" or (output == "auto" and console.is_terminal):
+        for table in _evaluation_tables(rows, console.width):
+            console.print(table)
+    else:
+        console.print(to_markdown(rows), markup=False, highlight=False, soft_wrap=True)
+    console.print("\n".join(legend(rows)), markup=False, highlight=False, soft_wrap=not console.is_terminal)
+
+
+def _evaluation_tables(rows: list[dict[str, Any]], width: int) -> list[Table]:
+    """Evaluation rows as rich tables no wider than `width`: as many columns per table as fit, each
+    table repeating the method column, every value on one line and its interval on the next."""
+    from .evaluate import cell, columns
+
+    cols = [c for c in columns(rows) if c != "method"]
+    cells = {c: [cell(r, c, sep="\n") for r in rows] for c in cols}
+
+    def need(name: str, values: list[str]) -> int:  # characters incl. padding and one border
+        return max([len(name), *(len(line) for v in values for line in v.split("\n"))]) + 3
+
+    first = need("method", [str(r["method"]) for r in rows]) + 1
+    groups: list[list[str]] = [[]]
+    used = first
+    for c in cols:
+        if groups[-1] and used + need(c, cells[c]) > width:
+            groups.append([])
+            used = first
+        groups[-1].append(c)
+        used += need(c, cells[c])
+    tables = []
+    for i, group in enumerate(groups):
+        t = Table(
+            title="(continued)" if i else "attribution quality against exact leave-cluster-out retraining"
+        )
+        t.add_column("method", no_wrap=True)
+        for c in group:
+            t.add_column(c, justify="right", no_wrap=True)
+        for j, r in enumerate(rows):
+            t.add_row(str(r["method"]), *[cells[c][j] for c in group])
+        tables.append(t)
+    return tables
+
+
 @app.command()
 @user_errors
 def evaluate(
+    ctx: typer.Context,
     run: Path = RUN,
     methods: str = typer.Option(
         None,
@@ -360,6 +548,9 @@ def evaluate(
         "kaiming,normal,xavier.",
     ),
     compare_method: str = typer.Option("grad-dot", help="Attribution method of --compare."),
+    output: str = typer.Option(
+        "auto", "--format", help="auto (a table on a terminal, markdown otherwise), table, markdown or csv."
+    ),
     executor: str = EXECUTOR,
     address: str = ADDRESS,
     memory_budget: float = MEMORY_BUDGET,
@@ -367,40 +558,50 @@ def evaluate(
     """Compare methods with exact leave-cluster-out retraining (Dist1-3, Spearman, LDS, timings), or
     with the final-model-only further-training gold standard (--gold further-training), or one
     method's attributions across architectures and initialisations (--compare)."""
+    import tempfile
+
     from .evaluate import evaluate as run_evaluation
 
+    # every option is checked before the run is opened and anything is fitted
+    _check_queries(queries)
+    if output not in OUTPUT_FORMATS:
+        raise DistdmError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {output!r}")
     if compare is not None:
+        _check_methods("--compare-method", [compare_method])
         return _evaluate_compare(_open(run), compare, compare_method, queries)
-
     if gold not in ("exact", "further-training"):
         raise DistdmError(f"--gold must be exact or further-training, got {gold!r}")
-    execution = _execution(executor, address, memory_budget)
+    seed_list = _int_list("--seeds", seeds)
+    _check_seeds("--seeds", seed_list)
     if gold == "further-training":
-        specs = [s for s in (methods or FURTHER_METHODS).split(",") if s]
-        seed_list = _int_list("--seeds", seeds)
+        specs = [s.strip() for s in (methods or FURTHER_METHODS).split(",") if s.strip()]
+        _check_methods("--methods", specs)
         epoch_list = _int_list("--epochs", epochs)
+        _check_further(specs, epoch_list, unit, optimizer, lr, left_out, objective)
         return _evaluate_further(
-            _open(run, **execution), specs, queries, seed_list, epochs=epoch_list, unit=unit,
-            optimizer=optimizer, lr=lr, left_out=left_out, objective=objective,
+            _open(run, **_execution(ctx, executor, address, memory_budget)), specs, queries, seed_list,
+            epochs=epoch_list, unit=unit, optimizer=optimizer, lr=lr, left_out=left_out, objective=objective,
         )  # fmt: skip
-    methods = methods or EXACT_METHODS
-    r = _open(run, **execution)
-    x, y, _ = r.queries(queries)
-    fitted = {spec: _method(r, spec) for spec in methods.split(",") if spec}
-    try:
-        seed_list = [int(s) for s in seeds.split(",")]
-    except ValueError:
-        raise DistdmError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    specs = [s.strip() for s in (methods or EXACT_METHODS).split(",") if s.strip()]
+    _check_methods("--methods", specs)
+    if lds_subsets < 0 or lds_subsets == 1:
+        raise DistdmError(f"--lds-subsets must be 0 (no LDS) or >= 2, got {lds_subsets}")
+    r = _open(run, **_execution(ctx, executor, address, memory_budget))
+    _check_lds_cache(r, lds_subsets)
+    x, y, _ = _queries(r, queries)
+    fitted = {spec: _method(r, spec) for spec in specs}
     ev = run_evaluation(
         r.task(), fitted, (x, y), truth_seeds=seed_list, lds_subsets=lds_subsets, progress=True
     )
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         written = ev.save(tmp)
         paths = [r.store.save_file(f"evaluation/{p.name}", p.read_bytes()) for p in written.values()]
-    console.print(ev.to_markdown())
-    console.print("written: " + ", ".join(str(p) for p in paths))
+    _print_evaluation(ev.rows, output)
+    written_to = "written: " + ", ".join(str(p) for p in paths)
+    if output == "csv":
+        err_console.print(written_to, soft_wrap=True, highlight=False)
+    else:
+        console.print(written_to, soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -445,6 +646,7 @@ def methods() -> None:
 @app.command()
 @user_errors
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("runs/demo"), help="Run directory for the demo."),
     queries: int = typer.Option(20, help="Number of test queries."),
     executor: str = EXECUTOR,
@@ -452,14 +654,14 @@ def demo(
     memory_budget: float = MEMORY_BUDGET,
 ) -> None:
     """Every stage on the embedded digits data with defaults, checked against exact retraining."""
-    from scipy.stats import spearmanr
-
+    from . import metrics
     from .config import ClusterConfig
-    from .figures import bar_png, heatmap_png, synset_grid_png
+    from .figures import bar_png, heatmaps_png, synset_grid_png
     from .run import Run
 
+    _check_queries(queries)
     t0 = time.perf_counter()
-    r = Run(out, "digits", "mlp", progress=True, **_execution(executor, address, memory_budget))
+    r = Run(out, "digits", "mlp", progress=True, **_execution(ctx, executor, address, memory_budget))
     timings: dict[str, float] = {}
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
@@ -470,27 +672,27 @@ def demo(
         return res
 
     stage("train", r.train)
-    console.print(f"  target test accuracy {r.store.stage_info('train')['accuracy']:.3f}")
+    console.print(f"  target test accuracy {r.store.stage_info('train')['accuracy']:.3f}", highlight=False)
     clusters = stage("cluster", lambda: r.cluster(ClusterConfig(per_class=10)))
     syn = stage("distill", lambda: r.distill("default"))
     _print_synset(syn)
-    x, y, _ = r.queries(queries)
+    x, y, _ = _queries(r, queries)
     ddm = r.attributor("ddm")
     s = stage("attribute (DDM)", lambda: ddm.scores(x, y, "margin"))
     exact = stage("exact leave-cluster-out retraining", lambda: r.attributor("exact").scores(x, y, "margin"))
-    rho = [spearmanr(s.values[:, q], exact.values[:, q])[0] for q in range(len(y))]
-    within = []
-    for q in range(len(y)):
-        m = clusters.cluster_class == int(y[q])
-        within.append(spearmanr(s.values[m, q], exact.values[m, q])[0])
+    # the same per-query rules as `distdm evaluate`: a constant side counts 0, < 3 clusters is left out
+    rho = metrics.spearman(s, exact)
+    within = metrics.spearman_within_class(s, exact, clusters.cluster_class, y)
     figs = {
-        "heatmap": r.store.save_file(
-            "figures/demo-heatmap.png", heatmap_png(s.values, clusters, y.numpy(), "DDM margin scores")
-        ),
-        "truth": r.store.save_file(
-            "figures/demo-exact.png",
-            heatmap_png(exact.values, clusters, y.numpy(), "exact leave-cluster-out"),
-        ),
+        "heatmaps": r.store.save_file(
+            "figures/demo-heatmaps.png",
+            heatmaps_png(
+                [(s.values, "DDM (default preset)"), (exact.values, "exact leave-cluster-out retraining")],
+                clusters,
+                y.numpy(),
+                title="margin scores on one colour scale",
+            ),
+        ),  # fmt: skip
         "matching": r.store.save_file(
             "figures/demo-matching.png",
             bar_png(
@@ -507,8 +709,9 @@ def demo(
     t = Table(title="DDM (default preset) vs exact leave-cluster-out retraining, margin objective")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    t.add_row("Spearman, all clusters (mean over queries)", f"{np.nanmean(rho):.3f}")
-    t.add_row("Spearman, within the query's class", f"{np.nanmean(within):.3f}")
+    t.caption = f"Spearman: mean over the {len(y)} queries [95% interval], as `distdm evaluate` reports it"
+    t.add_row("Spearman, all clusters", str(rho) if rho.n else "-")
+    t.add_row("Spearman, within the query's class", str(within) if within.n else "- (< 3 clusters per class)")
     t.add_row("DDM online time", f"{s.seconds:.2f}s")
     t.add_row("exact retraining time", f"{timings['exact leave-cluster-out retraining']:.1f}s")
     console.print(t)
@@ -544,6 +747,12 @@ def _ranking_methods(text: str) -> list[str]:
         if name not in ATTRIBUTORS:
             raise DistdmError(f"unknown method {name!r} in --methods; available: {sorted(ATTRIBUTORS)}")
     return specs
+
+
+def _check_share(flag: str, share: float) -> None:
+    """A share strictly between 0 and 1, or a DistdmError naming the flag."""
+    if not 0 < share < 1:
+        raise DistdmError(f"{flag} must lie in (0, 1) (e.g. 0.5 for half), got {share}")
 
 
 def _seed_list(flag: str, text: str) -> list[int | None]:
@@ -597,6 +806,11 @@ def diagnose(
     fr = check_fractions(_float_list("--fractions", fractions) if fractions else default)
     if random_seeds < 1:
         raise DistdmError(f"--random-seeds must be >= 1, got {random_seeds}")
+    _check_share("--validation-fraction", validation_fraction)
+    if not (math.isfinite(noise_norm) and noise_norm > 0):
+        raise DistdmError(f"--noise-norm must be a finite number > 0, got {noise_norm}")
+    if noise_seed < 0:
+        raise DistdmError(f"--noise-seed must be >= 0, got {noise_seed}")
     seeds = _seed_list("--retrain-seeds", retrain_seeds)
     r = _open(run)
     settings = dict(fractions=fr, random_seeds=list(range(random_seeds)), retrain_seeds=seeds,
@@ -659,6 +873,7 @@ def transfer(
     kd_loss(alpha, temperature)
     if random_seeds < 1:
         raise DistdmError(f"--random-seeds must be >= 1, got {random_seeds}")
+    _check_share("--validation-fraction", validation_fraction)
     seeds = _seed_list("--student-seeds", student_seeds)
     r = _open(run)
     fitted = {spec: _method(r, spec) for spec in specs}
@@ -703,8 +918,6 @@ def unlearn(
     """Remove clusters' effect by fine-tuning on their synsets; compare with the original model and
     exact retraining without them (accuracy and margin on removed / kept / test samples). --all:
     accuracy after fine-tuning on the whole synset, reverse vs standard matching (DDM Table 4)."""
-    import math
-
     from .applications.unlearn import (
         forgetting_table,
         parse_clusters,
@@ -804,7 +1017,7 @@ def _evaluate_compare(r: Any, spec: str, method: str, queries: int) -> None:
     variants = parse_variants(spec, r.model_name)
     if method not in ATTRIBUTORS:
         raise DistdmError(f"unknown --compare-method {method!r}; available: {sorted(ATTRIBUTORS)}")
-    x, y, _ = r.queries(queries)
+    x, y, _ = _queries(r, queries)
     clusters = r.clusters()
     kwargs = {r.model_name: r.store.config("model").get("kwargs", {})}
     comp = compare_study(

@@ -23,9 +23,18 @@ class Clusters:
     kind: str = "kmeans"
 
     def __post_init__(self) -> None:
+        # frozen: lists and tensors are converted once here, so every method sees int64 arrays
+        object.__setattr__(self, "assignment", _int_array(self.assignment, "assignment"))
+        object.__setattr__(self, "cluster_class", _int_array(self.cluster_class, "cluster_class"))
+        if not isinstance(self.kind, str):
+            raise DistdmError(f"Clusters kind must be a string, got {type(self.kind).__name__}")
         k = len(self.cluster_class)
         if len(self.assignment) and (self.assignment.min() < 0 or self.assignment.max() >= k):
-            raise DistdmError("cluster assignment refers to a cluster that does not exist")
+            bad = self.assignment[(self.assignment < 0) | (self.assignment >= k)][0]
+            raise DistdmError(
+                f"cluster assignment refers to cluster {int(bad)}, which does not exist "
+                f"(cluster_class lists {k} clusters, ids 0..{k - 1})"
+            )
 
     @property
     def n_clusters(self) -> int:
@@ -49,6 +58,29 @@ class Clusters:
     def keep_weights(self, keep: torch.Tensor) -> torch.Tensor:
         """Sample weights (V, n) from cluster keep masks (V, K): a sample is kept with its cluster."""
         return torch.as_tensor(keep, dtype=torch.float32)[:, torch.as_tensor(self.assignment)]
+
+
+def _int_array(v: object, what: str) -> np.ndarray:
+    """A 1-D int64 array from a list, array or tensor of integers, or a DistdmError."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    try:
+        a = np.asarray(v)
+    except (TypeError, ValueError) as e:
+        raise DistdmError(f"Clusters {what} must be a 1-D array of integers ({e})") from e
+    if a.ndim != 1:
+        raise DistdmError(f"Clusters {what} must be a 1-D array of integers, got shape {a.shape}")
+    if a.size and a.dtype.kind not in "iu":
+        if a.dtype.kind == "f" and np.isfinite(a).all() and (a == np.round(a)).all():
+            return a.astype(np.int64)  # whole numbers stored as floats (e.g. read from a CSV)
+        raise DistdmError(f"Clusters {what} must be integers, got an array of dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def _check_per_class(per_class: object) -> int:
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise DistdmError(f"per_class (clusters per class) must be an integer >= 1, got {per_class!r}")
+    return int(per_class)
 
 
 def penultimate_features(
@@ -86,8 +118,16 @@ def kmeans_per_class(
     """k-means with `per_class` clusters inside each class; cluster ids grouped by class."""
     from sklearn.cluster import KMeans
 
-    f = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
-    y = np.asarray(labels)
+    per_class = _check_per_class(per_class)
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu().numpy()
+    try:
+        f = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    except (TypeError, ValueError) as e:
+        raise DistdmError(f"clustering features must be an (n, d) array of numbers ({e})") from e
+    y = np.asarray(labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
+    if y.ndim != 1 or len(y) != len(f):
+        raise DistdmError(f"{len(f)} feature rows but labels of shape {y.shape}: they must match")
     if not np.isfinite(f).all():
         raise DistdmError("clustering features contain NaN or inf")
     assignment = np.empty(len(y), dtype=np.int64)
@@ -119,6 +159,7 @@ def classwise(labels: torch.Tensor | np.ndarray) -> Clusters:
 
 def index_order(labels: torch.Tensor | np.ndarray, per_class: int) -> Clusters:
     """Per class, consecutive chunks in index order (the paper's 'w/o cluster' ablation)."""
+    per_class = _check_per_class(per_class)
     y = np.asarray(labels)
     assignment = np.empty(len(y), dtype=np.int64)
     cluster_class: list[int] = []

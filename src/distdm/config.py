@@ -153,6 +153,16 @@ class DistillConfig(_Config):
     hessian_rank: int | None = None  # influence target: metric from the top-r eigenpairs (Arnoldi) + damping
     curvature: str = "hessian"  # influence target: hessian | ggn (Gauss-Newton, positive semi-definite)
     hessian_target: str = "metric"  # influence target: metric (A^-1 g / N in the metric A) | solve (CG)
+    # influence target: Arnoldi (hessian_rank) or EK-FAC (curvature 'ekfac') fitted on a fixed random
+    # subsample of this many samples (None: all)
+    hessian_subsample: int | None = None
+    # influence target: adam (inputs and labels by gradient steps, all clusters at once) | closed-form
+    # (labels by least squares for fixed inputs, optionally alternated with input_steps; clusters in
+    # chunks that fit the task's memory budget; the target is always A^-1 g / N, hessian_target unused)
+    solver: str = "adam"
+    input_steps: int = 0  # closed-form: Adam steps on the inputs (lr_img), split between label solves
+    label_solves: int = 1  # closed-form: label solves; input steps run between consecutive solves
+    init: str = "members"  # closed-form: inputs from random cluster members | means of member groups
     seed: int = 0
 
     def validate(self) -> None:
@@ -175,10 +185,18 @@ class DistillConfig(_Config):
         _positive("cg_iterations", self.cg_iterations)
         if self.hessian_batch is not None:
             _positive("hessian_batch", self.hessian_batch)
-        _choice("curvature", self.curvature, ("hessian", "ggn"))
+        _choice("curvature", self.curvature, ("hessian", "ggn", "ekfac"))
         _choice("hessian_target", self.hessian_target, ("metric", "solve"))
         if self.hessian_rank is not None:
             _positive("hessian_rank", self.hessian_rank)
+        if self.hessian_subsample is not None:
+            _positive("hessian_subsample", self.hessian_subsample)
+        _choice("solver", self.solver, ("adam", "closed-form"))
+        _positive("input_steps", self.input_steps, allow_zero=True)
+        _positive("label_solves", self.label_solves)
+        _choice("init", self.init, ("members", "means"))
+        if self.curvature == "ekfac" and self.solver != "closed-form":
+            raise DistdmError("curvature 'ekfac' needs solver='closed-form' (the adam solver uses HVPs)")
 
 
 @dataclasses.dataclass(frozen=True)

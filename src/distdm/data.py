@@ -55,6 +55,19 @@ class TensorData:
         """True when targets are real values (num_classes == 0)."""
         return self.num_classes == 0
 
+    @property
+    def has_test(self) -> bool:
+        """Whether the data has a test split (from_tensors without test= or test_fraction= has none)."""
+        return int(self.y_test.shape[0]) > 0
+
+    def require_test(self, what: str = "this") -> None:
+        """Raise a DistdmError saying how to add a test set, if the data has none."""
+        if not self.has_test:
+            raise DistdmError(
+                f"this data has no test set, which {what} needs: pass test=(x_test, y_test) or "
+                f"test_fraction= to from_tensors (or save x_test and y_test in the data file)"
+            )
+
     def fingerprint(self) -> str:
         """SHA-256 over shapes, dtypes and bytes of all four tensors: identifies the data of a run."""
         h = hashlib.sha256()
@@ -126,14 +139,16 @@ def from_tensors(
     y: torch.Tensor | np.ndarray,
     *,
     test: tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray] | None = None,
-    test_fraction: float = 0.2,
+    test_fraction: float | None = None,
     num_classes: int | None = None,
     regression: bool = False,
     standardize: bool = False,
     seed: int = 0,
     name: str = "custom",
 ) -> TensorData:
-    """Wrap a user's inputs and labels (and optional test split) as a dataset, validating them."""
+    """Wrap a user's inputs and labels as a dataset, validating them. The test split is `test`, or a
+    stratified `test_fraction` of the samples (seed `seed`) if given; with neither, every sample is
+    training data and the dataset has no test set."""
     x_t = _tensor(x, "train inputs").float()
     y_t = _tensor(y, "train labels")
     if regression:
@@ -152,12 +167,21 @@ def from_tensors(
         raise DistdmError(
             f"num_classes must be an integer >= 1 (or pass regression=True), got {num_classes!r}"
         )
-    if test is None:
-        if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+    if test is not None and test_fraction is not None:
+        raise DistdmError("pass test=(x, y) or test_fraction=, not both")
+    if test_fraction is not None:
+        if (
+            isinstance(test_fraction, bool)
+            or not isinstance(test_fraction, (int, float, np.floating))
+            or not 0 < test_fraction < 1
+        ):
             raise DistdmError(f"test_fraction must be in (0, 1), got {test_fraction}")
         _check_xy(x_t, y_t, num_classes, "train")
-        tr, te = _split(y_t, test_fraction, seed, stratify=not regression)
+        tr, te = _split(y_t, float(test_fraction), seed, stratify=not regression)
         x_tr, y_tr, x_te, y_te = x_t[tr], y_t[tr], x_t[te], y_t[te]
+    elif test is None:
+        # no test set unless asked for: moving samples out of training silently changes the model
+        x_tr, y_tr, x_te, y_te = x_t, y_t, x_t[:0], y_t[:0]
     else:
         x_tr, y_tr = x_t, y_t
         if not isinstance(test, (tuple, list)) or len(test) != 2:
@@ -166,7 +190,8 @@ def from_tensors(
         y_te = _tensor(test[1], "test labels")
         y_te = y_te.float() if regression else y_te
     _check_xy(x_tr, y_tr, num_classes, "train")
-    _check_xy(x_te, y_te, num_classes, "test")
+    if test is not None or test_fraction is not None:
+        _check_xy(x_te, y_te, num_classes, "test")
     if x_te.shape[1:] != x_tr.shape[1:]:
         raise DistdmError(f"test inputs have shape {tuple(x_te.shape[1:])}, train {tuple(x_tr.shape[1:])}")
     if not regression:
@@ -219,7 +244,7 @@ def load_digits() -> TensorData:
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
-    return from_tensors(d.data, d.target, standardize=True, seed=0, name="digits")
+    return from_tensors(d.data, d.target, test_fraction=0.2, standardize=True, seed=0, name="digits")
 
 
 def load_diabetes() -> TensorData:
@@ -228,7 +253,9 @@ def load_diabetes() -> TensorData:
 
     d = sk_diabetes()
     y = (d.target - d.target.mean()) / d.target.std()
-    return from_tensors(d.data, y, regression=True, standardize=True, seed=0, name="diabetes")
+    return from_tensors(
+        d.data, y, test_fraction=0.2, regression=True, standardize=True, seed=0, name="diabetes"
+    )
 
 
 def _read_idx(path: Path) -> np.ndarray:

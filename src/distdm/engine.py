@@ -37,7 +37,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .errors import DistdmError
-from .progress import progress_bar
+from .progress import Progress, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ class _ChunkJob:
     loss: str | LossFn
     reduction: str
     record: bool
-    on_epoch: Callable[[], None] | None = None
+    on_epoch: Callable[[int], None] | None = None  # called with the chunk's variant count per epoch
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -434,7 +434,7 @@ def _train_chunk(job: _ChunkJob, chunk: _Chunk, strategy: str) -> TrainResult:
             if trajectory is not None:
                 trajectory.append(snapshot())
             if job.on_epoch is not None:
-                job.on_epoch()
+                job.on_epoch(n_var)
     finally:
         job.model.train(was_training)
     return TrainResult(snapshot(), trajectory)
@@ -545,7 +545,7 @@ def train_variants(
     chunk_size: int | None = None,
     memory_budget_bytes: int | None = None,
     executor: Any = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> TrainResult:
     """Train V variants of `model` at once: variant v weights sample i by weights[v, i] (0 drops it).
 
@@ -556,6 +556,8 @@ def train_variants(
     (default all); memory_budget_bytes instead picks it from `estimate_variant_bytes`. executor: an
     object whose map(fn, chunks) runs the chunks (see distdm.executors; default in-process).
     Results do not depend on strategy, chunking or executor (up to float round-off).
+    progress: False, True (a bar on stderr), a callable (stage, done, total) or an enclosing stage's
+    StageProgress (see distdm.progress), counted in variant-epochs.
     """
     n = x.shape[0]
     if y.shape[0] != n:
@@ -598,7 +600,9 @@ def train_variants(
         _Chunk(weights[sl], select(start, sl), "loop" if auto and sl.stop - sl.start == 1 else strategy)
         for sl in slices
     ]
-    with progress_bar(len(chunks) * schedule.epochs, "training", progress) as bar:
+    # counted in variant-epochs, so that the total does not depend on how the variants are chunked
+    # and an enclosing stage (progress a StageProgress) can add up the work of all its calls
+    with progress_bar(n_var * schedule.epochs, "training", progress) as bar:
         local = executor is None or getattr(executor, "in_process", False)
         job = _ChunkJob(model, x, y, schedule, loss, reduction, record, bar.advance if local else None)
         if executor is None:
@@ -606,7 +610,7 @@ def train_variants(
         else:
             results = list(executor.map(job, chunks))
             if not local:
-                bar.advance(len(chunks) * schedule.epochs)
+                bar.advance(n_var * schedule.epochs)
     if len(results) != len(chunks):
         raise DistdmError(f"the executor returned {len(results)} results for {len(chunks)} chunks")
     return _concat(results)

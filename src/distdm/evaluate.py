@@ -3,7 +3,8 @@
 `evaluate` fits every method, scores the queries for the margin and the paper's Dist objectives,
 and compares with the truth: the paper's Dist protocol, Spearman over all clusters and within the
 query's class, LDS, top-1 in the true top 3, removal curves, the noise ceiling, and offline and
-online seconds. Intervals are 95% Student-t intervals over queries (metrics.t_interval).
+online seconds. Intervals are 95% Student-t intervals over queries (metrics.t_interval), clipped
+to each metric's range; `legend` says what every printed column measures.
 """
 
 from __future__ import annotations
@@ -220,22 +221,73 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+# what each column means, with its range and which way is better (printed once under the table)
+COLUMN_HELP = {
+    "method": "the attribution method; noise-ceiling: exact retraining with the other seeds against "
+    "the first seed (how far any method can agree with a truth that itself varies with the seed)",
+    "dist1_x100": "100 x ||p - p'||^2, the squared change of the query's predicted probabilities after "
+    "retraining without the method's top cluster for objective dist1; 0 to 200, higher = it found "
+    "the cluster that moves the prediction most",
+    "dist2": "cross-entropy (nats) of the true label after retraining without the method's top cluster "
+    "for objective dist2; >= 0, higher = it found what the correct prediction rests on",
+    "dist3": "1 / (1 + ||p - p'||^2) after retraining without the method's top cluster for objective "
+    "dist3; 1/3 to 1, higher = it found a cluster of least influence",
+    "spearman": "per query, rank correlation of the method's margin scores with the exact "
+    "leave-cluster-out effects over all clusters; -1 to 1, higher is better, 0 = no information",
+    "spearman_class": "the same as spearman over the clusters of the query's own class only",
+    "pearson": "per query, linear correlation of the margin scores with the exact effects; -1 to 1",
+    "lds": "linear datamodeling score: per query, rank correlation over random half-subsets of clusters "
+    "between the scores' additive prediction and the margin of a model retrained on each subset; "
+    "-1 to 1, higher is better",
+    "top1_in_top3": "share of queries whose top-scored cluster is among the exact top 3 (objective "
+    "dist1); 0 to 1",
+    "drop_at_K": "mean drop of the query's margin (log-odds of the true class, nats) after retraining "
+    "without the K clusters the method says support it most; higher = it found the support",
+    "offline_s": "seconds of one-off fitting (retraining, distillation; a cached stage counts its "
+    "recorded cost); - where not measured",
+    "online_s": "seconds to score these queries for all four objectives",
+}
+
+
+def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The printed columns of evaluation rows, in table order (drop_at_K after the fixed ones)."""
+    if not rows:
+        return []
+    extra = [k for k in rows[0] if k.startswith("drop_at_")]
+    return [c for c in COLUMNS if any(c in r for r in rows)] + extra
+
+
+def cell(row: Mapping[str, Any], column: str, sep: str = " ") -> str:
+    """One printed value: the mean, then sep and its [lo, hi] interval where it has one."""
+    v, d = row.get(column, float("nan")), DIGITS.get(column, 3)
+    lo = row.get(f"{column}_lo")
+    if lo is not None and not math.isnan(lo):
+        return f"{_fmt(v, d)}{sep}[{_fmt(lo, d)}, {_fmt(row[f'{column}_hi'], d)}]"
+    return _fmt(v, d)
+
+
+def legend(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per printed column saying what it measures, its range and which way is better."""
+    cols = columns(rows)
+    n = sorted({int(r["n_queries"]) for r in rows if "n_queries" in r})
+    queries = f"{n[0]} queries" if len(n) == 1 else "the queries"
+    lines = [f"mean over {queries} [95% Student-t interval, clipped to the metric's range]"]
+    drops = [c for c in cols if c.startswith("drop_at_")]
+    for c in cols:
+        if c in COLUMN_HELP:
+            lines.append(f"{c}: {COLUMN_HELP[c]}")
+    if drops:
+        lines.append(f"{', '.join(drops)}: {COLUMN_HELP['drop_at_K']}")
+    return lines
+
+
 def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """A markdown table of evaluation rows; an interval is shown as mean [lo, hi]."""
-    if not rows:
+    cols = columns(rows)
+    if not cols:
         return ""
-    extra = [k for k in rows[0] if k.startswith("drop_at_")]
-    cols = [c for c in COLUMNS if any(c in r for r in rows)] + extra
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v, d = r.get(c, float("nan")), DIGITS.get(c, 3)
-            if f"{c}_lo" in r and not math.isnan(r[f"{c}_lo"]):
-                cells.append(f"{_fmt(v, d)} [{_fmt(r[f'{c}_lo'], d)}, {_fmt(r[f'{c}_hi'], d)}]")
-            else:
-                cells.append(_fmt(v, d))
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -2,16 +2,17 @@
 protocol, top-1 hits, removal curves and the seed-to-seed noise ceiling.
 
 Every metric is computed per query and summarised by its mean and a 95% Student-t interval over
-queries (`Interval`, method 't': mean +- t_{0.975, n-1} * sd / sqrt(n)). Per-query correlations
-that are undefined because one side is constant count as 0 (no ranking information); queries with
-fewer than 3 units to rank are left out and `Interval.n` says how many remained.
+queries (`Interval`, method 't': mean +- t_{0.975, n-1} * sd / sqrt(n), clipped to the metric's
+range: [-1, 1] for correlations and LDS, [0, 1] for shares, the objectives' ranges for Dist1-3).
+Per-query correlations that are undefined because one side is constant count as 0 (no ranking
+information); queries with fewer than 3 units to rank are left out and `Interval.n` says how many
+remained.
 
 Sign convention (scores.py): score[k, q] = f(without k)(q) - f(all)(q).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,46 +24,14 @@ from .attribution.retrain import objective_values, retrain_masks
 from .clusters import Clusters
 from .engine import predict
 from .errors import DistdmError
+from .intervals import CORRELATION, SHARE, Interval, t_interval
 from .objectives import Objective
 from .scores import Scores
 from .task import Task
 
-CONFIDENCE = 0.95
 MIN_UNITS = 3  # fewest units a per-query rank correlation is computed over
 
 ArrayLike = np.ndarray | Scores
-
-
-@dataclasses.dataclass(frozen=True)
-class Interval:
-    """A mean over queries with a 95% interval; `method` names how the interval was made."""
-
-    mean: float
-    low: float
-    high: float
-    n: int
-    method: str = "t"
-
-    def as_dict(self, name: str) -> dict[str, float]:
-        """Flat columns name, name_lo, name_hi."""
-        return {name: self.mean, f"{name}_lo": self.low, f"{name}_hi": self.high}
-
-    def __str__(self) -> str:
-        return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
-
-
-def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> Interval:
-    """Mean of the finite values with a Student-t confidence interval (NaN bounds if n < 2)."""
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
-    n = len(v)
-    if n == 0:
-        return Interval(float("nan"), float("nan"), float("nan"), 0)
-    mean = float(v.mean())
-    if n < 2:
-        return Interval(mean, float("nan"), float("nan"), 1)
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(ddof=1) / np.sqrt(n))
-    return Interval(mean, mean - half, mean + half, n)
 
 
 def _values(s: ArrayLike, clusters: Clusters | None = None) -> np.ndarray:
@@ -127,14 +96,14 @@ def pearson_per_query(
 
 def spearman(scores: ArrayLike, truth: ArrayLike) -> Interval:
     """Mean per-query Spearman correlation over all units, with a 95% t-interval."""
-    return t_interval(spearman_per_query(scores, truth))
+    return t_interval(spearman_per_query(scores, truth), bounds=CORRELATION)
 
 
 def spearman_within_class(
     scores: ArrayLike, truth: ArrayLike, cluster_class: np.ndarray, y: np.ndarray | torch.Tensor
 ) -> Interval:
     """Mean per-query Spearman over the clusters of the query's class, with a 95% t-interval."""
-    return t_interval(spearman_per_query(scores, truth, cluster_class, y))
+    return t_interval(spearman_per_query(scores, truth, cluster_class, y), bounds=CORRELATION)
 
 
 def top1_in_topk(scores: ArrayLike, truth: ArrayLike, k: int = 3, *, largest: bool = True) -> Interval:
@@ -144,7 +113,7 @@ def top1_in_topk(scores: ArrayLike, truth: ArrayLike, k: int = 3, *, largest: bo
     sign = -1.0 if largest else 1.0
     top = np.argsort(sign * a, axis=0, kind="stable")[0]
     true_top = np.argsort(sign * b, axis=0, kind="stable")[:k]
-    return t_interval((true_top == top[None, :]).any(0).astype(np.float64))
+    return t_interval((true_top == top[None, :]).any(0).astype(np.float64), bounds=SHARE)
 
 
 # LDS -------------------------------------------------------------------------------------------
@@ -190,7 +159,8 @@ def lds(scores: ArrayLike, keep: np.ndarray, actual: np.ndarray) -> Interval:
     actual = np.asarray(actual, dtype=np.float64)
     if actual.shape != pred.shape:
         raise DistdmError(f"actual outputs must be (subsets, queries) = {pred.shape}, got {actual.shape}")
-    return t_interval([_corr(pred[:, q], actual[:, q], stats.spearmanr) for q in range(pred.shape[1])])
+    per_query = [_corr(pred[:, q], actual[:, q], stats.spearmanr) for q in range(pred.shape[1])]
+    return t_interval(per_query, bounds=CORRELATION)
 
 
 def retrained_values(
@@ -215,6 +185,8 @@ def retrained_values(
 # The paper's protocol ----------------------------------------------------------------------------
 
 PAPER_OBJECTIVES = ("dist1", "dist2", "dist3")
+# ||p - p'||^2 of two probability vectors lies in [0, 2], so 1 / (1 + it) in [1/3, 1]; CE is >= 0
+PAPER_RANGES = {"dist1": (0.0, 2.0), "dist2": (0.0, float("inf")), "dist3": (1.0 / 3.0, 1.0)}
 
 
 def paper_dist(
@@ -230,7 +202,10 @@ def paper_dist(
         vals = np.asarray(removed_values[obj], dtype=np.float64)
         top = np.asarray(picks[obj], dtype=np.int64)
         got = vals[top, np.arange(vals.shape[1])]
-        out["dist1_x100" if obj == "dist1" else obj] = t_interval(got * (100.0 if obj == "dist1" else 1.0))
+        scale = 100.0 if obj == "dist1" else 1.0
+        lo, hi = PAPER_RANGES[obj]
+        name = "dist1_x100" if obj == "dist1" else obj
+        out[name] = t_interval(got * scale, bounds=(lo * scale, hi * scale))
     return out
 
 
@@ -282,7 +257,7 @@ def removal_curve(
     for i in range(len(ks)):
         pred = out[rows[i], q_idx].argmax(-1).numpy()
         drop.append(t_interval(margins[full] - margins[rows[i], q_idx]))
-        flipped.append(t_interval((pred != base_pred).astype(np.float64)))
+        flipped.append(t_interval((pred != base_pred).astype(np.float64), bounds=SHARE))
     return {"ks": list(ks), "drop": drop, "flipped": flipped}
 
 
@@ -306,10 +281,10 @@ def compare(
         raise DistdmError(f"scores have {a.shape[0]} units but there are {len(cc)} clusters")
     y = np.asarray(y)
     return {
-        "spearman": t_interval(spearman_per_query(a, b)),
-        "spearman_class": t_interval(spearman_per_query(a, b, cc, y)),
-        "pearson": t_interval(pearson_per_query(a, b)),
-        "pearson_class": t_interval(pearson_per_query(a, b, cc, y)),
+        "spearman": t_interval(spearman_per_query(a, b), bounds=CORRELATION),
+        "spearman_class": t_interval(spearman_per_query(a, b, cc, y), bounds=CORRELATION),
+        "pearson": t_interval(pearson_per_query(a, b), bounds=CORRELATION),
+        "pearson_class": t_interval(pearson_per_query(a, b, cc, y), bounds=CORRELATION),
         f"top1_in_top{top_k}": top1_in_topk(a, b, top_k),
     }
 

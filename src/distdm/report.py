@@ -47,7 +47,8 @@ header h1 { margin: 0 0 4px 0; font-size: 1.6em; }
 header p { margin: 0; opacity: 0.85; }
 nav { background: #e8edf3; padding: 8px 32px; position: sticky; top: 0; z-index: 1;
       border-bottom: 1px solid #cfd8e3; }
-nav a { margin-right: 14px; color: #1f3a5f; text-decoration: none; font-weight: 600; }
+nav a { margin-right: 14px; color: #1f3a5f; text-decoration: none; font-weight: 600;
+        white-space: nowrap; display: inline-block; }
 main { padding: 8px 32px 40px 32px; max-width: 1200px; }
 section { background: white; border: 1px solid #e0e0e0; border-radius: 6px; padding: 6px 20px 16px;
           margin: 18px 0; }
@@ -64,10 +65,41 @@ img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 6px 0; }
 .note { color: #555; font-size: 0.9em; }
 code { background: #f3f3f3; padding: 0 3px; border-radius: 3px; }
 .scroll { overflow-x: auto; max-width: 100%; }
+table.wide { font-size: 0.78em; }
+table.wide th, table.wide td { padding: 2px 5px; }
+th { white-space: normal; }
+.ci { color: #666; font-size: 0.85em; white-space: nowrap; }
+.source { color: #777; font-size: 0.8em; margin-top: 0; }
+.lead { color: #333; }
 .cards { display: flex; flex-wrap: wrap; gap: 6px 22px; align-items: flex-start; }
 .card h3 { margin: 8px 0 0 0; }
 summary { cursor: pointer; color: #1f3a5f; font-weight: 600; margin: 8px 0; }
 """
+
+# the applications' outputs (RUN/applications/<dir>/...): section id, title, short name for the
+# navigation bar, what the application asks, and the command that computes it
+APPLICATIONS = (
+    ("diagnose", "Which data hurt accuracy (diagnose)", "Diagnose",
+     "Clusters ranked by how much they raise the validation loss; the highest-ranked share of the "
+     "training data is removed, the model retrained, and its test accuracy compared with removing the "
+     "same share at random (DDM Table 3).", "distdm diagnose RUN"),
+    ("noise", "Noisy data detection", "Noise",
+     "A copy of the training set with Gaussian noise or flipped labels on some samples: does the ranking "
+     "find the corrupted samples, and does removing them restore accuracy? (DDM Table 6)",
+     "distdm diagnose RUN --inject-noise 0.2</code> or <code>--flip-labels 0.2"),
+    ("transfer", "Knowledge transfer", "Transfer",
+     "The data the teacher (the target model) rests on least is deleted, and a student is trained on "
+     "the rest with cross-entropy plus a KL term to the teacher, against random deletion (DDM Table 7).",
+     "distdm transfer RUN"),
+    ("unlearn", "Unlearning", "Unlearning",
+     "Removing the effect of clusters by fine-tuning on their synthetic samples, compared with the "
+     "original model and with exact retraining without them (DDM Table 4).",
+     "distdm unlearn RUN --all</code> or <code>distdm unlearn RUN --clusters 3,17"),
+    ("privacy", "Privacy of the synsets", "Privacy",
+     "How close the synthetic samples are to real training images, and whether they reveal which "
+     "images were trained on (membership-inference AUC; 0.5 means nothing is revealed).",
+     "distdm privacy RUN"),
+)  # fmt: skip
 
 SECTIONS = (
     ("overview", "Overview"),
@@ -77,7 +109,9 @@ SECTIONS = (
     ("distillation", "Distillation"),
     ("attribution", "Attribution"),
     ("evaluation", "Evaluation"),
+    *((sid, title) for sid, title, *_ in APPLICATIONS),
 )
+NAV = {sid: short for sid, _, short, *_ in APPLICATIONS}  # the long titles would not fit the bar
 
 
 # small HTML helpers ---------------------------------------------------------------------------
@@ -109,19 +143,40 @@ def _fmt(v: object) -> str:
     return _e(v)
 
 
+WIDE_COLUMNS = 7  # tables with more columns get a smaller font, so that they fit the page
+_NUMBER = re.compile(r"^([-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?%?|-)$", re.I)  # '-': a missing value
+# a value with its interval or spread ("0.42 [0.30, 0.50]", "97.1 ± 0.3 (10.0%)"): the second part
+# goes on its own line, which halves the width of an evaluation table
+_SPREAD = re.compile(r"^(\S+) ((?:\[[^\]]*\]|± \S+)(?: \([^)]*\))?)$")
+
+
+def _head(h: object) -> str:
+    # let long snake_case column names break after an underscore instead of widening the table
+    return _e(h).replace("_", "_<wbr>").replace("/", "/<wbr>")
+
+
+def _cell(v: object, raw: bool, numeric: bool) -> str:
+    if raw and isinstance(v, str):
+        return f"<td>{v}</td>"
+    if isinstance(v, str):
+        m = _SPREAD.match(v.strip())
+        if m and _NUMBER.match(m.group(1)):
+            return f'<td class="num">{_e(m.group(1))}<br><span class="ci">{_e(m.group(2))}</span></td>'
+        if numeric and _NUMBER.match(v.strip()):
+            return f'<td class="num">{_e(v)}</td>'
+        return f"<td>{_e(v)}</td>"
+    num = numeric and isinstance(v, (int, float)) and not isinstance(v, bool)
+    return f'<td class="num">{_fmt(v)}</td>' if num else f"<td>{_fmt(v)}</td>"
+
+
 def _table(
     header: list[str] | None, rows: list[list[object]], raw: bool = False, numeric: bool = True
 ) -> str:
-    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
-    body = []
-    for r in rows:
-        cells = []
-        for v in r:
-            num = numeric and isinstance(v, (int, float)) and not isinstance(v, bool)
-            text = v if raw and isinstance(v, str) else _fmt(v)
-            cells.append(f'<td class="num">{text}</td>' if num else f"<td>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<div class="scroll"><table>{head}{"".join(body)}</table></div>'
+    head = "<tr>" + "".join(f"<th>{_head(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = ["<tr>" + "".join(_cell(v, raw, numeric) for v in r) + "</tr>" for r in rows]
+    width = max([len(header or [])] + [len(r) for r in rows])
+    cls = ' class="wide"' if width > WIDE_COLUMNS else ""
+    return f'<div class="scroll"><table{cls}>{head}{"".join(body)}</table></div>'
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -230,9 +285,12 @@ def _overview(run: Run) -> str:
     out = _table(None, rows, numeric=False)
     info = run.store.stage_info("train")
     if info.get("done"):
-        acc = info.get("accuracy")
-        what = "test accuracy" if not d.is_regression else "test mean squared error"
-        out += f"<p>Target model {what}: <b>{_fmt(acc)}</b> after {run.train_config.epochs} epochs.</p>"
+        key, what = ("mse", "test mean squared error") if d.is_regression else ("accuracy", "test accuracy")
+        if key in info:
+            epochs = run.train_config.epochs
+            out += f"<p>Target model {what}: <b>{_fmt(info[key])}</b> after {epochs} epochs.</p>"
+        else:
+            out += f"<p>Target model trained for {run.train_config.epochs} epochs (no test set).</p>"
     else:
         out += _missing("The target model", "Run <code>distdm train RUN</code>.")
     return out
@@ -508,8 +566,11 @@ def markdown_to_html(text: str) -> str:
             table.append(line)
             continue
         flush()
-        if line.strip():
-            out.append(f"<p>{_e(line.strip().lstrip('#').strip())}</p>")
+        text = line.strip()
+        if text.startswith("#"):
+            out.append(f"<h4>{_e(text.lstrip('#').strip())}</h4>")
+        elif text:
+            out.append(f"<p>{_e(text)}</p>")
     flush()
     return "".join(out)
 
@@ -528,7 +589,9 @@ def _evaluation(run: Run, skip: set[str], report: Path) -> str:
         if p.is_file() and p.suffix in (".md", ".csv", ".png") and not p.name.startswith(".")
         and p.resolve() != report.resolve()
     )  # fmt: skip
-    regenerated = re.compile(r"^figures/(synset|matching)-")
+    # the applications' sections show their own outputs; corrupted/<tag> holds the noise
+    # application's corrupted copies of the run, whose results it reports itself
+    regenerated = re.compile(r"^figures/(synset|matching)-|^corrupted/|^applications/(" + _APP_DIRS + r")/")
     stems_with_md = {p.with_suffix("") for p in files if p.suffix == ".md"}
     out = []
     for p in files:
@@ -541,12 +604,7 @@ def _evaluation(run: Run, skip: set[str], report: Path) -> str:
             continue
 
         def one(p: Path = p, rel: str = rel) -> str:
-            if rel in artifacts:
-                data = run.store.load_bytes(rel)
-                note = ""
-            else:
-                data = p.read_bytes()
-                note = ' <span class="note">(not recorded in the manifest: no checksum)</span>'
+            data, note = _read(run, p, rel, artifacts)
             head = f"<h3>{_e(rel)}{note}</h3>"
             if p.suffix == ".png":
                 return head + _img(data, rel)
@@ -561,6 +619,145 @@ def _evaluation(run: Run, skip: set[str], report: Path) -> str:
             "<code>distdm.evaluate.evaluate(...).save(RUN / 'evaluation')</code>.",
         )
     return "".join(out)
+
+
+def _read(run: Run, p: Path, rel: str, artifacts: dict[str, Any]) -> tuple[bytes, str]:
+    """A file's bytes (checked against the manifest when recorded there) and a note when it is not."""
+    if rel in artifacts:
+        return run.store.load_bytes(rel), ""
+    return p.read_bytes(), ' <span class="note">(not recorded in the manifest: no checksum)</span>'
+
+
+# applications: one section each, with a caption per known output file -------------------------
+
+_APP_DIRS = r"diagnose|diagnose-[^/]+|transfer|unlearn|privacy"
+_CORRUPTION = re.compile(r"^(noise|labels)([0-9.e-]+)(?:-norm([0-9.e-]+))?-seed(\d+)$")
+
+
+def _corruption_title(tag: str) -> str:
+    """'noise0.2-norm0.1-seed0' -> 'Gaussian noise of norm 0.1 on 20% of the training samples (seed 0)'."""
+    m = _CORRUPTION.match(tag)
+    if not m:
+        return tag
+    kind, frac, norm, seed = m.groups()
+    what = f"Gaussian noise of norm {norm}" if kind == "noise" else "Flipped labels"
+    try:
+        share = f"{100 * float(frac):g}%"
+    except ValueError:
+        share = frac
+    return f"{what} on {share} of the training samples (seed {seed})"
+
+
+def _caption(name: str) -> str:
+    """A heading for one application output file, from its name."""
+    stem = name.rsplit(".", 1)[0]
+    fixed = {
+        "diagnose.md": "Test accuracy and validation loss after removing the highest-ranked data",
+        "diagnose-curve.png": "Test accuracy against the share of training data removed",
+        "diagnose.json": "Most harmful clusters",
+        "report.md": "Accuracy after removing ranked data, and detection of the corrupted samples",
+        "transfer.md": "Student test accuracy after deleting data",
+        "transfer-curve.png": "Student test accuracy against the share of training data deleted",
+        "forgetting.md": "Test accuracy after fine-tuning on the whole synset (forgetting everything)",
+        "metrics.json": "Nearest real training image of each synthetic sample; membership inference",
+        "nearest-real.png": "Synthetic samples beside their nearest real training images",
+    }
+    if name in fixed:
+        return fixed[name]
+    m = re.match(r"^diagnose-flagged-(.+)\.png$", name)
+    if m:
+        return f"Members of the most harmful clusters by {m.group(1)}"
+    m = re.match(r"^clusters-([0-9-]+)-(.+)\.md$", name)
+    if m:
+        ids = ", ".join(m.group(1).split("-"))
+        return (
+            f"Removing cluster{'s' if ',' in ids else ''} {ids} by fine-tuning on the '{m.group(2)}' synset"
+        )
+    return stem.replace("-", " ").replace("_", " ")
+
+
+def _records_table(records: list[dict[str, Any]]) -> str:
+    cols: list[str] = []
+    for r in records:
+        cols += [k for k in r if k not in cols]
+    return _table(cols, [[r.get(c, "") for c in cols] for r in records])
+
+
+def _json_body(name: str, data: bytes) -> str | None:
+    """The readable part of an application's JSON output (None: nothing worth showing)."""
+    try:
+        obj = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise DistdmError(f"not valid JSON ({e})") from None
+    if name == "diagnose.json" and isinstance(obj, dict) and isinstance(obj.get("rankings"), dict):
+        parts = []
+        for method, ranking in obj["rankings"].items():
+            if isinstance(ranking, list) and ranking and isinstance(ranking[0], dict):
+                parts.append(
+                    f"<p>By {_e(method)}, the 10 clusters whose removal lowers the validation loss most:</p>"
+                )
+                parts.append(_records_table(ranking[:10]))
+        return "".join(parts) or None
+    if isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
+        return _records_table(obj)
+    return None
+
+
+def _app_files(run: Run, folder: Path, report: Path, level: str = "h3") -> str:
+    """Every readable output in one application folder, under a caption instead of its path."""
+    root = run.store.root
+    artifacts = run.store.manifest["artifacts"]
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    names = {p.name for p in files}
+    order = {".md": 0, ".json": 1, ".png": 2, ".csv": 3}
+    out = []
+    for p in sorted(files, key=lambda p: (order.get(p.suffix, 9), p.name)):
+        rel = p.relative_to(root).as_posix()
+        if p.suffix not in order or p.resolve() == report.resolve():
+            continue
+        if p.suffix == ".csv" and (p.with_suffix(".md").name in names or "report.md" in names):
+            continue  # the markdown twin (or the noise report) shows the same table
+        if p.name == "diagnose.md" and "report.md" in names:
+            continue  # the noise report includes the diagnosis tables
+
+        def one(p: Path = p, rel: str = rel) -> str:
+            data, note = _read(run, p, rel, artifacts)
+            if p.suffix == ".json":
+                body = _json_body(p.name, data)
+                if body is None:
+                    return ""
+            elif p.suffix == ".png":
+                body = _img(data, _caption(p.name))
+            else:
+                text = data.decode("utf-8", errors="replace")
+                body = markdown_to_html(text) if p.suffix == ".md" else csv_to_html(text)
+            return (
+                f"<{level}>{_e(_caption(p.name))}</{level}>{body}"
+                f'<p class="source">from <code>{_e(rel)}</code>{note}</p>'
+            )
+
+        out.append(_guard(_caption(p.name), one))
+    return "".join(out)
+
+
+def _application(run: Run, sid: str, report: Path) -> str:
+    """The section of one application: what it asks, then its outputs, or how to compute them."""
+    _, title, _, lead, command = next(a for a in APPLICATIONS if a[0] == sid)
+    apps = run.store.root / "applications"
+    if sid == "noise":
+        folders = sorted(p for p in apps.glob("diagnose-*") if p.is_dir())
+    else:
+        folders = [p for p in [apps / sid] if p.is_dir()]
+    bodies = []
+    for folder in folders:
+        body = _app_files(run, folder, report, "h4" if sid == "noise" else "h3")
+        if body and sid == "noise":
+            tag = folder.name[len("diagnose-") :]
+            body = f'<h3 class="corruption">{_e(_corruption_title(tag))}</h3>{body}'
+        bodies.append(body)
+    if not any(bodies):
+        return f'<p class="lead">{_e(lead)}</p>' + _missing(title, f"Run <code>{command}</code>.")
+    return f'<p class="lead">{_e(lead)}</p>' + "".join(bodies)
 
 
 # the report ----------------------------------------------------------------------------------
@@ -579,7 +776,9 @@ def render_report(run: Run, report_path: Path | None = None) -> str:
         "attribution": attribution,
         "evaluation": _guard("evaluation", lambda: _evaluation(run, shown, report_path)),
     }
-    nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS)
+    for sid, *_ in APPLICATIONS:
+        bodies[sid] = _guard(sid, lambda sid=sid: _application(run, sid, report_path))
+    nav = "".join(f'<a href="#{sid}">{_e(NAV.get(sid, title))}</a>' for sid, title in SECTIONS)
     sections = "".join(
         f'<section id="{sid}"><h2>{_e(title)}</h2>{bodies[sid]}</section>' for sid, title in SECTIONS
     )

@@ -11,9 +11,11 @@ raises a DistdmError that says what differs.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,17 +23,18 @@ import torch
 from torch import nn
 
 from .attribution import make_attributor
-from .attribution.base import Attributor
+from .attribution.base import Attributor, accepts
 from .clusters import Clusters, make_clusters, penultimate_features
 from .config import ClusterConfig, DistillConfig, TrainConfig
 from .data import TensorData, load_dataset
 from .engine import Schedule, State, model_state
 from .errors import DistdmError
-from .models import build_model
+from .models import MODELS, build_model
 from .presets import preset
-from .store import RunStore
+from .store import ReadOnlyRunError, RunStore, settings_diff
 from .synset import Synset
-from .task import Task, check_memory_budget, check_model, train_target
+from .task import Task, check_memory_budget, check_model, check_training_data, train_target
+from .userdata import is_data_path, load_data_file, load_model_spec, normalise_spec
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,9 @@ def default_train_config(data_name: str) -> TrainConfig:
     return TrainConfig()
 
 
+INIT_ARTIFACT = "model-init.safetensors"  # theta_0, recorded when the run is made
+
+
 def _state_hash(state: State) -> str:
     h = hashlib.sha256()
     for k in sorted(state):
@@ -57,16 +63,84 @@ def _state_hash(state: State) -> str:
     return h.hexdigest()[:16]
 
 
+def _resolve_data(
+    data: TensorData | str | os.PathLike, data_kwargs: dict[str, Any] | None
+) -> tuple[TensorData, dict[str, Any] | None]:
+    """The dataset and what the run records about where it came from (None: in-memory tensors)."""
+    if isinstance(data, TensorData):
+        if data_kwargs:
+            raise DistdmError("data_kwargs apply to built-in datasets only, not to a TensorData")
+        return data, None
+    if is_data_path(data):
+        if data_kwargs:
+            raise DistdmError("data_kwargs apply to built-in datasets only, not to a data file")
+        path = Path(data).expanduser().resolve()
+        return load_data_file(path), {"file": str(path)}
+    assert isinstance(data, str)
+    return load_dataset(data, **(data_kwargs or {})), {"dataset": data, "kwargs": data_kwargs or {}}
+
+
+def _resolve_model(
+    model: nn.Module | str, data: TensorData, model_kwargs: dict[str, Any] | None, seed: int
+) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The module, its display name, and the settings the run records about it."""
+    if isinstance(model, nn.Module):
+        if model_kwargs:
+            raise DistdmError("model_kwargs apply to built-in models and model specs, not to an nn.Module")
+        return model, type(model).__name__, {"name": type(model).__name__, "spec": None, "kwargs": {}}
+    if ":" in model:
+        spec = normalise_spec(model)
+        m = load_model_spec(spec, data, seed=seed, model_kwargs=model_kwargs)
+        return m, model, {"name": type(m).__name__, "spec": spec, "kwargs": model_kwargs or {}}
+    if model not in MODELS:
+        raise DistdmError(
+            f"unknown model {model!r}; built-in: {sorted(MODELS)}; or your own as package.module:callable "
+            f"or path/to/file.py:callable"
+        )
+    n_out = data.num_classes if data.num_classes > 0 else 1
+    m = build_model(model, data.input_shape, n_out, seed=seed, **(model_kwargs or {}))
+    return m, model, {"name": model, "spec": None, "kwargs": model_kwargs or {}}
+
+
+def _without_init(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k != "init"}
+
+
+def _architecture_diff(stored: State, now: State) -> list[str]:
+    """How two states differ in parameter names, shapes and dtypes (at most a few lines)."""
+    out = [f"parameter {k} missing" for k in sorted(set(stored) - set(now))]
+    out += [f"parameter {k} is new" for k in sorted(set(now) - set(stored))]
+    for k in sorted(set(stored) & set(now)):
+        if tuple(stored[k].shape) != tuple(now[k].shape):
+            out.append(f"{k}: shape stored {tuple(stored[k].shape)}, now {tuple(now[k].shape)}")
+        elif stored[k].dtype != now[k].dtype:
+            out.append(f"{k}: dtype stored {stored[k].dtype}, now {now[k].dtype}")
+    return out[:6] + ([f"and {len(out) - 6} more"] if len(out) > 6 else [])
+
+
 class Run:
     """A run directory holding one target model's trajectory, clusters, synsets and results.
 
+    data: a built-in dataset name, a TensorData, or a data file (.npz, .pt, .safetensors holding
+    x_train, y_train[, x_test, y_test]; see distdm.userdata); the run records a file's absolute path
+    and the data's fingerprint, so `Run.open` reloads it and refuses it if its contents changed.
+    model: a built-in model name, an nn.Module, or a spec 'package.module:callable' or
+    'path/to/file.py:callable' whose callable returns an nn.Module (see distdm.userdata).
+
+    theta_0 rule: the run records the model's initial state (artifact model-init.safetensors) when it
+    is made. Reopening it with a freshly constructed module of the same architecture (same parameter
+    names, shapes and dtypes) loads that recorded theta_0 into the module, so a script that builds
+    `MyNet()` anew on every run resumes instead of being refused for its new random initialisation;
+    a module of another architecture is refused, saying what differs.
+
     executor (distdm.executors, e.g. get_executor("ray"); None: in-process) and memory_budget_bytes
-    set how its retrains, further training and DDM fine-tunes run; results do not depend on them."""
+    set how its retrains, further training and DDM fine-tunes run; results do not depend on them.
+    If making a new run directory fails, or its first training fails, the directory is removed."""
 
     def __init__(
         self,
         path: str | os.PathLike,
-        data: TensorData | str = "digits",
+        data: TensorData | str | os.PathLike = "digits",
         model: nn.Module | str = "mlp",
         *,
         train: TrainConfig | None = None,
@@ -77,80 +151,151 @@ class Run:
         memory_budget_bytes: int | None = None,
     ):
         check_memory_budget(memory_budget_bytes)
-        if not isinstance(data, (str, TensorData)):
+        if not isinstance(data, (str, TensorData, os.PathLike)):
             raise DistdmError(
                 f"data must be a built-in dataset name or a TensorData (distdm.from_tensors / from_dataset), "
-                f"got {type(data).__name__}"
+                f"or a .npz/.pt/.safetensors file, got {type(data).__name__}"
             )
         if not isinstance(model, (str, nn.Module)):
             raise DistdmError(
-                f"model must be a built-in model name or an nn.Module, got {type(model).__name__}"
+                f"model must be a built-in model name or an nn.Module, or a spec package.module:callable, "
+                f"got {type(model).__name__}"
             )
         if train is not None and not isinstance(train, TrainConfig):
             raise DistdmError(f"train must be a TrainConfig, got {type(train).__name__}")
-        source = {"dataset": data, "kwargs": data_kwargs or {}} if isinstance(data, str) else None
-        self.data = load_dataset(data, **(data_kwargs or {})) if isinstance(data, str) else data
+        self.data, source = _resolve_data(data, data_kwargs)
         self.progress = progress
         # how retrains, further training and fine-tunes run (see Task); results do not depend on them
         self.executor = executor
         self.memory_budget_bytes = memory_budget_bytes
         self.train_config = train or default_train_config(self.data.name)
-        n_out = self.data.num_classes if self.data.num_classes > 0 else 1
-        if isinstance(model, str):
-            self.model_name = model
-            self.model = build_model(
-                model, self.data.input_shape, n_out, seed=self.train_config.seed, **(model_kwargs or {})
-            )
-        else:
-            self.model_name = type(model).__name__
-            self.model = model
+        self.model, self.model_name, model_cfg = _resolve_model(
+            model, self.data, model_kwargs, self.train_config.seed
+        )
+        self.loss = "mse" if self.data.is_regression else "ce"
         check_model(self.model, self.data)
-        self.store = RunStore(path, fingerprint=self.data.fingerprint())
-        self.store.check_config(
-            "data", {"name": self.data.name, "fingerprint": self.data.fingerprint(), "source": source}
-        )
-        self.store.check_config(
-            "model",
-            {
-                "name": self.model_name,
-                "kwargs": model_kwargs or {},
-                "n_params": sum(p.numel() for p in self.model.parameters()),
-                "init": _state_hash(model_state(self.model)),
-            },
-        )
+        check_training_data(self.data)
+        self.store = RunStore(path)
+        try:
+            self._bind_data(source)
+            self._bind_model(model_cfg)
+        except BaseException:
+            self.store.discard()  # a directory made here for a run that cannot be: leave nothing behind
+            raise
         self._task: Task | None = None
         self._clusters: Clusters | None = None
+
+    def _bind_data(self, source: dict[str, Any] | None) -> None:
+        """Refuse data other than the run's, saying what differs; record it in a new run."""
+        fp = self.data.fingerprint()
+        stored = self.store.config("data")
+        was = (stored or {}).get("source") or {}
+        now = source or {}
+        if stored is not None and stored.get("fingerprint") != fp and "file" in now and "file" in was:
+            raise DistdmError(
+                f"data file {now['file']} holds other data than run {self.path} was made from (file "
+                f"{was['file']}; fingerprint stored {stored.get('fingerprint')}, now {fp}): restore the "
+                f"file, or use a new run directory for the new data"
+            )
+        self.store.check_fingerprint(fp)
+        if stored is None:
+            self.store.check_config("data", {"name": self.data.name, "fingerprint": fp, "source": source})
+        # the same fingerprint is the same data, wherever it came from this time: the record stays
+
+    def _bind_model(self, cfg: dict[str, Any]) -> None:
+        """Refuse another model, saying what differs; load the recorded theta_0 into a fresh module."""
+        cfg["n_params"] = sum(p.numel() for p in self.model.parameters())
+        cfg["init"] = _state_hash(model_state(self.model))
+        cfg = json.loads(json.dumps(cfg))
+        stored = self.store.config("model")
+        if stored is not None:
+            base = settings_diff(_without_init(stored), _without_init(cfg))
+            changed = bool(base) or stored.get("init") != cfg["init"]
+            theta0 = self._recorded_init(allow_trajectory=not base) if changed else None
+            arch = _architecture_diff(theta0, model_state(self.model)) if theta0 is not None else []
+            if base or arch:
+                raise DistdmError(
+                    f"run {self.path} stage 'model' was made with another model ({'; '.join(base + arch)}): "
+                    f"pass the model it was made with, or use a new run directory"
+                )
+            if theta0 is not None:
+                self.model.load_state_dict(theta0)
+                cfg["init"] = _state_hash(model_state(self.model))
+        self.store.check_config("model", cfg)
+        if not self.store.has(INIT_ARTIFACT):
+            try:
+                self.store.save_tensors(INIT_ARTIFACT, model_state(self.model))
+            except ReadOnlyRunError:
+                if stored is None:
+                    raise
+                # an older run being read: its trajectory holds theta_0 as well
+
+    def _recorded_init(self, allow_trajectory: bool) -> State | None:
+        if self.store.has(INIT_ARTIFACT):
+            return self.store.load_tensors(INIT_ARTIFACT)
+        if allow_trajectory and self.store.is_done("train"):
+            return self.trajectory()[0]  # runs made before theta_0 was recorded on its own
+        return None
 
     @classmethod
     def open(
         cls,
         path: str | os.PathLike,
         *,
-        data: TensorData | None = None,
+        data: TensorData | str | os.PathLike | None = None,
+        model: nn.Module | str | None = None,
         progress: bool = False,
         executor: Any = None,
         memory_budget_bytes: int | None = None,
     ) -> Run:
-        """Reopen an existing run directory with the dataset, model and training settings it records
-        (executor and memory_budget_bytes: how its training jobs run, as in `Run`)."""
+        """Reopen an existing run directory with the dataset, model and training settings it records.
+
+        data: None reloads what the run records (a built-in dataset, or the data file it was made
+        from, refused if its contents changed); a run made from in-memory tensors needs them again.
+        model: None rebuilds the recorded built-in model or model spec; a run made from an nn.Module
+        needs a freshly constructed one of the same architecture (its recorded theta_0 is loaded into
+        it). executor and memory_budget_bytes: how its training jobs run, as in `Run`."""
         store = RunStore(path, create=False)
         cfg = store.manifest["configs"]
         if "data" not in cfg or "model" not in cfg:
             raise DistdmError(f"run {path} records no data or model settings: it was never initialised")
         source = cfg["data"].get("source")
-        if data is None and source is None:
+        data_kwargs = None
+        if data is not None:
+            data_arg: TensorData | str | os.PathLike = data
+        elif source is None:
             raise DistdmError(
-                f"run {path} was made from user data: pass the same data to Run.open(..., data=)"
+                f"run {path} was made from in-memory data ({cfg['data'].get('name')!r}): pass the same data "
+                f"to Run.open(path, data=...)"
             )
-        model = cfg["model"]["name"]
-        if data is None:
-            data_arg: TensorData | str = source["dataset"]
-            data_kwargs = source["kwargs"]
+        elif "file" in source:
+            if not Path(source["file"]).is_file():
+                raise DistdmError(
+                    f"run {path} was made from the data file {source['file']}, which no longer exists: "
+                    f"restore it, or pass the same data to Run.open(path, data=...)"
+                )
+            data_arg = source["file"]
         else:
-            data_arg, data_kwargs = data, None
+            data_arg, data_kwargs = source["dataset"], source["kwargs"]
+        recorded = cfg["model"]
+        model_kwargs = recorded.get("kwargs") or None
+        if model is not None:
+            model_arg: nn.Module | str = model
+            if isinstance(model, nn.Module):
+                model_kwargs = None
+        elif recorded.get("spec"):
+            model_arg = recorded["spec"]
+        elif recorded.get("name") in MODELS:
+            model_arg = recorded["name"]
+        else:
+            name = recorded.get("name")
+            raise DistdmError(
+                f"run {path} was made from your own nn.Module ({name}): pass a freshly constructed one, "
+                f"Run.open(path, model={name}(...)); the run's recorded initial weights are loaded into it"
+            )
         train = TrainConfig.from_dict(cfg["train"]) if "train" in cfg else None
         return cls(
-            path, data_arg, model, train=train, model_kwargs=cfg["model"]["kwargs"],
+            path, data_arg, model_arg, train=train, model_kwargs=model_kwargs,
             data_kwargs=data_kwargs, progress=progress, executor=executor,
             memory_budget_bytes=memory_budget_bytes,
         )  # fmt: skip
@@ -178,16 +323,27 @@ class Run:
         if self.store.is_done("train"):
             return self.trajectory()
         t = time.perf_counter()
-        task = train_target(self.model, self.data, self.schedule, progress=self.progress)
+        try:
+            task = train_target(self.model, self.data, self.schedule, loss=self.loss, progress=self.progress)
+        except BaseException:
+            self.store.discard()  # a run made for this training and nothing finished: leave nothing behind
+            raise
         tensors = {f"{e}/{k}": v for e, s in enumerate(task.trajectory) for k, v in s.items()}
         self.store.save_tensors("trajectory", tensors)
-        self.store.mark_done("train", seconds=time.perf_counter() - t, accuracy=self._accuracy(task.final))
+        self.store.mark_done(
+            "train", seconds=time.perf_counter() - t, loss=self.loss, **self.test_quality(task.final)
+        )
         return task.trajectory
 
     def trajectory(self) -> list[State]:
         """The stored trajectory theta_0..theta_tau."""
         if not self.store.is_done("train"):
             raise DistdmError(f"run {self.path} has no trained model yet: run the 'train' stage first")
+        if self.data.is_regression and self.store.stage_info("train").get("loss") != "mse":
+            raise DistdmError(
+                f"run {self.path} was trained with cross-entropy on regression targets (an earlier distdm), "
+                f"which leaves the model untrained: retrain it after `distdm reset {self.path} train`"
+            )
         flat = self.store.load_tensors("trajectory")
         epochs = 1 + max(int(k.split("/", 1)[0]) for k in flat)
         traj: list[State] = [{} for _ in range(epochs)]
@@ -242,20 +398,22 @@ class Run:
         """The Task (model, data, clusters, schedule, trajectory) that attributors are fitted on."""
         if self._task is None:
             self._task = Task(
-                self.model, self.data, self.clusters(), self.schedule, self.trajectory(), store=self.store,
-                executor=self.executor, memory_budget_bytes=self.memory_budget_bytes,
+                self.model, self.data, self.clusters(), self.schedule, self.trajectory(), loss=self.loss,
+                store=self.store, executor=self.executor, memory_budget_bytes=self.memory_budget_bytes,
             )  # fmt: skip
         return self._task
 
-    def distill(self, preset_name: str = "default", config: DistillConfig | None = None) -> Synset:
+    def distill(
+        self, preset: str = "default", config: DistillConfig | dict[str, Any] | None = None
+    ) -> Synset:
         """Distil (or load) the synset of a preset, or of explicit settings."""
-        return self._ddm(preset_name, config).synset_
+        return self._ddm(preset, config).synset_
 
-    def _ddm(self, preset_name: str, config: DistillConfig | None) -> Attributor:
+    def _ddm(self, preset: str, config: DistillConfig | dict[str, Any] | None, **settings: Any) -> Attributor:
         t = time.perf_counter()
-        ddm = make_attributor("ddm", preset_name=preset_name, distill_config=config, progress=self.progress)
+        ddm = make_attributor("ddm", preset=preset, distill=config, **{"progress": self.progress, **settings})
         ddm.fit(self.task())
-        stage = f"distill-{preset_name}" if config is None else "distill-custom"
+        stage = ddm.distill_stage_  # type: ignore[attr-defined]  # distill-<preset> or distill-custom-<digest>
         if not self.store.is_done(stage):
             info = ddm.synset_.info  # type: ignore[attr-defined]
             self.store.mark_done(
@@ -270,26 +428,32 @@ class Run:
         """A fitted attributor of this run's task by name ('ddm', 'exact', 'grad-dot', 'if-cg', ...)."""
         if name == "ddm":
             return self._ddm(
-                str(settings.pop("preset_name", "default")), settings.pop("distill_config", None)
+                str(settings.pop("preset", "default")), settings.pop("distill", None), **settings
             )
+        if accepts(name, "progress"):
+            settings.setdefault("progress", self.progress)
         return make_attributor(name, **settings).fit(self.task())
 
     def queries(self, n: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """n test queries drawn with a seed: inputs, labels and their test-set indices."""
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
             raise DistdmError(f"the number of queries must be an integer > 0, got {n!r}")
+        self.data.require_test("drawing test queries")
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self.data.y_test), generator=g)[: min(n, len(self.data.y_test))]
         return self.data.x_test[idx], self.data.y_test[idx], idx.numpy()
 
-    def _accuracy(self, state: State) -> float:
-        with torch.no_grad():
-            from .engine import predict
+    def test_quality(self, state: State) -> dict[str, float]:
+        """A state's quality on the test set: {'accuracy': ...} for classes, {'mse': ...} (test mean
+        squared error) for regression, {} when the data has no test set."""
+        if not self.data.has_test:
+            return {}
+        from .engine import predict
 
-            out = predict(self.model, {k: v.unsqueeze(0) for k, v in state.items()}, self.data.x_test)[0]
+        out = predict(self.model, {k: v.unsqueeze(0) for k, v in state.items()}, self.data.x_test)[0]
         if self.data.is_regression:
-            return float(((out.squeeze(-1) - self.data.y_test) ** 2).mean())
-        return float((out.argmax(-1) == self.data.y_test).float().mean())
+            return {"mse": float(((out.squeeze(-1) - self.data.y_test) ** 2).mean())}
+        return {"accuracy": float((out.argmax(-1) == self.data.y_test).float().mean())}
 
     def summary(self) -> dict[str, Any]:
         """Stage completion and timings recorded in the manifest."""

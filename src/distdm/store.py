@@ -3,37 +3,90 @@
 Layout: ROOT/manifest.json records the format, library versions, data fingerprint, the settings of
 each stage, which stages (and units of work) are complete, and a SHA-256 for every artifact.
 Artifacts are ROOT/<name>.safetensors (tensors) or ROOT/<name>.json. Nothing is ever pickled.
+
+Several processes may work on one run at once (say `distdm distill` and `distdm evaluate`). Every
+change to the manifest takes the lock file ROOT/.distdm.lock, re-reads manifest.json, applies the
+change and writes it atomically, so no process overwrites what another recorded. The lock is held
+per change (milliseconds), not for a whole command: two commands run side by side, and a stage both
+of them need may be computed twice, but nothing either of them recorded is lost. Reading needs no
+lock (manifest.json is only ever replaced whole), so a read-only run directory can still be read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import shlex
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from .errors import DistdmError
 
 FORMAT = "distdm-run/1"
+LOCK_NAME = ".distdm.lock"
+LOCK_TIMEOUT_S = 120.0  # a manifest change takes milliseconds; this long means a stuck process
+# stages that define the run itself: a changed one cannot be reset, only run in a new directory
+_IDENTITY_STAGES = ("data", "model")
+
+
+class ReadOnlyRunError(DistdmError):
+    """A change to a run directory that cannot be written (read-only file system or permissions)."""
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read without changing it where the OS allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no way to read it without setting it elsewhere: restore at once
+    os.umask(mask)
+    return mask
+
+
+def _temp_file(path: Path, write: Callable[[str], None]) -> Path:
+    """A temporary file next to `path` filled by write(tmp_path), with the permissions a plain
+    open() would give it (mkstemp makes 0600 files; users share run directories)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _write_bytes(tmp: str, data: bytes) -> None:
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to path via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write bytes to path via a temporary file and rename, so readers never see half a file;
+    the file gets the permissions of the umask (0o666 & ~umask)."""
+    path = Path(path)
+    tmp = _temp_file(path, lambda t: _write_bytes(t, data))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -48,6 +101,10 @@ def _sha256(path: Path) -> str:
 def _is_temp(path: Path) -> bool:
     """A temporary file left by an interrupted atomic write (never trusted, safe to ignore)."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def _is_read_only(e: OSError) -> bool:
+    return isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _check_manifest(m: dict[str, Any], path: Path) -> None:
@@ -65,62 +122,179 @@ def _check_manifest(m: dict[str, Any], path: Path) -> None:
             raise DistdmError(f"{path} lists artifact {name!r} outside the run directory")
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+def settings_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """What differs between two (nested) settings dicts, one 'key: stored X, now Y' per leaf."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+            out += settings_diff(old.get(k), new.get(k), f"{prefix}{k}.")
         return out
     if old != new:
         return [f"{prefix.rstrip('.')}: stored {old!r}, now {new!r}"]
     return []
 
 
+_diff = settings_diff  # the name other modules imported before it was public
+
+
 class RunStore:
-    """A run directory on disk; creating one writes an empty manifest, opening one validates it."""
+    """A run directory on disk; creating one writes an empty manifest, opening one validates it.
+
+    `created` is True when this object made the directory's manifest (see `discard`)."""
 
     def __init__(self, root: str | os.PathLike, *, fingerprint: str | None = None, create: bool = True):
         self.root = Path(root)
         self._manifest_path = self.root / "manifest.json"
+        self._lock = FileLock(str(self.root / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
+        self._cache: dict[str, Any] = {}
+        self._cache_key: tuple[int, int, int] | None = None
+        self._discarded = False
+        self.created = False
+        self._created_root = False
         if self.root.exists() and not self.root.is_dir():
             raise DistdmError(f"{self.root} is a file, not a run directory: choose another path")
         if self._manifest_path.exists():
-            try:
-                self.manifest = json.loads(self._manifest_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DistdmError(f"{self._manifest_path} is corrupt ({e}); delete the run directory") from e
-            fmt = self.manifest.get("format") if isinstance(self.manifest, dict) else None
-            if fmt != FORMAT:
-                raise DistdmError(f"{self.root} is not a distdm run directory (format {fmt!r})")
-            _check_manifest(self.manifest, self._manifest_path)
-            stored = self.manifest.get("fingerprint")
-            if fingerprint is not None and stored is not None and stored != fingerprint:
-                raise DistdmError(
-                    f"{self.root} was made from other data (fingerprint {stored}, this data {fingerprint}): "
-                    f"use a new run directory"
-                )
-            if fingerprint is not None and stored is None:
-                self.manifest["fingerprint"] = fingerprint
-                self._write_manifest()
+            self._refresh()
         elif create:
-            if self.root.exists() and any(not _is_temp(p) for p in self.root.iterdir()):
-                raise DistdmError(
-                    f"{self.root} exists, is not empty and has no manifest.json: choose another path"
-                )
-            self.manifest = {
-                "format": FORMAT,
-                "versions": {"distdm": _version(), "torch": torch.__version__},
-                "fingerprint": fingerprint,
-                "configs": {},
-                "stages": {},
-                "artifacts": {},
-            }
-            self._write_manifest()
+            self._create()
         else:
-            raise DistdmError(f"no run directory at {self.root} (no manifest.json)")
+            raise DistdmError(f"no such run at {self.root}: create it with `distdm train`")
+        if fingerprint is not None:
+            self.check_fingerprint(fingerprint)
 
-    def _write_manifest(self) -> None:
-        atomic_write_bytes(self._manifest_path, json.dumps(self.manifest, indent=2, sort_keys=True).encode())
+    def __getstate__(self) -> dict[str, Any]:
+        # a lock holds thread-local state and open descriptors: each copy makes its own
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = FileLock(str(self.root / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
+
+    # the manifest --------------------------------------------------------------------------------
+    def _load(self) -> tuple[dict[str, Any], tuple[int, int, int]]:
+        try:
+            with open(self._manifest_path, "rb") as f:
+                st = os.fstat(f.fileno())
+                raw = f.read()
+        except FileNotFoundError as e:
+            raise DistdmError(f"{self._manifest_path} disappeared: was the run directory removed?") from e
+        try:
+            m = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DistdmError(f"{self._manifest_path} is corrupt ({e}); delete the run directory") from e
+        fmt = m.get("format") if isinstance(m, dict) else None
+        if fmt != FORMAT:
+            raise DistdmError(f"{self.root} is not a distdm run directory (format {fmt!r})")
+        _check_manifest(m, self._manifest_path)
+        return m, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _refresh(self) -> None:
+        """Re-read manifest.json if another process replaced it since we last read it."""
+        try:
+            st = os.stat(self._manifest_path)
+        except FileNotFoundError:
+            if self._cache_key is None:
+                raise DistdmError(f"no such run at {self.root}: create it with `distdm train`") from None
+            return  # removed under us (discard): keep what we knew
+        if (st.st_ino, st.st_mtime_ns, st.st_size) != self._cache_key:
+            self._cache, self._cache_key = self._load()
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as last written by any process (re-read when the file changed)."""
+        self._refresh()
+        return self._cache
+
+    def _new_manifest(self, fingerprint: str | None = None) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "versions": {"distdm": _version(), "torch": torch.__version__},
+            "fingerprint": fingerprint,
+            "configs": {},
+            "stages": {},
+            "artifacts": {},
+        }
+
+    def _create(self) -> None:
+        # manifest.json may have appeared since __init__ looked: another process making this run
+        ours = (LOCK_NAME, self._manifest_path.name)
+        if self.root.exists() and any(not _is_temp(p) and p.name not in ours for p in self.root.iterdir()):
+            raise DistdmError(
+                f"{self.root} exists, is not empty and has no manifest.json: choose another path"
+            )
+        self._created_root = not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if _is_read_only(e):
+                raise ReadOnlyRunError(
+                    f"cannot create the run directory {self.root}: its parent is read-only ({e.strerror})"
+                ) from e
+            raise
+        with self._locked("create the run"):
+            if self._manifest_path.exists():  # another process created it meanwhile: join it
+                self._cache, self._cache_key = self._load()
+                return
+            self._write(self._new_manifest())
+            self.created = True
+
+    def _write(self, m: dict[str, Any]) -> None:
+        atomic_write_bytes(self._manifest_path, json.dumps(m, indent=2, sort_keys=True).encode())
+        self._cache, self._cache_key = self._load()
+
+    @contextlib.contextmanager
+    def _locked(self, what: str) -> Iterator[None]:
+        """Hold the run's lock while changing it; a read-only directory raises ReadOnlyRunError."""
+        if self._discarded:
+            raise DistdmError(f"run {self.root} was removed after a failed command: create it again")
+        try:
+            self._lock.acquire()
+        except Timeout as e:
+            raise DistdmError(
+                f"run {self.root} stayed locked for {LOCK_TIMEOUT_S:.0f} s by another process: wait for it, "
+                f"or delete {self.root / LOCK_NAME} if no distdm command is running"
+            ) from e
+        except OSError as e:
+            if _is_read_only(e):
+                raise self._read_only(what, e) from e
+            raise
+        try:
+            yield
+        except OSError as e:
+            if _is_read_only(e):
+                raise self._read_only(what, e) from e
+            raise
+        finally:
+            self._lock.release()
+
+    def _read_only(self, what: str, e: OSError) -> ReadOnlyRunError:
+        return ReadOnlyRunError(
+            f"run directory {self.root} is read-only ({e.strerror or e}): cannot {what}; "
+            f"make it writable or copy the run elsewhere"
+        )
+
+    @contextlib.contextmanager
+    def _mutate(self, what: str) -> Iterator[dict[str, Any]]:
+        """Under the lock: the manifest fresh from disk, written back atomically if the body returns."""
+        with self._locked(what):
+            m, _ = self._load()
+            yield m
+            self._write(m)
+
+    # data ----------------------------------------------------------------------------------------
+    def check_fingerprint(self, fingerprint: str, describe: str = "this data") -> None:
+        """Refuse data other than the run's (by fingerprint), or record it if the run has none yet."""
+        stored = self.manifest.get("fingerprint")
+        if stored is None:
+            with self._mutate("record the data fingerprint") as m:
+                if m.get("fingerprint") is None:
+                    m["fingerprint"] = fingerprint
+                stored = m["fingerprint"]
+        if stored != fingerprint:
+            raise DistdmError(
+                f"{self.root} was made from other data (fingerprint {stored}, {describe} {fingerprint}): "
+                f"use a new run directory"
+            )
 
     # settings ---------------------------------------------------------------------------------
     def check_config(self, stage: str, config: dict[str, Any]) -> None:
@@ -128,14 +302,19 @@ class RunStore:
         config = json.loads(json.dumps(config))  # normalise tuples and numbers as JSON would
         stored = self.manifest["configs"].get(stage)
         if stored is None:
-            self.manifest["configs"][stage] = config
-            self._write_manifest()
-            return
-        diffs = _diff(stored, config)
+            with self._mutate(f"record the settings of stage '{stage}'") as m:
+                stored = m["configs"].setdefault(stage, config)
+        diffs = settings_diff(stored, config)
         if diffs:
+            if stage in _IDENTITY_STAGES:
+                how = "use a new run directory"
+            else:
+                how = (
+                    f"use a new run directory, or forget the stage with "
+                    f"`distdm reset {shlex.quote(str(self.root))} {shlex.quote(stage)}`"
+                )
             raise DistdmError(
-                f"run {self.root} stage '{stage}' was made with other settings ({'; '.join(diffs)}): "
-                f"use a new run directory or reset the stage"
+                f"run {self.root} stage '{stage}' was made with other settings ({'; '.join(diffs)}): {how}"
             )
 
     def config(self, stage: str) -> dict[str, Any] | None:
@@ -144,13 +323,26 @@ class RunStore:
 
     def reset(self, stage: str) -> None:
         """Forget a stage's settings, completion and artifacts (prefix match on artifact names)."""
-        self.manifest["configs"].pop(stage, None)
-        for done in [s for s in self.manifest["stages"] if s == stage or s.startswith(stage + "/")]:
-            del self.manifest["stages"][done]
-        for name in [a for a in self.manifest["artifacts"] if a == stage or a.startswith(stage + "/")]:
-            (self.root / name).unlink(missing_ok=True)
-            del self.manifest["artifacts"][name]
-        self._write_manifest()
+
+        def ours(name: str) -> bool:
+            return name == stage or name.startswith(stage + "/")
+
+        m = self.manifest
+        listed = any(map(ours, m["stages"])) or any(map(ours, m["artifacts"]))
+        if stage not in m["configs"] and not listed:
+            return  # nothing to forget: writes nothing (and works on a read-only run)
+        with self._locked(f"reset stage '{stage}'"):
+            m, _ = self._load()
+            m["configs"].pop(stage, None)
+            for done in [s for s in m["stages"] if ours(s)]:
+                del m["stages"][done]
+            gone = [a for a in m["artifacts"] if ours(a)]
+            for name in gone:
+                del m["artifacts"][name]
+            # unlisted first, removed second: a crash in between leaves files nobody trusts
+            self._write(m)
+            for name in gone:
+                (self.root / name).unlink(missing_ok=True)
 
     # completion -------------------------------------------------------------------------------
     def is_done(self, stage: str) -> bool:
@@ -159,17 +351,34 @@ class RunStore:
 
     def mark_done(self, stage: str, **info: Any) -> None:
         """Record that a stage completed, with optional info (e.g. seconds)."""
-        self.manifest["stages"][stage] = {"done": True, **info}
-        self._write_manifest()
+        entry = json.loads(json.dumps({"done": True, **info}))
+        with self._mutate(f"record that stage '{stage}' finished") as m:
+            m["stages"][stage] = entry
 
     def stage_info(self, stage: str) -> dict[str, Any]:
         """What was recorded when the stage completed ({} if it did not)."""
         return dict(self.manifest["stages"].get(stage, {}))
 
     # artifacts --------------------------------------------------------------------------------
-    def _record(self, name: str, path: Path) -> None:
-        self.manifest["artifacts"][name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-        self._write_manifest()
+    def _put(self, name: str, write: Callable[[str], None]) -> Path:
+        """Write an artifact through a temporary file; rename it into place and record its checksum
+        under the lock, so the manifest always lists the checksum of the file that is there."""
+        path = self.root / name
+        what = f"write {name}"
+        try:
+            tmp = _temp_file(path, write)
+        except OSError as e:
+            if _is_read_only(e):
+                raise self._read_only(what, e) from e
+            raise
+        try:
+            entry = {"sha256": _sha256(tmp), "bytes": tmp.stat().st_size}
+            with self._mutate(what) as m:
+                os.replace(tmp, path)
+                m["artifacts"][name] = entry
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
 
     def _verified(self, name: str) -> Path:
         entry = self.manifest["artifacts"].get(name)
@@ -178,11 +387,22 @@ class RunStore:
             raise DistdmError(f"{self.root} has no artifact {name!r}: run the stage that makes it")
         if not path.is_file():
             raise DistdmError(f"artifact {path} is missing although the manifest lists it")
-        if _sha256(path) != entry["sha256"]:
+        if _sha256(path) != entry["sha256"] and not self._matches_under_lock(name, path):
             raise DistdmError(
                 f"artifact {path} does not match its recorded checksum: it was changed or truncated"
             )
         return path
+
+    def _matches_under_lock(self, name: str, path: Path) -> bool:
+        """Check again while no process writes: another one may have been between renaming a new
+        version of the file into place and recording its checksum."""
+        try:
+            with self._locked(f"check {name}"):
+                self._cache, self._cache_key = self._load()
+                entry = self._cache["artifacts"].get(name)
+                return entry is not None and path.is_file() and _sha256(path) == entry["sha256"]
+        except DistdmError:  # read-only or stuck: the first check stands
+            return False
 
     def has(self, name: str) -> bool:
         """Whether an artifact is recorded (and its file present)."""
@@ -192,17 +412,8 @@ class RunStore:
         """Save named tensors as ROOT/name (a .safetensors file), atomically, with a checksum."""
         if not name.endswith(".safetensors"):
             name += ".safetensors"
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self._record(name, path)
+        flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        self._put(name, lambda tmp: save_file(flat, tmp))
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Load a tensors artifact after checking its checksum."""
@@ -218,9 +429,8 @@ class RunStore:
         """Save a JSON artifact atomically, with a checksum."""
         if not name.endswith(".json"):
             name += ".json"
-        path = self.root / name
-        atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
-        self._record(name, path)
+        data = json.dumps(obj, indent=2, sort_keys=True).encode()
+        self._put(name, lambda tmp: _write_bytes(tmp, data))
 
     def load_json(self, name: str) -> Any:
         """Load a JSON artifact after checking its checksum."""
@@ -234,10 +444,33 @@ class RunStore:
 
     def save_file(self, name: str, data: bytes) -> Path:
         """Save any other file (a figure, a report) atomically, with a checksum; returns its path."""
-        path = self.root / name
-        atomic_write_bytes(path, data)
-        self._record(name, path)
-        return path
+        return self._put(name, lambda tmp: _write_bytes(tmp, data))
+
+    # removal ----------------------------------------------------------------------------------
+    def discard(self) -> bool:
+        """Remove a run this object created, if no stage of it completed (a command that failed
+        before finishing anything leaves no directory behind). Returns whether it removed it."""
+        if not self.created or self._discarded:
+            return False
+        with self._locked("remove the failed run"):
+            m, _ = self._load()
+            if any(e.get("done") for e in m["stages"].values()):
+                return False  # another process finished something in it meanwhile: keep it
+            for name in m["artifacts"]:
+                (self.root / name).unlink(missing_ok=True)
+            self._manifest_path.unlink(missing_ok=True)
+            for p in self.root.iterdir():
+                if _is_temp(p):
+                    p.unlink(missing_ok=True)
+            self._discarded = True
+        (self.root / LOCK_NAME).unlink(missing_ok=True)
+        # empty folders made for artifacts (e.g. distill/), then the root if this object made it
+        for d in sorted((p for p in self.root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if self._created_root and not any(self.root.iterdir()):
+            shutil.rmtree(self.root, ignore_errors=True)
+        return True
 
 
 def _version() -> str:

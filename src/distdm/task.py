@@ -4,6 +4,8 @@ training schedule and the target model's trajectory."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ from .engine import (
     Schedule,
     State,
     model_state,
+    per_sample_loss,
     predict,
     select,
     stack_states,
@@ -29,7 +32,14 @@ from .store import RunStore
 
 @dataclasses.dataclass
 class Task:
-    """The trained target model and its context; `trajectory[0]` is theta_0, `[-1]` theta_tau."""
+    """The trained target model and its context; `trajectory[0]` is theta_0, `[-1]` theta_tau.
+
+    `model` gives the architecture only: every method evaluates the states of `trajectory`, never the
+    module's own weights. A trajectory holds one state per epoch (schedule.epochs + 1 states) or just
+    the endpoints [theta_0, theta_tau]; any other length is refused, as are states whose parameter
+    names or shapes are not the model's. States given as numpy arrays are converted to tensors. If
+    the module's own weights are neither theta_0 nor theta_tau, a UserWarning says that the answers
+    are about trajectory[-1] (they may not be the model you trained)."""
 
     model: nn.Module
     data: TensorData
@@ -46,14 +56,32 @@ class Task:
     memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.clusters, Clusters):
+            raise DistdmError(
+                f"clusters must be a Clusters (e.g. distdm.kmeans_per_class), "
+                f"got {type(self.clusters).__name__}"
+            )
+        if not isinstance(self.model, nn.Module):
+            raise DistdmError(f"model must be an nn.Module, got {type(self.model).__name__}")
+        if self.data.is_regression and self.loss == "ce":
+            raise DistdmError(
+                "regression targets need loss='mse' (or a callable loss), not cross-entropy 'ce'"
+            )
+        self.trajectory = _check_trajectory(self.trajectory, self.model, self.schedule)
         if len(self.clusters.assignment) != self.data.n_train:
             raise DistdmError(
                 f"clusters cover {len(self.clusters.assignment)} samples, the training set has "
                 f"{self.data.n_train}: were they made for another dataset?"
             )
-        if not self.trajectory:
-            raise DistdmError("the trajectory is empty: train the target model first")
         check_memory_budget(self.memory_budget_bytes)
+        own = model_state(self.model)
+        if not (_same_state(own, self.trajectory[0]) or _same_state(own, self.trajectory[-1])):
+            warnings.warn(
+                "the model's own weights are neither trajectory[0] (theta_0) nor trajectory[-1] (theta_tau): "
+                "attributions explain the model whose final state is trajectory[-1]",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @property
     def init(self) -> State:
@@ -143,23 +171,127 @@ def reinitialise(model: nn.Module, seed: int) -> State:
     return model_state(m)
 
 
+def _check_trajectory(trajectory: Any, model: nn.Module, schedule: Schedule) -> list[State]:
+    """The trajectory as a list of tensor states of this model, or a DistdmError saying what is wrong."""
+    if isinstance(trajectory, dict) or not isinstance(trajectory, (list, tuple)):
+        raise DistdmError(
+            f"the trajectory must be a list of states (dicts of parameter name -> tensor, like "
+            f"model.state_dict()), got {type(trajectory).__name__}"
+        )
+    if not trajectory:
+        raise DistdmError("the trajectory is empty: train the target model first")
+    ref = model.state_dict()
+    out: list[State] = []
+    for e, state in enumerate(trajectory):
+        if not isinstance(state, dict):
+            raise DistdmError(
+                f"trajectory[{e}] is a {type(state).__name__}, not a state: each entry must be a dict of "
+                f"parameter name -> tensor, like model.state_dict()"
+            )
+        missing, extra = sorted(set(ref) - set(state)), sorted(set(state) - set(ref))
+        if missing or extra:
+            raise DistdmError(
+                f"trajectory[{e}] is not a state of this model: it lacks {missing[:3]} and has extra "
+                f"{extra[:3]}"
+            )
+        conv: State = {}
+        for k, v in state.items():
+            try:
+                t = v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise DistdmError(f"trajectory[{e}][{k!r}] is not an array of numbers ({err})") from err
+            if tuple(t.shape) != tuple(ref[k].shape):
+                raise DistdmError(
+                    f"trajectory[{e}][{k!r}] has shape {tuple(t.shape)}, the model's {tuple(ref[k].shape)}"
+                )
+            conv[k] = t.to(ref[k].dtype) if t.dtype != ref[k].dtype and ref[k].is_floating_point() else t
+        out.append(conv)
+    if len(out) not in (schedule.epochs + 1, 2):
+        raise DistdmError(
+            f"the trajectory has {len(out)} states but the schedule trains {schedule.epochs} epochs: give "
+            f"one state per epoch plus theta_0 ({schedule.epochs + 1}), or just [theta_0, theta_tau]"
+        )
+    return out
+
+
+def _same_state(a: State, b: State) -> bool:
+    return set(a) == set(b) and all(
+        a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].to(a[k].dtype).cpu()) for k in a
+    )
+
+
+def check_training_data(data: TensorData) -> None:
+    """Raise a DistdmError if the data cannot train a target model (a classifier needs two classes)."""
+    if data.is_regression:
+        return
+    classes = torch.unique(data.y_train)
+    if classes.numel() < 2:
+        raise DistdmError(
+            f"the training data has one class only (class {int(classes[0])}, {data.n_train} samples): "
+            f"a classifier needs at least two classes"
+        )
+
+
+def _train_loss(model: nn.Module, data: TensorData, state: State, loss: str | LossFn, strategy: str) -> float:
+    out = predict(model, {k: v.unsqueeze(0) for k, v in state.items()}, data.x_train, strategy=strategy)[0]
+    return float(per_sample_loss(out, data.y_train, loss).mean())
+
+
+def _finite(state: State) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def check_converged(
+    model: nn.Module,
+    data: TensorData,
+    schedule: Schedule,
+    trajectory: list[State],
+    loss: str | LossFn = "ce",
+    strategy: str = "auto",
+) -> None:
+    """Raise a DistdmError naming the epoch and the lr to lower if training diverged (NaN/inf weights
+    or training loss anywhere along the trajectory)."""
+    bad = next((e for e, s in enumerate(trajectory) if not _finite(s)), None)
+    if bad is None:
+        if math.isfinite(_train_loss(model, data, trajectory[-1], loss, strategy)):
+            return
+        # finite weights, but the loss overflowed: find where it first did
+        losses = (_train_loss(model, data, s, loss, strategy) for s in trajectory)
+        bad = next(e for e, v in enumerate(losses) if not math.isfinite(v))
+    value = _train_loss(model, data, trajectory[bad], loss, strategy)
+    if bad == 0:
+        raise DistdmError(
+            f"the model's initial weights give a training loss of {value:.4g} (NaN/inf weights or outputs): "
+            f"check its initialisation"
+        )
+    raise DistdmError(
+        f"training diverged at epoch {bad} (loss {value:.4g}): lower the lr below {schedule.lr:g}"
+    )
+
+
 def train_target(
     model: nn.Module,
     data: TensorData,
     schedule: Schedule,
     clusters: Clusters | None = None,
     *,
-    loss: str | LossFn = "ce",
+    loss: str | LossFn | None = None,
     strategy: str = "auto",
     progress: bool = False,
 ) -> Task:
-    """Train the target model from its current state, recording one checkpoint per epoch."""
+    """Train the target model from its current state, recording one checkpoint per epoch; refuses
+    single-class data and training that diverged. loss: 'ce' for classes, 'mse' for regression
+    (default by the data), or a callable."""
     check_model(model, data)
+    check_training_data(data)
+    if loss is None:
+        loss = "mse" if data.is_regression else "ce"
     res = train_variants(
         model, data.x_train, data.y_train, schedule, loss=loss, record=True,
         strategy=strategy, progress=progress,
     )  # fmt: skip
     traj = [select(s, 0) for s in res.trajectory or []]
+    check_converged(model, data, schedule, traj, loss, strategy)
     if clusters is None:
         from .clusters import classwise
 

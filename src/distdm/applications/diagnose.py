@@ -370,7 +370,7 @@ class Diagnosis:
         head = (
             f"{self.title}; test part {len(self.split.test)} samples, validation part "
             f"{len(self.split.validation)}; target model {100 * self.target_accuracy:.2f}%; "
-            f"retrain seeds {self.retrain_seeds}; random: {len(self.random_seeds)} draws"
+            f"retrained with {seeds_text(self.retrain_seeds)}; random: {len(self.random_seeds)} draws"
             + ("; the same share removed from every class" if self.balanced else "")
         )
         acc = accuracy_table(self.fractions, self.base_accuracy, self.accuracy, self.removed, percent=True)
@@ -394,6 +394,15 @@ class Diagnosis:
             "rankings": {m: self.ranking(m) for m in self.scores},
             "rows": self.rows(),
         }
+
+
+def seeds_text(seeds: Sequence[int | None]) -> str:
+    """Retrain seeds for people: None is the target's own initialisation and data order."""
+    others = [str(s) for s in seeds if s is not None]
+    parts = ["the target's own seed"] if any(s is None for s in seeds) else []
+    if others:
+        parts.append(("seed " if len(others) == 1 else "seeds ") + ", ".join(others))
+    return " and ".join(parts)
 
 
 def rows_to_csv(rows: list[dict[str, Any]]) -> str:

@@ -39,6 +39,7 @@ from .diagnose import (
     random_orders,
     removal_curve_png,
     rows_to_csv,
+    seeds_text,
     validation_split,
 )
 
@@ -142,7 +143,8 @@ class TransferResult:
             f"student test accuracy after deleting clusters, trained with (1 - a) CE + a KL to the "
             f"teacher, a = {self.alpha:g}; teacher {100 * self.teacher_accuracy:.2f}% on the test part "
             f"({len(self.split.test)} samples; KL ranked on {len(self.split.validation)} validation "
-            f"samples); student seeds {self.student_seeds}; random: {len(self.random_seeds)} draws"
+            f"samples); students trained with {seeds_text(self.student_seeds)}; "
+            f"random: {len(self.random_seeds)} draws"
         )
         table = accuracy_table(self.fractions, self.base_accuracy, self.accuracy, self.removed)
         return f"{head}\n\n{table}\n"

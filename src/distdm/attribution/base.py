@@ -52,7 +52,8 @@ class Attributor(ABC):
         t = time.perf_counter()
         s = self._scores(x, y, objective)
         s.seconds = time.perf_counter() - t
-        return s
+        data = self.task_.data  # so that top(k) can name each unit's class and size
+        return s.attach_units(self.task_.clusters, None if data.is_regression else data.y_train)
 
     @abstractmethod
     def _scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
@@ -71,6 +72,14 @@ def register(name: str) -> Callable[[type[A]], type[A]]:
         return cls
 
     return deco
+
+
+def accepts(name: str, setting: str) -> bool:
+    """Whether the registered method `name` takes the setting (e.g. 'progress') in its constructor."""
+    import inspect
+
+    cls = ATTRIBUTORS.get(name)
+    return cls is not None and setting in inspect.signature(cls).parameters
 
 
 def make_attributor(name: str, **settings: object) -> Attributor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +18,9 @@ from ..distill import distill, finetune
 from ..engine import predict
 from ..errors import DistdmError
 from ..objectives import Objective, get_objective, objective_name
-from ..presets import preset
+from ..presets import PRESETS
+from ..presets import preset as preset_settings
+from ..progress import Progress, check_progress
 from ..scores import Scores
 from ..synset import Synset
 from ..task import Task
@@ -33,7 +37,7 @@ def synset_key(cfg: DistillConfig, clusters: Clusters, lr: float, steps: int) ->
 
 
 def load_or_distill(
-    task: Task, cfg: DistillConfig, clusters: Clusters, lr: float, steps: int, progress: bool = False
+    task: Task, cfg: DistillConfig, clusters: Clusters, lr: float, steps: int, progress: Progress = False
 ) -> Synset:
     """The synset for these settings: from the task's run directory if cached, else distilled (and cached)."""
     key = synset_key(cfg, clusters, lr, steps)
@@ -47,33 +51,80 @@ def load_or_distill(
     return syn
 
 
+def _settings_arg(
+    name: str,
+    value: object,
+    kind: type[DistillConfig] | type[OnlineConfig],
+    base: DistillConfig | OnlineConfig,
+) -> None:
+    """Refuse a `distill` / `online` argument that is not None, a full config or valid overrides of `base`."""
+    if value is None or isinstance(value, kind):
+        return
+    if not isinstance(value, Mapping):
+        raise DistdmError(
+            f"{name} must be a full {kind.__name__} or a dict of the preset's settings to change, "
+            f"got {type(value).__name__}"
+        )
+    try:
+        base.replace(**dict(value))
+    except DistdmError as e:
+        raise DistdmError(f"ddm {name}={dict(value)!r}: {e}") from None
+    except TypeError as e:  # a key that is not a string
+        raise DistdmError(f"ddm {name}={dict(value)!r}: setting names must be strings ({e})") from None
+
+
+def _apply(value: Any, base: Any) -> Any:
+    """The preset's config `base` with `value` applied: a full config replaces it, a dict changes it."""
+    if value is None:
+        return base
+    if isinstance(value, Mapping):
+        return base.replace(**dict(value))
+    return value
+
+
 @register("ddm")
 class DDM(Attributor):
     """Distilled Datamodel (Ye et al., CVPR 2024): W[k, q] = change of the objective on query q when
-    cluster k is deleted, fitted over random deletion masks emulated by fine-tuning on synsets."""
+    cluster k is deleted, fitted over random deletion masks emulated by fine-tuning on synsets.
+
+    preset: named settings (distdm.PRESETS, the CLI's --preset). distill / online: a full
+    DistillConfig / OnlineConfig, or a dict of the preset's settings to change, e.g.
+    online={"perturbations_per_cluster": 8} keeps every other online setting of the preset.
+    synset: a ready synset (no distillation). clusters: 'task' (the task's clusters) or 'index' (the
+    paper's 'w/o cluster' ablation). progress (distdm.progress): False, True (a bar on stderr) or a
+    callable (stage, done, total) -> None, told about the distillation.
+    """
 
     def __init__(
         self,
-        preset_name: str = "default",
+        preset: str = "default",
         *,
-        distill_config: DistillConfig | None = None,
-        online: OnlineConfig | None = None,
+        distill: DistillConfig | Mapping[str, Any] | None = None,
+        online: OnlineConfig | Mapping[str, Any] | None = None,
         synset: Synset | None = None,
         clusters: str = "task",
-        progress: bool = False,
+        progress: Progress = False,
     ):
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise DistdmError(f"unknown preset {preset!r} for ddm; known presets: {', '.join(PRESETS)}")
         if clusters not in ("task", "index"):
             raise DistdmError(f"clusters must be 'task' or 'index', got {clusters!r}")
-        self.preset_name = preset_name
+        check_progress(progress)
+        # overrides are checked against the preset now, not at fit; the epochs only set the paper
+        # preset's online steps, which a change of other settings does not depend on
+        d, o = preset_settings(preset, epochs=1)
+        _settings_arg("distill", distill, DistillConfig, d)
+        _settings_arg("online", online, OnlineConfig, o)
+        self.preset = preset
         self.clusters = clusters
-        self.distill_config = distill_config
+        self.distill = distill
         self.online = online
         self.synset = synset
         self.progress = progress
 
     def _settings(self, task: Task) -> tuple[DistillConfig, OnlineConfig]:
-        d, o = preset(self.preset_name, epochs=task.schedule.epochs)
-        return self.distill_config or d, self.online or o
+        d, o = preset_settings(self.preset, epochs=task.schedule.epochs)
+        return _apply(self.distill, d), _apply(self.online, o)
 
     def _fit(self, task: Task) -> None:
         self._deltas = None
@@ -99,6 +150,14 @@ class DDM(Attributor):
             )
         # what the distillation cost when it ran, also when this fit loaded the synset from the run
         self.recorded_seconds_ = self.synset_.info.get("seconds")
+        # the run-manifest stage of this synset: the preset's name for the preset's own synset, else
+        # a digest of what made it, so that two custom settings keep their own diagnostics
+        key = synset_key(self.distill_config_, self.units_, lr, self.online_.steps)
+        d0, o0 = preset_settings(self.preset, epochs=task.schedule.epochs)
+        own = self.synset is None and key == synset_key(
+            d0, task.clusters, o0.lr or task.schedule.lr, o0.steps
+        )
+        self.distill_stage_ = f"distill-{self.preset}" if own else f"distill-custom-{key.rsplit('-', 1)[1]}"
 
     def outcomes(
         self, delete: np.ndarray, x: torch.Tensor, y: torch.Tensor, objective: str | Objective
@@ -150,7 +209,7 @@ class DDM(Attributor):
     def _scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
         fit = self.fit_matrix(x, y, objective)
         self.last_fit_ = fit
-        name = f"ddm-{self.preset_name}"
+        name = f"ddm-{self.preset}"
         if self.clusters == "index":
             a = self.units_.assignment
             share = fit.w[a] / np.bincount(a, minlength=self.units_.n_clusters)[a, None]

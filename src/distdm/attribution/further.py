@@ -25,7 +25,9 @@ import torch
 
 from ..engine import Schedule, State, predict, train_variants, variants_per_chunk
 from ..errors import DistdmError
+from ..intervals import t_interval
 from ..objectives import Objective, get_objective, objective_name
+from ..progress import Progress, StageProgress, check_progress, progress_bar
 from ..scores import Scores
 from ..task import Task, check_memory_budget
 from .base import Attributor, register
@@ -57,7 +59,8 @@ class FurtherTraining(Attributor):
     executor (distdm.executors; default the task's, else in-process): runs the chunks, e.g. on Ray;
     then a seed's unfinished chunks go out in one engine call. memory_budget_bytes (default the
     task's): trains fewer variants at once than a chunk if one would not fit. Results do not depend
-    on the executor or the budget.
+    on the executor or the budget. progress (distdm.progress: False, True or a callable): one stage
+    'further training' over every seed and chunk.
     """
 
     def __init__(
@@ -75,11 +78,12 @@ class FurtherTraining(Attributor):
         centre: bool = False,
         chunk_size: int | None = None,
         stage: str = "further",
-        progress: bool = False,
+        progress: Progress = False,
         executor: object = None,
         memory_budget_bytes: int | None = None,
     ):
         check_memory_budget(memory_budget_bytes)
+        check_progress(progress)
         if not isinstance(epochs, int) or epochs < 0:
             raise DistdmError(f"epochs must be an integer >= 0, got {epochs!r}")
         rec = sorted({int(e) for e in record}) if record is not None else [epochs]
@@ -155,47 +159,60 @@ class FurtherTraining(Attributor):
         executor = task.executor if self.executor is None else self.executor
         # states_[e][s]: stacked states (1 + left-out units) at recorded epoch e, seed s
         self.states_: list[list[State]] = [[] for _ in self.record]
-        for seed in self.seeds:
-
-            def cached(c: int, seed: int = seed) -> tuple[str, str, bool]:
-                key = f"{self.stage}/seed{seed}/chunk{c}"
-                name = f"{self.stage}/seed{seed}_chunk{c}.safetensors"
-                return key, name, store is not None and store.is_done(key) and store.has(name)
-
-            trained: dict[int, list[State]] = {}
-            todo = [c for c in range(len(chunks)) if not cached(c)[2]]
-            if executor is not None and todo:  # every unfinished chunk in one engine call
-                rows = torch.cat([weights[chunks[c]] for c in todo])
-                together = self._train(task, rows, seed, size, executor)
-                at = 0
-                for c in todo:
-                    n = chunks[c].stop - chunks[c].start
-                    trained[c] = [{k: v[at : at + n].contiguous() for k, v in st.items()} for st in together]
-                    at += n
-            parts: list[list[State]] = [[] for _ in self.record]
-            for c, sl in enumerate(chunks):
-                key, name, done = cached(c)
-                if done:
-                    per_epoch = _split_epochs(store.load_tensors(name), self.record)  # type: ignore[union-attr]
-                else:
-                    per_epoch = trained[c] if c in trained else self._train(task, weights[sl], seed)
-                    if store is not None:
-                        flat = {f"epoch{e}:{k}": v for e, st in zip(self.record, per_epoch, strict=True)
-                                for k, v in st.items()}  # fmt: skip
-                        store.save_tensors(name, flat)
-                        store.mark_done(key)
-                for i, st in enumerate(per_epoch):
-                    parts[i].append(st)
-            for i in range(len(self.record)):
-                self.states_[i].append({k: torch.cat([p[k] for p in parts[i]]) for k in parts[i][0]})
+        # one stage over every seed and chunk (in variant-epochs), not one bar per engine call
+        total = len(self.seeds) * int(weights.shape[0]) * self.epochs
+        with progress_bar(total, "further training", self.progress) as bar:
+            for seed in self.seeds:
+                self._fit_seed(task, weights, chunks, size, seed, executor, bar)
         if store is not None:
             store.mark_done(self.stage, seeds=len(self.seeds), variants=int(weights.shape[0]))
+
+    def _fit_seed(
+        self, task: Task, weights: torch.Tensor, chunks: list[slice], size: int, seed: int,
+        executor: object, bar: StageProgress,
+    ) -> None:  # fmt: skip
+        """Further-train (or load) every chunk of one shuffle seed and append its states."""
+        store = task.store
+
+        def cached(c: int) -> tuple[str, str, bool]:
+            key = f"{self.stage}/seed{seed}/chunk{c}"
+            name = f"{self.stage}/seed{seed}_chunk{c}.safetensors"
+            return key, name, store is not None and store.is_done(key) and store.has(name)
+
+        trained: dict[int, list[State]] = {}
+        todo = [c for c in range(len(chunks)) if not cached(c)[2]]
+        if executor is not None and todo:  # every unfinished chunk in one engine call
+            rows = torch.cat([weights[chunks[c]] for c in todo])
+            together = self._train(task, rows, seed, bar, size, executor)
+            at = 0
+            for c in todo:
+                n = chunks[c].stop - chunks[c].start
+                trained[c] = [{k: v[at : at + n].contiguous() for k, v in st.items()} for st in together]
+                at += n
+        parts: list[list[State]] = [[] for _ in self.record]
+        for c, sl in enumerate(chunks):
+            key, name, done = cached(c)
+            if done:
+                per_epoch = _split_epochs(store.load_tensors(name), self.record)  # type: ignore[union-attr]
+                bar.advance((sl.stop - sl.start) * self.epochs)
+            else:
+                per_epoch = trained[c] if c in trained else self._train(task, weights[sl], seed, bar)
+                if store is not None:
+                    flat = {f"epoch{e}:{k}": v for e, st in zip(self.record, per_epoch, strict=True)
+                            for k, v in st.items()}  # fmt: skip
+                    store.save_tensors(name, flat)
+                    store.mark_done(key)
+            for i, st in enumerate(per_epoch):
+                parts[i].append(st)
+        for i in range(len(self.record)):
+            self.states_[i].append({k: torch.cat([p[k] for p in parts[i]]) for k in parts[i][0]})
 
     def _train(
         self,
         task: Task,
         weights: torch.Tensor,
         seed: int,
+        progress: Progress = False,
         chunk_size: int | None = None,
         executor: object = None,
     ) -> list[State]:
@@ -211,7 +228,7 @@ class FurtherTraining(Attributor):
         res = train_variants(
             task.model, task.data.x_train, task.data.y_train, schedule,
             weights=weights, init=task.final, loss=task.loss, reduction=task.reduction,
-            record=record, strategy=task.strategy, progress=self.progress, chunk_size=size,
+            record=record, strategy=task.strategy, progress=progress, chunk_size=size,
             executor=executor,
         )  # fmt: skip
         if res.trajectory is None:
@@ -328,14 +345,9 @@ def agreement(method: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def interval(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean over finite values and its 95% interval (mean +- 1.96 standard errors)."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(v.mean())
-    half = 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
-    return mean, mean - half, mean + half
+    """Mean over finite values and its 95% Student-t interval, clipped to a correlation's [-1, 1]."""
+    iv = t_interval(values, bounds=(-1.0, 1.0))
+    return iv.mean, iv.low, iv.high
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,7 +494,7 @@ def further_agreement(
     stage: str | None = None,
     executor: object = None,
     memory_budget_bytes: int | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> list[AgreementRow]:
     """Fit the further-training gold standard once (recording every epoch count in `epochs`) and
     return each method's agreement with it per epoch count and number of seeds averaged, labelled

@@ -26,10 +26,14 @@ import torch
 from ..errors import DistdmError
 from ..hessian import (
     FlatModel,
+    LinearGrads,
     flat_model,
     iter_per_sample_grads,
+    linear_grads,
     objective_grads,
+    objective_linear_grads,
     output_jacobian,
+    per_sample_linear_grads,
 )
 from ..objectives import Objective, get_objective, objective_name
 from ..scores import Scores
@@ -38,6 +42,7 @@ from .base import Attributor, register
 
 EXPANSIONS = ("auto", "linear", "outputs")
 CACHE_LIMIT_BYTES = 1 << 30  # cache_grads='auto' keeps training gradients up to this size
+TrainCache = LinearGrads | torch.Tensor | None  # what fit keeps of one state's training gradients
 
 
 def expansion_for(objective: Objective, ref: torch.Tensor, y: torch.Tensor) -> str:
@@ -67,6 +72,24 @@ def query_rows(
     if expansion == "linear":
         return objective_grads(fm, x, y, objective, ref, chunk=chunk)
     return output_jacobian(fm, x, chunk=max(1, chunk // 4)).reshape(-1, fm.n_params)
+
+
+def query_linear_grads(
+    fm: FlatModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objective: Objective,
+    ref: torch.Tensor,
+    expansion: str,
+    *,
+    chunk: int = 256,
+) -> LinearGrads | None:
+    """query_rows as factors (hessian.LinearGrads, rows in the same order), or None where the
+    model does not allow them."""
+    if expansion == "linear":
+        return objective_linear_grads(fm, x, y, objective, ref, chunk=chunk)
+    f = linear_grads(fm, x, None, chunk=max(1, chunk // 4))
+    return None if f is None else f.flat_rows()
 
 
 def finish_scores(
@@ -114,9 +137,12 @@ class GradientAttributor(Attributor):
     unit: 'cluster' (per-sample scores summed over each cluster's members) or 'sample'.
     params: 'all', 'last' (the last linear layer only) or a list of parameter names.
     expansion: 'auto', 'linear' or 'outputs' (see the module docstring).
-    chunk: samples per vmapped gradient batch (memory: chunk x P floats).
-    cache_grads: keep the training gradients (N x P floats, per checkpoint for TracIn) from fit;
-    False recomputes them in every `scores` call; 'auto' caches when that takes at most 1 GiB.
+    chunk: samples per gradient batch (memory: chunk x P floats).
+    cache_grads: keep the training gradients (per checkpoint for TracIn) from fit; False
+    recomputes them in every `scores` call; 'auto' caches when that takes at most 1 GiB.
+    Where every parameter scored is an nn.Linear one (MLPs, or params='last'), the gradients are
+    kept factored (hessian.LinearGrads: N x (d_in + d_out) floats per layer instead of N x P) and
+    never formed: products with them are small matrix products per layer.
     """
 
     def __init__(
@@ -145,7 +171,9 @@ class GradientAttributor(Attributor):
     # offline ------------------------------------------------------------------------------
     def _fit(self, task: Task) -> None:
         self.fm_ = flat_model(task, task.final, self.params)
-        self.grads_ = self._compute_grads(self.fm_) if self._caching(task, 1) else None
+        cache = self._train_cache(self.fm_, 1)
+        self.factors_ = cache if isinstance(cache, LinearGrads) else None
+        self.grads_ = cache if isinstance(cache, torch.Tensor) else None  # dense (N, P), or None
         self._prepare(task)
 
     def _prepare(self, task: Task) -> None:  # noqa: B027 - optional hook
@@ -157,17 +185,41 @@ class GradientAttributor(Attributor):
         size = copies * task.data.n_train * self.fm_.n_params * self.fm_.theta.element_size()
         return size <= CACHE_LIMIT_BYTES
 
+    def _train_cache(self, fm: FlatModel, copies: int) -> TrainCache:
+        """What fit keeps of the training gradients at fm (`copies` states are kept alike): their
+        factors, the dense gradients, or nothing (recomputed per call)."""
+        if self.cache_grads is False:
+            return None
+        f = self._factors(fm)
+        if f is not None:
+            return f if self.cache_grads is True or copies * f.nbytes <= CACHE_LIMIT_BYTES else None
+        return self._compute_grads(fm) if self._caching(self.task_, copies) else None
+
+    def _factors(self, fm: FlatModel) -> LinearGrads | None:
+        d = self.task_.data
+        return per_sample_linear_grads(fm, d.x_train, d.y_train, self.task_.loss, chunk=self.chunk)
+
+    def _cached(self, fm: FlatModel, cached: TrainCache) -> TrainCache:
+        if cached is None and fm is self.fm_:
+            return self.factors_ if self.factors_ is not None else self.grads_
+        return cached
+
     def _compute_grads(self, fm: FlatModel) -> torch.Tensor:
         d = self.task_.data
         return torch.cat([g for _, g in iter_per_sample_grads(fm, d.x_train, d.y_train, self.task_.loss,
                                                               chunk=self.chunk)])  # fmt: skip
 
     def train_grads(
-        self, fm: FlatModel | None = None, cached: torch.Tensor | None = None
+        self, fm: FlatModel | None = None, cached: TrainCache = None
     ) -> Iterator[tuple[slice, torch.Tensor]]:
         """Yield (slice, per-sample training gradients) chunk by chunk, from the cache if any."""
         fm = fm or self.fm_
-        cached = cached if cached is not None else (self.grads_ if fm is self.fm_ else None)
+        cached = self._cached(fm, cached)
+        if isinstance(cached, LinearGrads):
+            for i in range(0, cached.n, self.chunk):
+                sl = slice(i, min(i + self.chunk, cached.n))
+                yield sl, cached.dense(sl)
+            return
         if cached is not None:
             n = cached.shape[0]
             for i in range(0, n, self.chunk):
@@ -176,6 +228,33 @@ class GradientAttributor(Attributor):
             return
         d = self.task_.data
         yield from iter_per_sample_grads(fm, d.x_train, d.y_train, self.task_.loss, chunk=self.chunk)
+
+    def train_products(
+        self, rows: torch.Tensor | LinearGrads, fm: FlatModel | None = None, cached: TrainCache = None
+    ) -> torch.Tensor:
+        """rows (R, P), dense or factored, times every per-sample training gradient at fm (default
+        the fitted state): (R, N). Factors on both sides need no gradient formed at all."""
+        fm = fm or self.fm_
+        cached = self._cached(fm, cached)
+        if cached is None:
+            cached = self._factors(fm)
+        if isinstance(rows, LinearGrads):
+            if isinstance(cached, LinearGrads):
+                return rows.gram(cached)
+            rows = rows.dense()
+        if isinstance(cached, LinearGrads):
+            return cached.dot(rows, chunk=self.chunk)
+        return dot_chunks(rows, self.train_grads(fm, cached), self.task_.data.n_train)
+
+    def train_norms(self, fm: FlatModel | None = None, cached: TrainCache = None) -> torch.Tensor:
+        """Norm of every per-sample training gradient at fm (default the fitted state): (N,)."""
+        fm = fm or self.fm_
+        cached = self._cached(fm, cached)
+        if cached is None:
+            cached = self._factors(fm)
+        if isinstance(cached, LinearGrads):
+            return cached.sq_norms().sqrt()
+        return torch.cat([g.norm(dim=1) for _, g in self.train_grads(fm, cached)])
 
     def _sgd_step(self) -> float:
         """lr * epochs / batch size: how far SGD moved along one sample's gradient in training."""
@@ -203,6 +282,23 @@ class GradientAttributor(Attributor):
     ) -> torch.Tensor:
         return query_rows(fm, x, y, obj, ref, expansion, chunk=self.chunk)
 
+    def _query_grads(
+        self,
+        fm: FlatModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        obj: Objective,
+        ref: torch.Tensor,
+        expansion: str,
+    ) -> torch.Tensor | LinearGrads:
+        """The query rows as factors where the model allows, else dense (`_rows`). A `_rows` set on
+        the instance (applications.diagnose averages the queries' rows) is always used."""
+        if "_rows" not in vars(self):
+            f = query_linear_grads(fm, x, y, obj, ref, expansion, chunk=self.chunk)
+            if f is not None:
+                return f
+        return self._rows(fm, x, y, obj, ref, expansion)
+
     def _products(
         self, x: torch.Tensor, y: torch.Tensor, obj: Objective, ref: torch.Tensor, expansion: str
     ) -> torch.Tensor:
@@ -217,8 +313,7 @@ class GradDot(GradientAttributor):
     def _products(
         self, x: torch.Tensor, y: torch.Tensor, obj: Objective, ref: torch.Tensor, expansion: str
     ) -> torch.Tensor:
-        rows = self._rows(self.fm_, x, y, obj, ref, expansion)
-        d = dot_chunks(rows, self.train_grads(), self.task_.data.n_train)
+        d = self.train_products(self._query_grads(self.fm_, x, y, obj, ref, expansion))
         return d if expansion == "linear" else d * self._sgd_step()
 
 
@@ -227,18 +322,19 @@ class GradCos(GradientAttributor):
     """Grad-Cos: cosine between grad f(query) and grad L(z_i) at the final model."""
 
     def _prepare(self, task: Task) -> None:
-        norms = torch.cat([g.norm(dim=1) for _, g in self.train_grads()])
+        norms = self.train_norms()
         self.grad_norms_ = norms
         self.mean_norm_ = float(norms.mean())
 
     def _products(
         self, x: torch.Tensor, y: torch.Tensor, obj: Objective, ref: torch.Tensor, expansion: str
     ) -> torch.Tensor:
-        rows = self._rows(self.fm_, x, y, obj, ref, expansion)
+        rows = self._query_grads(self.fm_, x, y, obj, ref, expansion)
+        # dividing the products by the gradients' norms = the products with unit gradients
+        d = self.train_products(rows) / self.grad_norms_.clamp_min(1e-30)
         if expansion == "linear":
-            rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        unit_grads = ((sl, g / self.grad_norms_[sl, None].clamp_min(1e-30)) for sl, g in self.train_grads())
-        d = dot_chunks(rows, unit_grads, self.task_.data.n_train)
+            norms = rows.sq_norms().sqrt() if isinstance(rows, LinearGrads) else rows.norm(dim=1)
+            d = d / norms.clamp_min(1e-30)[:, None]
         return d if expansion == "linear" else d * self._sgd_step() * self.mean_norm_
 
 
@@ -272,9 +368,8 @@ class TracIn(GradientAttributor):
         self.checkpoints_ = cps
         self.fms_ = [flat_model(task, task.trajectory[c], self.params) for c in cps]
         self.fm_ = self.fms_[-1]
-        self.grads_ = None
-        cache = self._caching(task, len(self.fms_))
-        self.cp_grads_ = [self._compute_grads(fm) for fm in self.fms_] if cache else None
+        self.grads_ = self.factors_ = None
+        self.cp_grads_: list[TrainCache] = [self._train_cache(fm, len(self.fms_)) for fm in self.fms_]
 
     def _products(
         self, x: torch.Tensor, y: torch.Tensor, obj: Objective, ref: torch.Tensor, expansion: str
@@ -283,8 +378,7 @@ class TracIn(GradientAttributor):
         step = s.lr if expansion == "linear" else s.lr / min(s.batch_size or n, n)
         total = torch.zeros(0)
         for i, fm in enumerate(self.fms_):
-            rows = self._rows(fm, x, y, obj, ref, expansion)
-            cached = self.cp_grads_[i] if self.cp_grads_ is not None else None
-            d = dot_chunks(rows, self.train_grads(fm, cached), n) * step
+            rows = self._query_grads(fm, x, y, obj, ref, expansion)
+            d = self.train_products(rows, fm, self.cp_grads_[i]) * step
             total = d if i == 0 else total + d
         return total

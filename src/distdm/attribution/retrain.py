@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,9 +27,13 @@ import torch
 from ..engine import State, predict
 from ..errors import DistdmError
 from ..objectives import Objective, get_objective, objective_name
+from ..progress import Progress, StageProgress, check_progress, progress_bar
 from ..scores import Scores
 from ..task import Task, check_memory_budget
 from .base import Attributor, register
+
+if TYPE_CHECKING:
+    from ..store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +94,7 @@ def retrain_masks(
     unit: str = "cluster",
     tag: str | None = None,
     chunk_size: int = DEFAULT_CHUNK,
-    progress: bool = False,
+    progress: Progress = False,
     executor: object = None,
     memory_budget_bytes: int | None = None,
 ) -> State:
@@ -102,6 +107,8 @@ def retrain_masks(
     the unfinished chunks then go out in one engine call and are saved when it returns.
     memory_budget_bytes (default the task's): trains fewer variants at once than a chunk if one
     chunk would not fit; results do not depend on the executor or the budget.
+    progress (see distdm.progress): one stage 'retraining' over all chunks, in variant-epochs;
+    chunks loaded from the store count as done at once.
     """
     keep_t = torch.as_tensor(np.asarray(keep) if not torch.is_tensor(keep) else keep, dtype=torch.float32)
     k = n_units(task, unit)
@@ -115,6 +122,16 @@ def retrain_masks(
         raise DistdmError("keep masks must contain only 0 (drop) and 1 (keep)")
     if chunk_size < 1:
         raise DistdmError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_progress(progress)
+    with progress_bar(len(keep_t) * task.schedule.epochs, "retraining", progress) as bar:
+        return _retrain_chunks(task, keep_t, seed, unit, tag, chunk_size, bar, executor, memory_budget_bytes)
+
+
+def _retrain_chunks(
+    task: Task, keep_t: torch.Tensor, seed: int | None, unit: str, tag: str | None, chunk_size: int,
+    progress: StageProgress, executor: object, memory_budget_bytes: int | None,
+) -> State:  # fmt: skip
+    """`retrain_masks` after its checks: every chunk's training advances the one `progress` stage."""
     s = task.schedule.seed if seed is None else int(seed)
     store = task.store
     executor = task.executor if executor is None else executor
@@ -141,12 +158,15 @@ def retrain_masks(
     store.check_config(
         job, {"masks": masks_hash, "variants": len(keep_t), "unit": unit, "chunk_size": chunk_size}
     )
+    chunks = _chunks(len(keep_t), chunk_size)
+    cached = [sl for i, sl in enumerate(chunks) if _chunk_done(store, job, i)]
+    progress.advance(sum(sl.stop - sl.start for sl in cached) * task.schedule.epochs)
     parts: list[State] = []
     if executor is not None:
         _run_pending(task, keep_t, s, unit, job, chunk_size, progress, executor, budget)
-    for i, sl in enumerate(_chunks(len(keep_t), chunk_size)):
+    for i, sl in enumerate(chunks):
         name = f"{job}/chunk{i}"
-        if store.is_done(name) and store.has(name + ".safetensors"):
+        if _chunk_done(store, job, i):
             parts.append(store.load_tensors(name))
             continue
         t = time.perf_counter()
@@ -158,17 +178,18 @@ def retrain_masks(
     return _concat_states(parts)
 
 
+def _chunk_done(store: RunStore, job: str, i: int) -> bool:
+    return store.is_done(f"{job}/chunk{i}") and store.has(f"{job}/chunk{i}.safetensors")
+
+
 def _run_pending(
-    task: Task, keep: torch.Tensor, seed: int, unit: str, job: str, chunk_size: int, progress: bool,
-    executor: object, memory_budget_bytes: int | None,
+    task: Task, keep: torch.Tensor, seed: int, unit: str, job: str, chunk_size: int,
+    progress: StageProgress, executor: object, memory_budget_bytes: int | None,
 ) -> None:  # fmt: skip
     """Retrain every unfinished chunk of a job in one engine call through the executor; save each."""
     store = task.store
     assert store is not None
-    todo = [
-        (i, sl) for i, sl in enumerate(_chunks(len(keep), chunk_size))
-        if not (store.is_done(f"{job}/chunk{i}") and store.has(f"{job}/chunk{i}.safetensors"))
-    ]  # fmt: skip
+    todo = [(i, sl) for i, sl in enumerate(_chunks(len(keep), chunk_size)) if not _chunk_done(store, job, i)]
     if not todo:
         return
     t = time.perf_counter()
@@ -232,7 +253,8 @@ class ExactRetrain(Attributor):
 
     Settings: seeds (None: the task's own seed only; put the task's seed first so that per-seed
     index 0 is the model other methods explain), unit ('cluster' or 'sample'), chunk_size (variants
-    per cached chunk), progress, executor (distdm.executors; default the task's, else in-process),
+    per cached chunk), progress (distdm.progress: False, True or a callable; one stage over every
+    seed and chunk), executor (distdm.executors; default the task's, else in-process),
     memory_budget_bytes (bytes one engine call may use; default the task's). The reference
     outputs an objective sees are those of the all-kept model of the same seed.
     """
@@ -242,11 +264,12 @@ class ExactRetrain(Attributor):
         seeds: Sequence[int] | None = None,
         unit: str = "cluster",
         chunk_size: int = DEFAULT_CHUNK,
-        progress: bool = False,
+        progress: Progress = False,
         executor: object = None,
         memory_budget_bytes: int | None = None,
     ):
         check_memory_budget(memory_budget_bytes)
+        check_progress(progress)
         if seeds is not None and (len(seeds) == 0 or len(set(seeds)) != len(seeds)):
             raise DistdmError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
         if unit not in ("cluster", "sample"):
@@ -262,20 +285,23 @@ class ExactRetrain(Attributor):
         self.seeds_ = self.seeds if self.seeds is not None else (task.schedule.seed,)
         masks = leave_one_out_masks(n_units(task, self.unit))
         tag = "loo" if self.unit == "cluster" else "loo-sample"
-        self.states_: dict[int, State] = {
-            s: retrain_masks(
-                task,
-                masks,
-                seed=s,
-                unit=self.unit,
-                tag=tag,
-                chunk_size=self.chunk_size,
-                progress=self.progress,
-                executor=self.executor,
-                memory_budget_bytes=self.memory_budget_bytes,
-            )
-            for s in self.seeds_
-        }
+        # one stage over every seed's chunks, not one bar per seed or chunk
+        total = len(self.seeds_) * len(masks) * task.schedule.epochs
+        with progress_bar(total, "exact retraining", self.progress) as bar:
+            self.states_: dict[int, State] = {
+                s: retrain_masks(
+                    task,
+                    masks,
+                    seed=s,
+                    unit=self.unit,
+                    tag=tag,
+                    chunk_size=self.chunk_size,
+                    progress=bar,
+                    executor=self.executor,
+                    memory_budget_bytes=self.memory_budget_bytes,
+                )
+                for s in self.seeds_
+            }
         recorded = [recorded_seconds(task, tag, s) for s in self.seeds_]
         # with a store: what the retrains cost when computed, also when this fit loaded them
         self.recorded_seconds_ = None if None in recorded else float(sum(recorded))  # type: ignore[arg-type]

@@ -1,0 +1,173 @@
+"""The closed-form (fast) influence-target distillation: label solve, chunking, presets."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from distdm.config import DistillConfig
+from distdm.distill import distill, finetune
+from distdm.distill_influence import (
+    EKFACCurvature,
+    LowRankCurvature,
+    ScaledIdentity,
+    cluster_bytes,
+    distill_closed_form,
+    flatten_batch,
+    label_columns,
+    make_curvature,
+    normal_equations,
+    solve_labels,
+)
+from distdm.errors import DistdmError
+from distdm.hessian import flat_model
+from distdm.models import build_model
+from distdm.presets import PRESETS, preset
+
+
+def _random_low_rank(p: int, r: int, damping: float, seed: int = 0) -> LowRankCurvature:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(p, r, generator=g))
+    return LowRankCurvature(torch.rand(r, generator=g) * 5 + 0.5, q.T.contiguous(), damping)
+
+
+class _NoGram:
+    """The same metric seen only through apply (the generic path of normal_equations)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def apply(self, v):
+        return self.inner.apply(v)
+
+
+def test_closed_form_labels_match_brute_force_least_squares():
+    model = build_model("mlp", (8,), 3, seed=0, hidden=(6,))
+    fm = flat_model(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, generator=g)
+    m = label_columns(fm, x, lr=0.1).reshape(1, -1, fm.n_params)  # (1, ipc * C = 6, P = 75)
+    # one column per (sample, class): lr times the gradient of log softmax_c at that sample
+    logp = lambda th: torch.log_softmax(fm.outputs(th, x[1:2])[0], -1)[2]  # noqa: E731
+    torch.testing.assert_close(m[0, 5], 0.1 * torch.func.grad(logp)(fm.theta))
+    d = torch.randn(1, fm.n_params, generator=g)
+    for metric in (_random_low_rank(fm.n_params, 4, 0.1), ScaledIdentity(2.0)):
+        y = solve_labels(*normal_equations(m, metric, metric.apply(d)))
+        dense = metric.apply(torch.eye(fm.n_params, dtype=torch.float64).float()).double()
+        chol = torch.linalg.cholesky(0.5 * (dense + dense.T))
+        # brute force: min ||L^T (M^T y - d)||^2 as an explicit least-squares problem, minimum norm
+        # (the columns of a sample, weighted by its probabilities, sum to zero: a rank cut-off)
+        lhs, rhs = chol.T @ m[0].double().T, chol.T @ d[0].double()
+        y_ls = torch.linalg.lstsq(lhs, rhs, rcond=1e-6, driver="gelsd").solution
+        step, step_ls = y[0].double() @ m[0].double(), y_ls @ m[0].double()
+        torch.testing.assert_close(step, step_ls, rtol=1e-4, atol=1e-5)
+        err, err_ls = ((lhs @ y[0].double() - rhs) ** 2).sum(), ((lhs @ y_ls - rhs) ** 2).sum()
+        assert float(err) <= float(err_ls) * (1 + 1e-5)
+        assert float(err) < float((rhs**2).sum())  # better than no step
+    low = _random_low_rank(fm.n_params, 4, 0.1)
+    # the low-rank gram shortcut equals the generic M (A M)^T
+    torch.testing.assert_close(low.gram(m), normal_equations(m, _NoGram(low), d)[0], rtol=1e-4, atol=1e-6)
+
+
+def test_curvatures_invert_their_products(tiny_task):
+    p = flat_model(tiny_task).n_params
+    v = torch.randn(3, p, generator=torch.Generator().manual_seed(0))
+    low = _random_low_rank(p, 5, 0.05)
+    torch.testing.assert_close(low.apply(low.solve(v)), v, rtol=1e-3, atol=1e-4)
+    ek = make_curvature(tiny_task, DistillConfig(target="influence", solver="closed-form", curvature="ekfac"))
+    assert isinstance(ek, EKFACCurvature) and ek.nbytes > 0
+    torch.testing.assert_close(ek.apply(ek.solve(v)), v, rtol=1e-3, atol=1e-3)
+
+
+FAST = DistillConfig(
+    target="influence", ipc=2, soft_labels=True, solver="closed-form", hessian_rank=20,
+    hessian_subsample=256, input_steps=4, label_solves=2, lr_img=0.03,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("steps", [0, 4])
+def test_small_memory_budget_chunks_and_gives_the_same_synset(tiny_task, steps):
+    cfg = FAST.replace(input_steps=steps, label_solves=1 + (steps > 0))
+    curv = make_curvature(tiny_task, cfg)
+    whole = distill_closed_form(tiny_task, cfg, curvature=curv)
+    k = tiny_task.clusters.n_clusters
+    assert whole.info["clusters_per_chunk"] >= k
+    per = cluster_bytes(flat_model(tiny_task).n_params, cfg.ipc, 10)
+    small = dataclasses.replace(tiny_task, memory_budget_bytes=curv.nbytes + 4 * per)
+    chunked = distill_closed_form(small, cfg, curvature=curv)
+    assert chunked.info["clusters_per_chunk"] == 4 < k
+    # labels alone: the same up to float rounding; Adam's first steps move inputs by about lr_img
+    # whatever the gradient's size, so rounding-level gradients leave differences far below lr_img
+    tol = 1e-5 if steps == 0 else 0.1 * cfg.lr_img
+    torch.testing.assert_close(chunked.x, whole.x, rtol=0, atol=tol)
+    # labels are unique only up to y_j + t p_j (invisible to the step): compare the steps themselves
+    eye = torch.eye(k)
+    a, b = finetune(tiny_task, chunked, eye), finetune(tiny_task, whole, eye)
+    for name, v in a.items():
+        step_a, step_b = v - tiny_task.final[name], b[name] - tiny_task.final[name]
+        scale = float(step_b.abs().max())
+        torch.testing.assert_close(step_a, step_b, rtol=0, atol=(1e-3 if steps == 0 else 0.05) * scale)
+    rel = 1e-4 if steps == 0 else 1e-2
+    assert chunked.info["loss_history"] == pytest.approx(whole.info["loss_history"], rel=rel)
+
+
+def test_fast_preset_synset_steps_reproduce_the_target_better_than_initial_labels(tiny_task):
+    from distdm.distill import _cluster_batches, cluster_gradients, init_synset, synthetic_gradients
+
+    cfg = preset("fast", epochs=tiny_task.schedule.epochs)[0].replace(hessian_rank=30)
+    syn = distill(tiny_task, cfg)
+    assert syn.info["loss_history"][-1] < syn.info["loss_history"][0] < 1.0
+    # the target d_k = A^-1 g_k / N and the metric, rebuilt here
+    curv = make_curvature(tiny_task, cfg)
+    fm = flat_model(tiny_task)
+    import numpy as np
+
+    idx, mask = _cluster_batches(tiny_task.clusters, np.random.default_rng(0), 10**9)
+    b = flatten_batch(cluster_gradients(tiny_task, tiny_task.final, idx, mask, mean=False), fm.names)
+    d = curv.solve(b / len(tiny_task.clusters.assignment))
+
+    def rel_err(delta):
+        diff = delta - d
+        return (diff * curv.apply(diff)).sum(-1) / (d * curv.apply(d)).sum(-1)
+
+    k = syn.n_clusters
+    states = finetune(tiny_task, syn, torch.eye(k))  # the online stage's own fine-tune
+    delta = flatten_batch({n: states[n] - tiny_task.final[n] for n in fm.names}, fm.names)
+    x0, onehot, _ = init_synset(tiny_task, tiny_task.clusters, cfg.ipc, cfg.seed)
+    lr = tiny_task.schedule.lr
+    g0 = synthetic_gradients(tiny_task, tiny_task.final, x0, onehot, cfg.ipc, mean=False)
+    initial = -lr * flatten_batch({n: v.detach() for n, v in g0.items()}, fm.names)
+    assert float(rel_err(delta).median()) < 0.5 * float(rel_err(initial).median())
+    assert float(rel_err(delta).median()) < 1.0  # better than the zero step
+    assert float(rel_err(delta).median()) == pytest.approx(syn.info["relative_error_median"], rel=0.05)
+
+
+def test_old_default_stays_selectable_by_name():
+    assert {"paper", "default", "influence-adam", "fast"} <= set(PRESETS)
+    d, o = preset("influence-adam", epochs=30)
+    # the settings the 'default' preset had before the closed-form solver (RESULTS.md, DDM variants)
+    assert (d.target, d.ipc, d.soft_labels, d.metric, d.hessian_rank, d.iterations) == (
+        "influence", 4, True, "hessian", 200, 1000,
+    )  # fmt: skip
+    assert (d.lr_img, d.lr_label, d.damping, d.solver, d.hessian_subsample) == (
+        0.03,
+        0.03,
+        0.01,
+        "adam",
+        None,
+    )
+    assert (o.perturbations_per_cluster, o.steps) == (4.0, 1)
+    assert preset("fast", epochs=30) == preset("default", epochs=30)
+    assert preset("fast", epochs=30)[0].solver == "closed-form"
+    from distdm.attribution.ddm import DDM
+
+    assert DDM("influence-adam").preset == "influence-adam"
+
+
+def test_closed_form_refuses_a_curvature_without_a_cheap_inverse(tiny_task):
+    with pytest.raises(DistdmError, match="hessian_rank"):
+        distill(tiny_task, FAST.replace(hessian_rank=None))
+    with pytest.raises(DistdmError, match="solver"):
+        DistillConfig(target="influence", curvature="ekfac")
+    with pytest.raises(DistdmError, match="solver"):
+        DistillConfig(solver="lbfgs")
