@@ -203,7 +203,11 @@ def cluster(
 def distill(
     ctx: typer.Context,
     run: Path = RUN,
-    preset: str = typer.Option("default", help="default (measured best) or paper (literal)."),
+    preset: str = typer.Option(
+        "default",
+        help="default (closed-form labels: measured best for its cost), influence-adam (the previous "
+        "default, 8x the offline cost), paper (the paper, literally).",
+    ),
     executor: str = EXECUTOR,
     address: str = ADDRESS,
     memory_budget: float = MEMORY_BUDGET,
