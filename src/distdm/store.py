@@ -134,8 +134,6 @@ def settings_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return []
 
 
-_diff = settings_diff  # the name other modules imported before it was public
-
 
 class RunStore:
     """A run directory on disk; creating one writes an empty manifest, opening one validates it.
