@@ -360,3 +360,21 @@ def test_a_run_made_before_theta0_was_recorded_takes_it_from_the_trajectory(tmp_
     for k, v in opened.trajectory()[0].items():
         assert torch.equal(fresh.state_dict()[k], v), k
     assert opened.store.has("model-init.safetensors")  # recorded now, for the next time
+
+
+def test_reset_of_a_distill_stage_removes_its_synset_and_the_stage_records_the_distillation_cost(
+    tmp_path, small
+):
+    run = Run(tmp_path / "run", small, "mlp", train=TC, model_kwargs={"hidden": (8,)})
+    run.train()
+    run.cluster(ClusterConfig(per_class=2, n_init=1))
+    settings = {"hessian_rank": 5, "input_steps": 2}
+    ddm = run.attributor("ddm", distill=settings)
+    stage, key = ddm.distill_stage_, ddm.synset_key_
+    recorded = run.store.stage_info(stage)
+    assert recorded["seconds"] == ddm.recorded_seconds_  # what distilling cost, not the wall time of fit
+    assert run.store.has(f"{key}.safetensors")
+    run.store.reset(stage)
+    assert not run.store.has(f"{key}.safetensors") and not run.store.is_done(stage)
+    again = Run.open(tmp_path / "run", data=small).attributor("ddm", distill=settings)
+    assert again.synset_key_ == key and again.recorded_seconds_ != recorded["seconds"]  # distilled anew

@@ -240,14 +240,19 @@ def calibrate(
     return (real_norm / n / syn_norm.clamp_min(1e-12)).float()
 
 
-def warn_on_cosines(cosines: dict[str, float]) -> None:
+TRAJECTORY_HINT = "use soft labels or the influence target"
+INFLUENCE_HINT = "raise ipc, hessian_rank or input_steps, or check the target model's training"
+
+
+def warn_on_cosines(cosines: dict[str, float], hint: str = TRAJECTORY_HINT) -> None:
     """Log a warning for every layer whose matching cosine stayed <= 0 (SPEC.md section 6)."""
     bad = {k: round(v, 3) for k, v in cosines.items() if v <= 0}
     if bad:
         log.warning(
             "distillation did not match the gradients of %s (cosine <= 0): fine-tuning on this synset "
-            "will not emulate removal in those layers; use soft labels or the influence target",
+            "will not emulate removal in those layers; %s",
             bad,
+            hint,
         )
 
 

@@ -33,7 +33,14 @@ import torch
 
 from .clusters import Clusters
 from .config import DistillConfig
-from .distill import _cluster_batches, cluster_gradients, init_synset, synthetic_gradients, warn_on_cosines
+from .distill import (
+    INFLUENCE_HINT,
+    _cluster_batches,
+    cluster_gradients,
+    init_synset,
+    synthetic_gradients,
+    warn_on_cosines,
+)
 from .errors import DistdmError
 from .hessian import arnoldi, cg, flat_model, hvp, iter_per_sample_grads, stochastic_hvp
 from .progress import progress_bar
@@ -224,7 +231,7 @@ def distill_influence(
     }
     if not np.isfinite(history[-1]):
         raise DistdmError("influence-target distillation diverged: lower lr_img / lr_label")
-    warn_on_cosines(cosines)
+    warn_on_cosines(cosines, INFLUENCE_HINT)
     info: dict[str, Any] = {
         "config": cfg.to_dict(),
         "loss_history": history[:: max(1, len(history) // 200)],
@@ -578,7 +585,7 @@ def distill_closed_form(
     cosines = {key: v / k_total for key, v in cos_sum.items()}
     if not all(np.isfinite(float(s.mean())) for s in stages):
         raise DistdmError("closed-form distillation diverged: lower lr_img or input_steps, or raise damping")
-    warn_on_cosines(cosines)
+    warn_on_cosines(cosines, INFLUENCE_HINT)
     info: dict[str, Any] = {
         "config": cfg.to_dict(),
         "loss_history": [float(s.mean()) for s in stages],

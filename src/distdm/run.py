@@ -416,11 +416,16 @@ class Run:
         stage = ddm.distill_stage_  # type: ignore[attr-defined]  # distill-<preset> or distill-custom-<digest>
         if not self.store.is_done(stage):
             info = ddm.synset_.info  # type: ignore[attr-defined]
+            key = ddm.synset_key_  # type: ignore[attr-defined]
+            recorded = ddm.recorded_seconds_  # type: ignore[attr-defined]
             self.store.mark_done(
                 stage,
-                seconds=time.perf_counter() - t,
+                # a synset loaded from the cache reports what distilling it cost, not the load
+                seconds=time.perf_counter() - t if recorded is None else recorded,
                 forgetting=info.get("forgetting"),
                 layer_cosine=info.get("layer_cosine"),
+                # `distdm reset RUN STAGE` removes the synset too, so the stage really runs again
+                artifacts=[f"{key}.safetensors", f"{key}.json"],
             )
         return ddm
 

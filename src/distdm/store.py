@@ -134,7 +134,6 @@ def settings_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return []
 
 
-
 class RunStore:
     """A run directory on disk; creating one writes an empty manifest, opening one validates it.
 
@@ -332,9 +331,11 @@ class RunStore:
         with self._locked(f"reset stage '{stage}'"):
             m, _ = self._load()
             m["configs"].pop(stage, None)
+            owned: set[str] = set()  # artifacts a stage names as its own (e.g. its synset)
             for done in [s for s in m["stages"] if ours(s)]:
+                owned.update(m["stages"][done].get("artifacts", []))
                 del m["stages"][done]
-            gone = [a for a in m["artifacts"] if ours(a)]
+            gone = [a for a in m["artifacts"] if ours(a) or a in owned]
             for name in gone:
                 del m["artifacts"][name]
             # unlisted first, removed second: a crash in between leaves files nobody trusts

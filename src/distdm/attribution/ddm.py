@@ -153,6 +153,7 @@ class DDM(Attributor):
         # the run-manifest stage of this synset: the preset's name for the preset's own synset, else
         # a digest of what made it, so that two custom settings keep their own diagnostics
         key = synset_key(self.distill_config_, self.units_, lr, self.online_.steps)
+        self.synset_key_ = key
         d0, o0 = preset_settings(self.preset, epochs=task.schedule.epochs)
         own = self.synset is None and key == synset_key(
             d0, task.clusters, o0.lr or task.schedule.lr, o0.steps
