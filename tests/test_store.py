@@ -474,3 +474,17 @@ def test_discard_removes_only_a_run_this_store_made_and_nothing_finished(tmp_pat
     kept.mark_done("train")
     assert not kept.discard() and (tmp_path / "kept" / "manifest.json").exists()
     assert not RunStore(tmp_path / "kept").discard()  # opened, not made, here
+
+
+def test_digest_identifies_content_not_order_or_container():
+    from distdm.store import digest
+
+    a = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert digest(a) == digest(a.clone()) == digest(a.numpy())
+    assert digest(a) != digest(a.reshape(3, 2))  # same bytes, another shape
+    assert digest(a) != digest(a.double())  # same values, another dtype
+    assert digest({"w": a, "b": a[0]}) == digest({"b": a[0], "w": a})
+    assert digest({"w": a}) != digest({"v": a})
+    assert digest({"lr": 0.1, "k": [1, 2]}) == digest({"k": [1, 2], "lr": 0.1})
+    assert digest({"lr": 0.1}) != digest({"lr": 0.2})
+    assert len(digest(a)) == 16 and len(digest(a, length=40)) == 40

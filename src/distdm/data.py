@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import DistdmError
+from .store import digest
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,7 @@ class TensorData:
 
     def fingerprint(self) -> str:
         """SHA-256 over shapes, dtypes and bytes of all four tensors: identifies the data of a run."""
-        h = hashlib.sha256()
-        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
-            a = t.detach().cpu().contiguous().numpy()
-            h.update(f"{a.shape}{a.dtype}".encode())
-            h.update(a.tobytes())
-        return h.hexdigest()[:16]
+        return digest(self.x_train, self.y_train, self.x_test, self.y_test)
 
 
 def _check_xy(x: torch.Tensor, y: torch.Tensor, num_classes: int, split: str) -> None:

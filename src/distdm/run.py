@@ -10,7 +10,6 @@ raises a DistdmError that says what differs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from .engine import Schedule, State, model_state
 from .errors import DistdmError
 from .models import MODELS, build_model
 from .presets import preset
-from .store import ReadOnlyRunError, RunStore, settings_diff
+from .store import ReadOnlyRunError, RunStore, digest, settings_diff
 from .synset import Synset
 from .task import Task, check_memory_budget, check_model, check_training_data, train_target
 from .userdata import is_data_path, load_data_file, load_model_spec, normalise_spec
@@ -53,14 +52,6 @@ def default_train_config(data_name: str) -> TrainConfig:
 
 
 INIT_ARTIFACT = "model-init.safetensors"  # theta_0, recorded when the run is made
-
-
-def _state_hash(state: State) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _resolve_data(
@@ -205,7 +196,7 @@ class Run:
     def _bind_model(self, cfg: dict[str, Any]) -> None:
         """Refuse another model, saying what differs; load the recorded theta_0 into a fresh module."""
         cfg["n_params"] = sum(p.numel() for p in self.model.parameters())
-        cfg["init"] = _state_hash(model_state(self.model))
+        cfg["init"] = digest(model_state(self.model))
         cfg = json.loads(json.dumps(cfg))
         stored = self.store.config("model")
         if stored is not None:
@@ -220,7 +211,7 @@ class Run:
                 )
             if theta0 is not None:
                 self.model.load_state_dict(theta0)
-                cfg["init"] = _state_hash(model_state(self.model))
+                cfg["init"] = digest(model_state(self.model))
         self.store.check_config("model", cfg)
         if not self.store.has(INIT_ARTIFACT):
             try:

@@ -26,11 +26,40 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from .errors import DistdmError
+
+Digestible = Any  # a tensor, an array, a {name: tensor} state, or JSON-able settings
+
+
+def digest(*parts: Digestible, length: int = 16) -> str:
+    """A short SHA-256 identifying content: tensors and arrays by shape, dtype and bytes, dicts of
+    tensors by sorted name and value, anything else by its sorted JSON; the one content hash of
+    every cache key and fingerprint in the library."""
+    h = hashlib.sha256()
+    for part in parts:
+        _digest_into(h, part)
+    return h.hexdigest()[:length]
+
+
+def _digest_into(h: Any, part: Digestible) -> None:
+    if torch.is_tensor(part) or isinstance(part, np.ndarray):
+        arr = (
+            part.detach().cpu().contiguous().numpy() if torch.is_tensor(part) else np.ascontiguousarray(part)
+        )
+        h.update(f"{arr.shape}{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    elif isinstance(part, dict) and part and all(torch.is_tensor(v) for v in part.values()):
+        for k in sorted(part):
+            h.update(str(k).encode())
+            _digest_into(h, part[k])
+    else:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+
 
 FORMAT = "distdm-run/1"
 LOCK_NAME = ".distdm.lock"

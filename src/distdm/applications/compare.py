@@ -15,9 +15,7 @@ Variants are written 'ARCH', 'INIT' (the reference architecture with that initia
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,7 +32,7 @@ from ..errors import DistdmError
 from ..models import INITS, MODELS, build_model
 from ..objectives import Objective
 from ..scores import Scores
-from ..store import RunStore
+from ..store import RunStore, digest
 from ..task import Task
 
 
@@ -110,8 +108,7 @@ def train_variant(
     init = model_state(model)
     settings = {"variant": variant.name, "kwargs": kwargs, "seed": seed,
                 "schedule": dataclasses.asdict(schedule), "data": data.fingerprint()}  # fmt: skip
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-    key = "compare/" + digest[:16]
+    key = "compare/" + digest(settings)
     final = None
     if store is not None and store.has(key + ".safetensors"):
         final = store.load_tensors(key)

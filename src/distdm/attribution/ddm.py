@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +20,7 @@ from ..presets import PRESETS
 from ..presets import preset as preset_settings
 from ..progress import Progress, check_progress
 from ..scores import Scores
+from ..store import digest
 from ..synset import Synset
 from ..task import Task
 from .base import Attributor, register
@@ -31,9 +30,7 @@ log = logging.getLogger(__name__)
 
 def synset_key(cfg: DistillConfig, clusters: Clusters, lr: float, steps: int) -> str:
     """A stable name for a synset made with these settings on these clusters."""
-    h = hashlib.sha256(json.dumps([cfg.to_dict(), lr, steps], sort_keys=True).encode())
-    h.update(clusters.assignment.tobytes())
-    return f"synset/{clusters.kind}-{h.hexdigest()[:12]}"
+    return f"synset/{clusters.kind}-{digest([cfg.to_dict(), lr, steps], clusters.assignment, length=12)}"
 
 
 def load_or_distill(

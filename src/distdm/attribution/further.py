@@ -12,8 +12,6 @@ Positive means removing the unit increases the objective, as everywhere in distd
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -29,6 +27,7 @@ from ..intervals import t_interval
 from ..objectives import Objective, get_objective, objective_name
 from ..progress import Progress, StageProgress, check_progress, progress_bar
 from ..scores import Scores
+from ..store import digest
 from ..task import Task, check_memory_budget
 from .base import Attributor, register
 
@@ -37,12 +36,7 @@ log = logging.getLogger(__name__)
 
 def state_digest(state: State) -> str:
     """A short SHA-256 of a state's names, shapes and values (identifies the final model)."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        a = state[k].detach().cpu().contiguous()
-        h.update(f"{k}{tuple(a.shape)}{a.dtype}".encode())
-        h.update(a.numpy().tobytes())
-    return h.hexdigest()[:16]
+    return digest(state)
 
 
 @register("further-training")
@@ -508,8 +502,7 @@ def further_agreement(
             "optimizer": optimizer, "lr": lr, "unit": unit, "chunk_size": chunk_size,
             "left_out": None if left_out is None else [int(i) for i in np.asarray(left_out).reshape(-1)],
         }  # fmt: skip
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-        stage = f"further-{optimizer}-{unit}-{digest}"
+        stage = f"further-{optimizer}-{unit}-{digest(settings, length=10)}"
     ft = FurtherTraining(
         epochs=record[-1], record=record, optimizer=optimizer, lr=lr, seeds=seeds, unit=unit,
         left_out=left_out, chunk_size=chunk_size, stage=stage, progress=progress, executor=executor,

@@ -15,7 +15,6 @@ its masks' hash and chunk size; chunk i of a job is the artifact 'retrain/<tag>/
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from ..errors import DistdmError
 from ..objectives import Objective, get_objective, objective_name
 from ..progress import Progress, StageProgress, check_progress, progress_bar
 from ..scores import Scores
+from ..store import digest
 from ..task import Task, check_memory_budget
 from .base import Attributor, register
 
@@ -40,18 +40,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 25  # variants per chunk: the unit of caching and resuming (and of one batched run)
 
 
-def _hash_arrays(*arrays: np.ndarray | torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        arr = a.detach().cpu().contiguous().numpy() if torch.is_tensor(a) else np.ascontiguousarray(a)
-        h.update(f"{arr.shape}{arr.dtype}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
 def clusters_id(task: Task) -> str:
     """A hash identifying the task's partition into clusters (assignment and cluster classes)."""
-    return _hash_arrays(np.asarray(task.clusters.assignment), np.asarray(task.clusters.cluster_class))[:16]
+    return digest(np.asarray(task.clusters.assignment), np.asarray(task.clusters.cluster_class))
 
 
 def task_identity(task: Task) -> dict[str, object]:
@@ -66,7 +57,7 @@ def task_identity(task: Task) -> dict[str, object]:
         "loss": loss,
         "reduction": task.reduction,
         "model": type(task.model).__name__,
-        "init": _hash_arrays(*[init[k] for k in sorted(init)])[:16],
+        "init": digest(*[init[k] for k in sorted(init)]),
     }
 
 
@@ -149,7 +140,7 @@ def _retrain_chunks(
             ]
         )
 
-    masks_hash = _hash_arrays(keep_t.to(torch.uint8))
+    masks_hash = digest(keep_t.to(torch.uint8), length=64)
     tag = tag or f"masks-{masks_hash[:12]}"
     if "/" in tag or not tag:
         raise DistdmError(f"retrain tag must be a non-empty name without '/', got {tag!r}")
