@@ -18,14 +18,13 @@ samples only. Neither the training set nor the target model changes.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,30 +90,10 @@ def validation_split(
     return Split(np.sort(val), np.sort(test))
 
 
-@contextlib.contextmanager
-def _mean_rows(att: Attributor) -> Iterator[None]:
-    """Make a gradient method's query side the mean over the queries (one solve instead of Q)."""
-    original = att._rows  # type: ignore[attr-defined]
-
-    def rows(*args: Any) -> torch.Tensor:
-        return original(*args).mean(0, keepdim=True)
-
-    att._rows = rows  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        del att._rows  # type: ignore[attr-defined]
-
-
 def _linear_in_queries(att: Attributor) -> bool:
-    """Gradient methods whose scores are linear in the query rows: Grad-Dot, TracIn and the influence
-    functions except FastIF (its neighbour pick depends on the queries); not Grad-Cos (it normalises
-    each query's row)."""
-    from ..attribution.gradients import GradDot, TracIn
-    from ..attribution.influence import FastIF, InfluenceFunction
-
-    linear = isinstance(att, (GradDot, TracIn, InfluenceFunction)) and not isinstance(att, FastIF)
-    return linear and att.expansion != "outputs"
+    """Methods whose scores are linear in the query rows (a class capability: Grad-Dot, TracIn and
+    the influence functions except FastIF, whose neighbour pick depends on the queries)."""
+    return bool(getattr(att, "linear_in_queries", False)) and getattr(att, "expansion", None) != "outputs"
 
 
 def validation_scores(att: Attributor, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
@@ -124,9 +103,7 @@ def validation_scores(att: Attributor, x: torch.Tensor, y: torch.Tensor) -> np.n
     clusters = task.clusters
     if _linear_in_queries(att):
         # the mean loss's gradient is the mean of the per-query gradients: one (inverse) product
-        with _mean_rows(att):
-            products = att._products(x, y, dist2, task.outputs(x), "linear")  # type: ignore[attr-defined]
-        per_sample = products[0].double().numpy()
+        per_sample = att.mean_query_products(x, y, dist2).double().cpu().numpy()  # type: ignore[attr-defined]
         out = np.zeros(clusters.n_clusters)
         np.add.at(out, clusters.assignment, per_sample)
         return out

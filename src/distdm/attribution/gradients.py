@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ..data import check_queries
 from ..errors import DistdmError
 from ..hessian import (
     FlatModel,
@@ -144,6 +145,11 @@ class GradientAttributor(Attributor):
     kept factored (hessian.LinearGrads: N x (d_in + d_out) floats per layer instead of N x P) and
     never formed: products with them are small matrix products per layer.
     """
+
+    # whether the score of the queries' mean objective is the mean of their scores (a capability:
+    # one solve answers a whole validation set); Grad-Cos normalises each query row, so it is not
+    linear_in_queries = False
+    _mean_queries = False
 
     def __init__(
         self,
@@ -271,6 +277,26 @@ class GradientAttributor(Attributor):
             products, self.task_, obj, ref, y, expansion, self.unit, self.name, objective_name(objective)
         )
 
+    def mean_query_products(
+        self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective
+    ) -> torch.Tensor:
+        """Per training sample (N,), the predicted change of the mean objective over the queries (x,
+        y) on removing it, in the first-order expansion: one product (or solve) for all queries."""
+        if not self.linear_in_queries:
+            raise DistdmError(
+                f"{self.name}'s scores are not linear in the queries: average its scores instead"
+            )
+        if not hasattr(self, "task_"):
+            raise DistdmError(f"{self.name}: call fit(task) before mean_query_products(...)")
+        x, y = check_queries(x, y, self.task_.data)
+        obj = get_objective(objective)
+        self._mean_queries = True
+        try:
+            products = self._products(x, y, obj, self.task_.outputs(x), "linear")
+        finally:
+            self._mean_queries = False
+        return products[0]
+
     def _rows(
         self,
         fm: FlatModel,
@@ -280,7 +306,8 @@ class GradientAttributor(Attributor):
         ref: torch.Tensor,
         expansion: str,
     ) -> torch.Tensor:
-        return query_rows(fm, x, y, obj, ref, expansion, chunk=self.chunk)
+        rows = query_rows(fm, x, y, obj, ref, expansion, chunk=self.chunk)
+        return rows.mean(0, keepdim=True) if self._mean_queries else rows
 
     def _query_grads(
         self,
@@ -291,9 +318,9 @@ class GradientAttributor(Attributor):
         ref: torch.Tensor,
         expansion: str,
     ) -> torch.Tensor | LinearGrads:
-        """The query rows as factors where the model allows, else dense (`_rows`). A `_rows` set on
-        the instance (applications.diagnose averages the queries' rows) is always used."""
-        if "_rows" not in vars(self):
+        """The query rows as factors where the model allows, else dense (`_rows`); the mean row
+        (dense) when `mean_query_products` asks for it."""
+        if not self._mean_queries:
             f = query_linear_grads(fm, x, y, obj, ref, expansion, chunk=self.chunk)
             if f is not None:
                 return f
@@ -309,6 +336,8 @@ class GradientAttributor(Attributor):
 @register("grad-dot")
 class GradDot(GradientAttributor):
     """Grad-Dot: grad f(query)^T grad L(z_i) at the final model (per-sample, summed into clusters)."""
+
+    linear_in_queries = True
 
     def _products(
         self, x: torch.Tensor, y: torch.Tensor, obj: Objective, ref: torch.Tensor, expansion: str
@@ -345,6 +374,8 @@ class TracIn(GradientAttributor):
     checkpoints: indices into the task's trajectory (default: every checkpoint after the first
     epoch, 1..tau). The objective's reference outputs are the final model's.
     """
+
+    linear_in_queries = True
 
     def __init__(
         self,

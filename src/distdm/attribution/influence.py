@@ -60,6 +60,8 @@ class InfluenceFunction(GradientAttributor):
     params, expansion, chunk, cache_grads).
     """
 
+    linear_in_queries = True
+
     def __init__(
         self,
         *,
@@ -409,6 +411,8 @@ class FastIF(IFLiSSA):
     """FastIF (Guo et al.): only the k nearest training samples of each query in the final model's
     penultimate feature space are candidates (scored by a LiSSA influence function, one solve per
     query); all other samples score 0. k: number of neighbours."""
+
+    linear_in_queries = False  # the neighbour pick depends on the queries
 
     def __init__(
         self,
