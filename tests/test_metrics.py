@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from distdm import metrics
 from distdm.clusters import Clusters
@@ -181,3 +182,14 @@ def test_noise_ceiling_compares_seed_zero_with_the_other_seeds():
     assert flipped["spearman"].mean == pytest.approx(-1.0)
     with pytest.raises(DistdmError, match="two seeds"):
         metrics.noise_ceiling(base[None], clusters, np.zeros(4))
+
+
+def test_accuracy_counts_top_class_hits_per_model():
+    from distdm.objectives import accuracy
+
+    out = torch.tensor([[[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]])
+    y = torch.tensor([0, 1, 1])
+    acc = accuracy(out, y)
+    assert acc.dtype == torch.float64 and acc.shape == (2,)
+    np.testing.assert_allclose(acc.numpy(), [2 / 3, 2 / 3])
+    assert float(accuracy(out[0], y)) == pytest.approx(2 / 3)

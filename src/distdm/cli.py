@@ -838,10 +838,11 @@ def diagnose(
                   f"and clustering the corrupted copy ...")  # fmt: skip
     sub = corrupted_run(r, c)
     from .applications.diagnose import validation_split
+    from .objectives import accuracy
 
     split = validation_split(r.data, validation_fraction)
     xt, yt = split.xy(r.data, "test")
-    clean = float((r.task().outputs(xt).argmax(-1) == yt).double().mean())
+    clean = float(accuracy(r.task().outputs(xt), yt))
     settings.pop("validation_fraction")
     fitted = {spec: _method(sub, spec) for spec in specs}
     rep = noisy_diagnosis(sub.task(), c, fitted, clean_accuracy=clean, split=split, **settings)

@@ -17,6 +17,12 @@ from .errors import DistdmError
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of queries whose top class is the true one: outputs (..., Q, C), targets (Q,) ->
+    (...,) in float64, on the outputs' device (the one accuracy of the library)."""
+    return (out.argmax(-1) == y.to(out.device)).double().mean(-1)
+
+
 def margin(out: torch.Tensor, ref: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """log p_y / (1 - p_y) of the true class (BENCHMARKS.md's ground-truth target)."""
     logp = F.log_softmax(out, -1)

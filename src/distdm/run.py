@@ -29,6 +29,7 @@ from .data import TensorData, load_dataset
 from .engine import Schedule, State, model_state
 from .errors import DistdmError
 from .models import MODELS, build_model
+from .objectives import accuracy
 from .presets import preset
 from .store import ReadOnlyRunError, RunStore, digest, settings_diff
 from .synset import Synset
@@ -449,7 +450,7 @@ class Run:
         out = predict(self.model, {k: v.unsqueeze(0) for k, v in state.items()}, self.data.x_test)[0]
         if self.data.is_regression:
             return {"mse": float(((out.squeeze(-1) - self.data.y_test) ** 2).mean())}
-        return {"accuracy": float((out.argmax(-1) == self.data.y_test).float().mean())}
+        return {"accuracy": float(accuracy(out, self.data.y_test))}
 
     def summary(self) -> dict[str, Any]:
         """Stage completion and timings recorded in the manifest."""

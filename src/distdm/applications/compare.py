@@ -30,7 +30,7 @@ from ..data import TensorData
 from ..engine import Schedule, model_state, train_variants
 from ..errors import DistdmError
 from ..models import INITS, MODELS, build_model
-from ..objectives import Objective
+from ..objectives import Objective, accuracy
 from ..scores import Scores
 from ..store import RunStore, digest
 from ..task import Task
@@ -254,7 +254,7 @@ def compare_study(
         task = train_variant(data, v, schedule, clusters, seed=seed, model_kwargs=kwargs, store=store,
                              progress=progress)  # fmt: skip
         out = task.outputs(data.x_test)
-        acc[v.name] = float((out.argmax(-1) == data.y_test).float().mean())
+        acc[v.name] = float(accuracy(out, data.y_test))
         try:
             scores = attribution_matrices(task, method, x, y, objective, method_settings)
         except (ValueError, RuntimeError) as e:  # e.g. instance norm over a 1x1 map, one sample at a time

@@ -37,7 +37,7 @@ from ..clusters import Clusters
 from ..data import TensorData
 from ..engine import State, predict
 from ..errors import DistdmError
-from ..objectives import dist2
+from ..objectives import accuracy, dist2
 from ..task import Task
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def accuracy_and_loss(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy and mean cross-entropy (V,) of stacked states on (x, y)."""
     out = predict(task.model, states, x, strategy=task.strategy)
-    acc = (out.argmax(-1) == y).double().mean(-1).numpy()
+    acc = accuracy(out, y).cpu().numpy()
     loss = dist2(out, out[0], y).double().mean(-1).numpy()
     return acc, loss
 
@@ -529,7 +529,7 @@ def diagnose(
         acc[m] = ev["test_accuracy"][at : at + f * n_r].reshape(f, n_r, -1)
         loss[m] = ev["val_loss"][at : at + f * n_r].reshape(f, n_r, -1)
         at += f * n_r
-    target_acc = float((task.outputs(xt).argmax(-1) == yt).double().mean())
+    target_acc = float(accuracy(task.outputs(xt), yt))
     return Diagnosis(
         fractions=fr,
         scores=scores,

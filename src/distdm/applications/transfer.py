@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..attribution.base import Attributor
 from ..engine import LossFn, predict, train_variants
 from ..errors import DistdmError
+from ..objectives import accuracy
 from ..task import Task, reinitialise
 from .diagnose import (
     Removal,
@@ -259,7 +260,7 @@ def transfer(
         task, uniq, alpha, list(student_seeds), temperature=temperature, progress=progress
     ):
         out = predict(task.model, states, xt, strategy=task.strategy)
-        per_seed.append((out.argmax(-1) == yt).double().mean(-1).numpy()[inverse])
+        per_seed.append(accuracy(out, yt).cpu().numpy()[inverse])
     seconds["students"] = time.perf_counter() - t
     acc_all = np.stack(per_seed, axis=1)  # (M, S)
     acc, at = {}, 1
@@ -267,7 +268,7 @@ def transfer(
         f, n_r = r.keep.shape[:2]
         acc[m] = acc_all[at : at + f * n_r].reshape(f, n_r, -1)
         at += f * n_r
-    teacher = float((task.outputs(xt).argmax(-1) == yt).double().mean())
+    teacher = float(accuracy(task.outputs(xt), yt))
     return TransferResult(
         fractions=fr,
         alpha=float(alpha),

@@ -31,7 +31,7 @@ from ..config import DistillConfig, OnlineConfig
 from ..distill import finetune
 from ..engine import State, predict, select
 from ..errors import DistdmError
-from ..objectives import margin
+from ..objectives import accuracy, margin
 from ..presets import preset
 from ..store import atomic_write_bytes
 from ..synset import Synset
@@ -109,7 +109,7 @@ def _accuracy_and_margin(
         return np.full(v, np.nan), np.full(v, np.nan)
     out = predict(task.model, states, x, strategy=task.strategy)
     finite = torch.isfinite(out).all(-1).all(-1).numpy()
-    acc = (out.argmax(-1) == y).float().mean(-1).numpy().astype(np.float64)
+    acc = accuracy(out, y).cpu().numpy()
     m = margin(out, out[0], y).mean(-1).numpy().astype(np.float64)
     acc[~finite] = np.nan
     m[~finite] = np.nan
