@@ -797,7 +797,7 @@ def diagnose(
     import json
 
     from .applications.diagnose import DEFAULT_FRACTIONS, check_fractions, diagnose, diagnosis_files
-    from .applications.noise import NOISE_FRACTIONS, corrupt, corrupted_run, noisy_diagnosis
+    from .applications.noise import NOISE_FRACTIONS, corrupt, noisy_diagnosis
 
     specs = _ranking_methods(methods)
     if inject_noise is not None and flip_labels is not None:
@@ -836,7 +836,7 @@ def diagnose(
     c = corrupt(r.data, kind, share, seed=noise_seed, norm=noise_norm)  # type: ignore[arg-type]
     console.print(f"corrupted {len(c.indices)} of {c.data.n_train} training samples ({c.tag}); training "
                   f"and clustering the corrupted copy ...")  # fmt: skip
-    sub = corrupted_run(r, c)
+    sub = r.corrupted(c)
     from .applications.diagnose import validation_split
     from .objectives import accuracy
 

@@ -10,6 +10,7 @@ raises a DistdmError that says what differs.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .applications.noise import Corruption
 from .attribution import make_attributor
 from .attribution.base import Attributor, accepts
 from .clusters import Clusters, make_clusters, penultimate_features
@@ -451,6 +453,23 @@ class Run:
         if self.data.is_regression:
             return {"mse": float(((out.squeeze(-1) - self.data.y_test) ** 2).mean())}
         return {"accuracy": float(accuracy(out, self.data.y_test))}
+
+    def corrupted(self, corruption: Corruption) -> Run:
+        """The corrupted copy of this run as a run directory RUN/corrupted/<tag>: trained with this
+        run's model, theta_0 and settings, clustered with its cluster settings; reopened if present."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.trajectory()[0])
+        sub = Run(
+            self.store.root / "corrupted" / corruption.tag,
+            corruption.data,
+            model,
+            train=self.train_config,
+            progress=self.progress,
+        )
+        sub.train()
+        cfg = self.store.config("cluster")
+        sub.cluster(ClusterConfig.from_dict(cfg) if cfg else ClusterConfig())
+        return sub
 
     def summary(self) -> dict[str, Any]:
         """Stage completion and timings recorded in the manifest."""

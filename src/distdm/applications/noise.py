@@ -11,7 +11,7 @@ Corruptions (each returns exactly which training indices it changed):
 The corrupted copy gets its own target model (same architecture, theta_0, schedule and loss as the
 clean task) and its own clusters, recomputed on the corrupted data the way the clean ones were made
 (per-class k-means on the target's penultimate features or on the inputs). From a `Run`,
-`corrupted_run` keeps that copy as a run directory of its own under RUN/corrupted/<tag>, so its
+`Run.corrupted` keeps that copy as a run directory of its own under RUN/corrupted/<tag>, so its
 trajectory, clusters, synsets and retrains are computed once.
 
 Detection: a sample's suspicion is minus its cluster's score (a cluster whose removal is predicted
@@ -144,27 +144,6 @@ def corrupted_task(
     return dataclasses.replace(ctask, clusters=clusters)
 
 
-def corrupted_run(run: Any, corruption: Corruption) -> Any:
-    """The corrupted copy of a Run as a run directory RUN/corrupted/<tag>: trained with the clean
-    run's model, theta_0 and settings, clustered with its cluster settings; reopened if present."""
-    from ..config import ClusterConfig
-    from ..run import Run
-
-    model = copy.deepcopy(run.model)
-    model.load_state_dict(run.trajectory()[0])
-    sub = Run(
-        run.store.root / "corrupted" / corruption.tag,
-        corruption.data,
-        model,
-        train=run.train_config,
-        progress=run.progress,
-    )
-    sub.train()
-    cfg = run.store.config("cluster")
-    sub.cluster(ClusterConfig.from_dict(cfg) if cfg else ClusterConfig())
-    return sub
-
-
 @dataclasses.dataclass
 class Detection:
     """How well one ranking finds the corrupted samples."""
@@ -280,7 +259,7 @@ def noisy_diagnosis(
     fractions: Sequence[float] = NOISE_FRACTIONS,
     **settings: Any,
 ) -> NoiseReport:
-    """Diagnose the corrupted task `ctask` (see `corrupted_task` / `corrupted_run`) and measure how
+    """Diagnose the corrupted task `ctask` (see `corrupted_task` / `Run.corrupted`) and measure how
     well each ranking finds the corrupted samples. Other settings as in `diagnose`."""
     same = ctask.data.n_train == corruption.data.n_train
     if not (
