@@ -45,6 +45,7 @@ from distdm.data import TensorData  # noqa: E402
 from distdm.distill import distill  # noqa: E402
 from distdm.distill_influence import _EIGEN_CACHE, make_curvature, top_eigenpairs  # noqa: E402
 from distdm.engine import Schedule  # noqa: E402
+from distdm.evaluate import retrained_values  # noqa: E402
 from distdm.models import build_model  # noqa: E402
 from distdm.presets import preset  # noqa: E402
 from distdm.store import RunStore  # noqa: E402
@@ -162,7 +163,7 @@ def quality(task: Task, out: Path, setting: str, n_queries: int, lds_subsets: in
     effects = list(ExactRetrain(seeds=(0, 1, 2)).fit(stored).per_seed_scores(x, y, "margin"))
     truth = np.mean(effects, 0)
     keep = metrics.lds_masks(task.clusters.n_clusters, lds_subsets, 0.5, seed=1)
-    actual = metrics.retrained_values(stored, keep, x, y, objective="margin", tag="lds")
+    actual = retrained_values(stored, keep, x, y, objective="margin", tag="lds")
     cc = task.clusters.cluster_class
 
     def score(syn: Any) -> dict[str, float]:

@@ -32,6 +32,7 @@ from distdm.attribution.ddm import DDM  # noqa: E402
 from distdm.attribution.retrain import ExactRetrain  # noqa: E402
 from distdm.config import DistillConfig, OnlineConfig  # noqa: E402
 from distdm.errors import DistdmError  # noqa: E402
+from distdm.evaluate import retrained_values  # noqa: E402
 from distdm.presets import preset  # noqa: E402
 from distdm.store import RunStore  # noqa: E402
 
@@ -125,7 +126,7 @@ def main() -> None:
     t_exact = (time.perf_counter() - t) / len(seeds)
     lds_keep = metrics.lds_masks(k, args.lds_subsets, 0.5, seed=1)
     t = time.perf_counter()
-    lds_actual = metrics.retrained_values(task, lds_keep, x, y, objective="margin", tag="lds")
+    lds_actual = retrained_values(task, lds_keep, x, y, objective="margin", tag="lds")
     t_lds = time.perf_counter() - t
     print(f"train {t_train:.1f}s, exact LCO {t_exact:.1f}s/seed, LDS retrains {t_lds:.1f}s", flush=True)
 

@@ -4,7 +4,8 @@
 and compares with the truth: the paper's Dist protocol, Spearman over all clusters and within the
 query's class, LDS, top-1 in the true top 3, removal curves, the noise ceiling, and offline and
 online seconds. Intervals are 95% Student-t intervals over queries (metrics.t_interval), clipped
-to each metric's range; `legend` says what every printed column measures.
+to each metric's range; `legend` says what every printed column measures. The retraining
+protocols behind the truths (`retrained_values`, `removal_curve`) live here, beside it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ import torch
 
 from . import metrics
 from .attribution.base import Attributor
-from .attribution.retrain import ExactRetrain
+from .attribution.retrain import ExactRetrain, objective_values, retrain_masks
+from .engine import predict
 from .errors import DistdmError
+from .intervals import SHARE, t_interval
+from .objectives import Objective
 from .scores import Scores
 from .task import Task
 
@@ -57,7 +61,7 @@ class Evaluation:
     rows: list[dict[str, Any]]
     scores: dict[str, dict[str, np.ndarray]]  # method -> objective -> (K, Q) cluster scores
     truth: np.ndarray  # (K, Q) exact margin effects, mean over the truth's seeds
-    curves: dict[str, dict[str, Any]]  # method -> removal curve (metrics.removal_curve)
+    curves: dict[str, dict[str, Any]]  # method -> removal curve (removal_curve)
     y: np.ndarray  # the queries' labels
     cluster_class: np.ndarray
     truth_seeds: tuple[int, ...]
@@ -79,6 +83,63 @@ class Evaluation:
         paths["csv"].write_text(self.to_csv())
         plot(self, paths["png"])
         return paths
+
+
+# Retraining protocols: the exact effects every method is measured against ----------------------
+
+
+def retrained_values(
+    task: Task,
+    keep: np.ndarray,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    objective: str | Objective = "margin",
+    seed: int | None = None,
+    tag: str | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Objective values (m, Q) of models retrained on each keep-mask (cached via the task's store).
+    Objectives that compare with a reference get the target model's outputs."""
+    states = retrain_masks(
+        task, torch.as_tensor(keep, dtype=torch.float32), seed=seed, tag=tag, progress=progress
+    )
+    return objective_values(task, states, x, y, objective, reference=task.outputs(x))
+
+
+def removal_curve(
+    task: Task,
+    scores: metrics.ArrayLike,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ks: Sequence[int] = (1, 3, 10),
+    *,
+    seed: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Remove each query's top-k clusters by margin score (the most negative: those the method says
+    support the true class), retrain, and measure against the all-kept retrain of the same seed the
+    drop in margin (full - without) and the fraction of predictions that change.
+    Returns {'ks': [...], 'drop': [Interval per k], 'flipped': [Interval per k]}."""
+    masks = metrics.removal_masks(scores, ks)
+    n_q, n_units = masks.shape[1], masks.shape[2]
+    flat = np.concatenate([np.ones((1, n_units)), masks.reshape(-1, n_units)])
+    uniq, inverse = np.unique(flat, axis=0, return_inverse=True)
+    states = retrain_masks(task, torch.as_tensor(uniq, dtype=torch.float32), seed=seed, progress=progress)
+    xq = torch.as_tensor(x, dtype=torch.float32)
+    out = predict(task.model, states, xq, strategy=task.strategy)  # (U, Q, O)
+    inverse = np.asarray(inverse).ravel()
+    full = int(inverse[0])
+    margins = objective_values(task, states, xq, y, "margin", reference=out[full])  # (U, Q)
+    base_pred = out[full].argmax(-1).numpy()
+    rows = inverse[1:].reshape(len(ks), n_q)
+    q_idx = np.arange(n_q)
+    drop, flipped = [], []
+    for i in range(len(ks)):
+        pred = out[rows[i], q_idx].argmax(-1).numpy()
+        drop.append(t_interval(margins[full] - margins[rows[i], q_idx]))
+        flipped.append(t_interval((pred != base_pred).astype(np.float64), bounds=SHARE))
+    return {"ks": list(ks), "drop": drop, "flipped": flipped}
 
 
 def _is_fitted_on(method: Attributor, task: Task) -> bool:
@@ -146,7 +207,7 @@ def evaluate(
     keep = actual = None
     if lds_subsets:
         keep = metrics.lds_masks(task.clusters.n_clusters, lds_subsets, lds_alpha, lds_seed)
-        actual = metrics.retrained_values(task, keep, x, y, objective="margin", tag="lds", progress=progress)
+        actual = retrained_values(task, keep, x, y, objective="margin", tag="lds", progress=progress)
 
     rows: list[dict[str, Any]] = []
     all_scores: dict[str, dict[str, np.ndarray]] = {}
@@ -165,7 +226,7 @@ def evaluate(
         if top_objective in by_obj:
             row.update(metrics.top1_in_topk(by_obj[top_objective], true_top, 3).as_dict("top1_in_top3"))
         if removal_ks:
-            curve = metrics.removal_curve(task, by_obj["margin"], x, y, removal_ks, progress=progress)
+            curve = removal_curve(task, by_obj["margin"], x, y, removal_ks, progress=progress)
             curves[name] = curve
             for k, d in zip(curve["ks"], curve["drop"], strict=True):
                 row[f"drop_at_{k}"] = d.mean

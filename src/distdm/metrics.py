@@ -1,5 +1,6 @@
 """How well attribution scores agree with the truth: rank correlations, LDS, the paper's Dist
-protocol, top-1 hits, removal curves and the seed-to-seed noise ceiling.
+protocol, top-1 hits, removal masks and the seed-to-seed noise ceiling. Pure functions of scores
+and truths: the retraining that produces a truth lives in evaluate.py.
 
 Every metric is computed per query and summarised by its mean and a 95% Student-t interval over
 queries (`Interval`, method 't': mean +- t_{0.975, n-1} * sd / sqrt(n), clipped to the metric's
@@ -20,14 +21,10 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .attribution.retrain import objective_values, retrain_masks
 from .clusters import Clusters
-from .engine import predict
 from .errors import DistdmError
 from .intervals import CORRELATION, SHARE, Interval, t_interval
-from .objectives import Objective
 from .scores import Scores
-from .task import Task
 
 MIN_UNITS = 3  # fewest units a per-query rank correlation is computed over
 
@@ -163,25 +160,6 @@ def lds(scores: ArrayLike, keep: np.ndarray, actual: np.ndarray) -> Interval:
     return t_interval(per_query, bounds=CORRELATION)
 
 
-def retrained_values(
-    task: Task,
-    keep: np.ndarray,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    objective: str | Objective = "margin",
-    seed: int | None = None,
-    tag: str | None = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Objective values (m, Q) of models retrained on each keep-mask (cached via the task's store).
-    Objectives that compare with a reference get the target model's outputs."""
-    states = retrain_masks(
-        task, torch.as_tensor(keep, dtype=torch.float32), seed=seed, tag=tag, progress=progress
-    )
-    return objective_values(task, states, x, y, objective, reference=task.outputs(x))
-
-
 # The paper's protocol ----------------------------------------------------------------------------
 
 PAPER_OBJECTIVES = ("dist1", "dist2", "dist3")
@@ -224,41 +202,6 @@ def removal_masks(scores: ArrayLike, ks: Sequence[int], *, largest: bool = False
         for q in range(s.shape[1]):
             masks[i, q, order[:k, q]] = 0.0
     return masks
-
-
-def removal_curve(
-    task: Task,
-    scores: ArrayLike,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    ks: Sequence[int] = (1, 3, 10),
-    *,
-    seed: int | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Remove each query's top-k clusters by margin score (the most negative: those the method says
-    support the true class), retrain, and measure against the all-kept retrain of the same seed the
-    drop in margin (full - without) and the fraction of predictions that change.
-    Returns {'ks': [...], 'drop': [Interval per k], 'flipped': [Interval per k]}."""
-    masks = removal_masks(scores, ks)
-    n_q, n_units = masks.shape[1], masks.shape[2]
-    flat = np.concatenate([np.ones((1, n_units)), masks.reshape(-1, n_units)])
-    uniq, inverse = np.unique(flat, axis=0, return_inverse=True)
-    states = retrain_masks(task, torch.as_tensor(uniq, dtype=torch.float32), seed=seed, progress=progress)
-    xq = torch.as_tensor(x, dtype=torch.float32)
-    out = predict(task.model, states, xq, strategy=task.strategy)  # (U, Q, O)
-    inverse = np.asarray(inverse).ravel()
-    full = int(inverse[0])
-    margins = objective_values(task, states, xq, y, "margin", reference=out[full])  # (U, Q)
-    base_pred = out[full].argmax(-1).numpy()
-    rows = inverse[1:].reshape(len(ks), n_q)
-    q_idx = np.arange(n_q)
-    drop, flipped = [], []
-    for i in range(len(ks)):
-        pred = out[rows[i], q_idx].argmax(-1).numpy()
-        drop.append(t_interval(margins[full] - margins[rows[i], q_idx]))
-        flipped.append(t_interval((pred != base_pred).astype(np.float64), bounds=SHARE))
-    return {"ks": list(ks), "drop": drop, "flipped": flipped}
 
 
 # Summaries --------------------------------------------------------------------------------------
