@@ -1,7 +1,7 @@
 """DDM's offline cost against the truth it replaces, in one run on one machine (issue 14).
 
     python benchmarks/ddm_cost.py --settings digits-mlp-k100,probe-mlp-203k \
-        --presets influence-adam,fast --quality digits-mlp-k100 --threads 1 --out benchmarks/out
+        --presets fast,default --quality digits-mlp-k100 --threads 1 --out benchmarks/out
 
 For each setting: one training run of the target, the exact K-cluster sweep (all K leave-one-cluster-
 out retrains, batched as the `exact` method does, nothing cached), and DDM offline for each preset or
@@ -113,9 +113,10 @@ class Stage:
 def ddm_configs(
     epochs: int, presets: list[str], variants: dict[str, dict[str, Any]]
 ) -> dict[str, DistillConfig]:
-    """name -> distillation settings: the named presets, then variants (changes to the 'fast' preset)."""
+    """name -> distillation settings: the named presets, then variants (changes to the 'default'
+    preset)."""
     out = {p: preset(p, epochs=epochs)[0] for p in presets}
-    fast = preset("fast", epochs=epochs)[0]
+    fast = preset("default", epochs=epochs)[0]
     for name, changes in variants.items():
         out[name] = fast.replace(**changes)
     return out
@@ -150,6 +151,8 @@ def run_ddm(task: Task, cfg: DistillConfig) -> tuple[Any, dict[str, Any]]:
         "rel_error": info.get("relative_error_median"),
         "loss_history": [round(v, 4) for v in info.get("loss_history", [])][:8],
         "clusters_per_chunk": info.get("clusters_per_chunk"),
+        "factored": info.get("factored"),
+        "target_curvature_share": info.get("target_curvature_share"),
     }
     del curv
     return syn, row
@@ -181,8 +184,8 @@ def main() -> None:
     """Measure every setting and preset; print JSON rows and write a markdown table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="digits-mlp-k100")
-    ap.add_argument("--presets", default="influence-adam,fast")
-    ap.add_argument("--variants", default="{}", help="JSON name -> changes to the 'fast' preset's settings")
+    ap.add_argument("--presets", default="fast,default")
+    ap.add_argument("--variants", default="{}", help="JSON name -> changes to the 'default' preset")
     ap.add_argument("--quality", default="", help="settings (comma-separated) to measure quality on")
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--lds-subsets", type=int, default=100)

@@ -277,3 +277,37 @@ def test_traced_gradient_replays_the_eager_one(monkeypatch):
     assert traced_sizes == [40]  # size 40 occurs 4 times, size 16 twice
     for k in eager:
         torch.testing.assert_close(traced[k], eager[k])
+
+
+def test_out_of_memory_under_vmap_is_not_swallowed_by_the_loop_fallback(monkeypatch):
+    """A vmap chunk that runs out of memory raises a DistdmError saying what to lower, instead of
+    silently retraining every variant in a loop; other vmap failures still fall back."""
+    import distdm.engine as engine
+
+    x, y = _toy()
+    model = build_model("mlp", (8,), 3, seed=1, hidden=(16,))
+    w = torch.ones(2, len(y))
+    real = engine._train_chunk
+    calls = []
+
+    def failing(job, chunk, strategy, error):
+        calls.append(strategy)
+        if strategy == "vmap":
+            raise error
+        return real(job, chunk, strategy)
+
+    schedule = Schedule(epochs=1, lr=0.1, batch_size=32)
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(engine, "_train_chunk", lambda j, c, s: failing(j, c, s, oom))
+    with pytest.raises(DistdmError, match="out of memory while training.*memory_budget_bytes"):
+        train_variants(model, x, y, schedule, weights=w, strategy="vmap")
+    assert calls == ["vmap"]
+    cpu_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(engine, "_train_chunk", lambda j, c, s: failing(j, c, s, cpu_oom))
+    with pytest.raises(DistdmError, match="out of memory"):
+        train_variants(model, x, y, schedule, weights=w, strategy="vmap")
+    calls.clear()
+    other = RuntimeError("vmap: It looks like you're calling .item() on a Tensor")
+    monkeypatch.setattr(engine, "_train_chunk", lambda j, c, s: failing(j, c, s, other))
+    states = train_variants(model, x, y, schedule, weights=w, strategy="vmap").states
+    assert calls == ["vmap", "loop"] and next(iter(states.values())).shape[0] == 2

@@ -118,3 +118,73 @@ def test_cli_privacy_prints_and_draws(tmp_path):
     assert res.exit_code == 0, res.output
     assert "mia_auc" in res.output
     assert (root / "applications/privacy/nearest-real.png").is_file()
+
+
+def test_attack_summary_closed_form():
+    from distdm.applications.privacy import attack_summary
+
+    sep = attack_summary(np.arange(100.0) + 1000, np.arange(100.0), "a")
+    assert sep == {"a_auc": 1.0, "a_tpr_at_1pct_fpr": 1.0, "a_tpr_at_5pct_fpr": 1.0}
+    rng = np.random.default_rng(0)
+    rand = attack_summary(rng.normal(size=4000), rng.normal(size=4000), "b")
+    assert abs(rand["b_auc"] - 0.5) < 0.03 and rand["b_tpr_at_1pct_fpr"] < 0.03
+    assert rand["b_tpr_at_1pct_fpr"] <= rand["b_tpr_at_5pct_fpr"]
+
+
+def test_input_range():
+    from distdm.applications.privacy import input_range
+
+    r = input_range(torch.tensor([[-2.0, 0.5], [0.0, 3.0]]), torch.tensor([[0.0, 1.0], [-1.0, 2.0]]))
+    assert r["input_min"] == -2.0 and r["input_max"] == 3.0 and r["data_min"] == -1.0 and r["data_max"] == 2.0
+    assert r["range_ratio"] == pytest.approx(5 / 3) and r["frac_outside_range"] == pytest.approx(0.5)
+
+
+def test_loss_attacks_see_copied_members_and_not_copied_strangers(tiny_task):
+    from distdm.applications.privacy import loss_attacks
+
+    data = tiny_task.data
+    k = tiny_task.clusters.n_clusters
+
+    def removal_copies(x: torch.Tensor, y: torch.Tensor) -> Synset:
+        # copies with negated one-hot labels: fine-tuning on them raises their own loss, as a synset
+        # that emulates removing them does
+        n = (len(x) // k) * k
+        return Synset(x[:n].clone(), -torch.eye(10)[y[:n]], torch.arange(n) % k, torch.ones(k), 0.002)
+
+    members = loss_attacks(tiny_task, removal_copies(data.x_train, data.y_train))
+    strangers = loss_attacks(tiny_task, removal_copies(data.x_test, data.y_test))
+    assert members["target_loss_auc"] == pytest.approx(strangers["target_loss_auc"])  # the model alone
+    assert members["ft_delta_auc"] > strangers["ft_delta_auc"] + 0.02
+    assert set(members) >= {"ft_delta_tpr_at_1pct_fpr", "ft_loss_auc", "ft_loss_tpr_at_5pct_fpr"}
+
+
+@pytest.mark.parametrize("how", ["cluster-mean", "gaussian", "noise"])
+def test_private_inits_start_from_no_member_within_range(tiny_task, how):
+    from distdm.config import DistillConfig
+    from distdm.distill_influence import init_inputs
+
+    DistillConfig(target="influence", solver="closed-form", init=how)  # a valid setting
+    x, onehot, cl = init_inputs(tiny_task, tiny_task.clusters, 3, 0, how)
+    xt = tiny_task.data.x_train
+    k = tiny_task.clusters.n_clusters
+    assert x.shape == (3 * k, *xt.shape[1:]) and cl.tolist() == np.repeat(np.arange(k), 3).tolist()
+    assert onehot.argmax(1).tolist() == np.repeat(tiny_task.clusters.cluster_class, 3).tolist()
+    assert float(x.min()) >= float(xt.min()) and float(x.max()) <= float(xt.max())
+    d = torch.cdist(x.flatten(1).double(), xt.flatten(1).double()).min(1).values
+    assert bool((d > 1e-3).all())  # no synthetic input starts as a copy of a member
+    again, _, _ = init_inputs(tiny_task, tiny_task.clusters, 3, 0, how)
+    assert torch.equal(x, again)
+    other, _, _ = init_inputs(tiny_task, tiny_task.clusters, 3, 1, how)
+    assert not torch.equal(x, other)
+    if how == "cluster-mean":  # near the cluster's own mean, not the class's
+        m0 = xt[torch.as_tensor(tiny_task.clusters.members(0))].mean(0)
+        assert float((x[:3] - m0).flatten(1).norm(dim=1).max()) < float(
+            (x[:3] - xt.mean(0)).flatten(1).norm(dim=1).min()
+        )
+
+
+def test_unknown_init_is_refused():
+    from distdm.config import DistillConfig
+
+    with pytest.raises(DistdmError, match="init"):
+        DistillConfig(init="members-copy")

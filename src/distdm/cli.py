@@ -50,7 +50,9 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what e
     )
 
 
-def _open(run: Path, *, executor: Any = None, memory_budget_bytes: int | None = None) -> Any:
+def _open(
+    run: Path, *, executor: Any = None, memory_budget_bytes: int | None = None, device: str = "cpu"
+) -> Any:
     """Reopen an existing run with the data, model and settings it records."""
     from .run import Run
 
@@ -58,7 +60,9 @@ def _open(run: Path, *, executor: Any = None, memory_budget_bytes: int | None = 
         if run.exists() and not run.is_dir():
             raise DistdmError(f"{run} is a file, not a run directory: choose another path")
         raise DistdmError(f"no such run {run}: create it with `distdm train {run}`")
-    return Run.open(run, progress=True, executor=executor, memory_budget_bytes=memory_budget_bytes)
+    return Run.open(
+        run, progress=True, executor=executor, memory_budget_bytes=memory_budget_bytes, device=device
+    )
 
 
 def _refuse_changed(store: Any, stage: str, config: dict[str, Any]) -> None:
@@ -78,6 +82,16 @@ EXECUTOR = typer.Option(
 ADDRESS = typer.Option(None, help="Address of a running Ray cluster, e.g. auto or ray://host:10001.")
 MEMORY_BUDGET = typer.Option(
     None, help="Megabytes one batched training call may use; fewer models train at once if needed."
+)
+DEVICE = typer.Option(
+    "cpu", help="Where to compute: cpu, cuda, cuda:N, mps or auto (cuda if available, else mps, else cpu)."
+)
+VERIFY = typer.Option(
+    0,
+    "--verify",
+    metavar="M",
+    help="Trust check: retrain M random clusters out (8 is a good start) with two seeds and say whether "
+    "the scores agree with exact retraining and whether retraining agrees with itself; 0: no check.",
 )
 
 
@@ -123,6 +137,7 @@ def train(
     lr: float = typer.Option(None, help="Learning rate of plain SGD."),
     batch_size: int = typer.Option(None, help="Batch size."),
     seed: int = typer.Option(None, help="Seed of initialisation and shuffle order."),
+    device: str = DEVICE,
 ) -> None:
     """Train the target model and record its trajectory (one checkpoint per epoch). On an existing run
     without --dataset/--data/--model: resume with the settings it records."""
@@ -149,7 +164,7 @@ def train(
             _refuse_changed(store, "train", wanted)
         if not overrides or (wanted is not None and wanted == base):
             # the recorded data, model and settings; --dataset/--data/--model given again must match them
-            _train_and_report(Run.open(run, data=data or dataset, model=model, progress=True))
+            _train_and_report(Run.open(run, data=data or dataset, model=model, progress=True, device=device))
             return
         if dataset is None and data is None and model is None:
             raise DistdmError(
@@ -160,7 +175,7 @@ def train(
     if base is None:
         base = (default_train_config(dataset or "digits") if data is None else TrainConfig()).to_dict()
     cfg = TrainConfig.from_dict({**base, **overrides})
-    _train_and_report(Run(run, source, model or "mlp", train=cfg, progress=True))
+    _train_and_report(Run(run, source, model or "mlp", train=cfg, progress=True, device=device))
 
 
 def _train_and_report(r: Any) -> None:
@@ -182,6 +197,7 @@ def cluster(
     per_class: int = typer.Option(10, help="Clusters per class (C)."),
     features: str = typer.Option("penultimate", help="penultimate (target model) or inputs."),
     kind: str = typer.Option("kmeans", help="kmeans, classwise or index (the paper's 'w/o cluster')."),
+    device: str = DEVICE,
 ) -> None:
     """Partition the training data into attribution units."""
     from .config import ClusterConfig
@@ -190,7 +206,7 @@ def cluster(
     cfg = ClusterConfig(per_class=per_class, features=features, kind=kind)
     if (run / "manifest.json").exists():  # a changed setting is refused before the run is loaded
         _refuse_changed(RunStore(run, create=False), "cluster", cfg.to_dict())
-    r = _open(run)
+    r = _open(run, device=device)
     c = r.cluster(cfg)
     sizes = c.sizes()
     console.print(
@@ -211,13 +227,14 @@ def distill(
     executor: str = EXECUTOR,
     address: str = ADDRESS,
     memory_budget: float = MEMORY_BUDGET,
+    device: str = DEVICE,
 ) -> None:
     """Distil one synthetic set per cluster; prints matching diagnostics and saves a synset grid.
     --executor and --memory-budget apply to the fine-tunes on synsets (the forgetting check)."""
     from .figures import bar_png, synset_grid_png
 
     _check_preset(preset)
-    r = _open(run, **_execution(ctx, executor, address, memory_budget))
+    r = _open(run, device=device, **_execution(ctx, executor, address, memory_budget))
     syn = r.distill(preset)
     _print_synset(syn)
     png = synset_grid_png(syn, r.data.x_train, r.clusters())
@@ -258,25 +275,45 @@ def _print_synset(syn: Any) -> None:
 @user_errors
 def attribute(
     ctx: typer.Context,
-    run: Path = RUN,
+    run: Path = typer.Argument(None, help="Run directory (or give --pack instead)."),
     method: str = typer.Option("ddm", help="ddm, exact, grad-dot, if-cg, ... (see `distdm methods`)."),
     preset: str = typer.Option("default", help="DDM preset."),
     queries: int = typer.Option(20, help="Number of random test queries."),
     objective: str = typer.Option("dist1", help="margin, dist1, dist2, dist3, global."),
     top: int = typer.Option(3, help="Clusters to list per query."),
     seed: int = typer.Option(0, help="Seed of the query draw."),
+    verify: int = VERIFY,
     executor: str = EXECUTOR,
     address: str = ADDRESS,
     memory_budget: float = MEMORY_BUDGET,
+    device: str = DEVICE,
+    pack: Path = typer.Option(None, help="Answer from a synset pack (`distdm export`) instead of a run."),
+    model: Path = typer.Option(None, help="With --pack: the trained target's weights (.safetensors)."),
+    arch: str = typer.Option(None, help="With --pack: your model's constructor, package.module:callable."),
+    queries_file: Path = typer.Option(
+        None, help="With --pack: .npz/.safetensors of query inputs x and labels y (scores go beside it)."
+    ),
 ) -> None:
     """Attribute test predictions to training clusters; prints the top clusters and saves a heatmap.
-    --executor and --memory-budget apply to the methods that train models (exact, further-training, ddm)."""
+    --executor and --memory-budget apply to the methods that train models (exact, further-training, ddm).
+    With --pack PACK --model WEIGHTS --queries-file Q: from the pack and the model alone (no run, no data)."""
     import torch
 
     from .figures import heatmap_png
     from .objectives import get_objective
 
     get_objective(objective)  # fail before any expensive fitting
+    if pack is not None or run is None:
+        if run is not None:
+            raise DistdmError("give either a run directory or --pack, not both")
+        if pack is None:
+            raise DistdmError("give a run directory, or --pack PACK --model WEIGHTS --queries-file FILE")
+        if verify:
+            raise DistdmError("--verify retrains the model and needs a run directory, not --pack")
+        _attribute_pack(pack, model, arch, queries_file, objective, top)
+        return
+    if model is not None or arch is not None or queries_file is not None:
+        raise DistdmError("--model, --arch and --queries-file go with --pack")
     _check_methods("--method", [method])
     if method == "ddm":
         _check_preset(preset)
@@ -288,17 +325,18 @@ def attribute(
             f"{method} trains no models: --executor, --address and --memory-budget apply to "
             f"{', '.join(sorted(TRAINING_METHODS))}"
         )
-    r = _open(run, **_execution(ctx, executor, address, memory_budget))
+    r = _open(run, device=device, **_execution(ctx, executor, address, memory_budget))
     x, y, idx = _queries(r, queries, seed)
     clusters = r.clusters()
     if top > clusters.n_clusters:
         console.print(f"note: --top {top} is more than the run's {clusters.n_clusters} clusters: listing all "
                       f"{clusters.n_clusters}", highlight=False)  # fmt: skip
         top = clusters.n_clusters
+    _check_verify(verify, clusters.n_clusters)
     settings = {"preset": preset} if method == "ddm" else {}
     att = r.attributor(method, **settings)
     s = att.scores(x, y, objective)
-    pred = r.task().outputs(x).argmax(-1).numpy()
+    pred = r.task().outputs(x).argmax(-1).cpu().numpy()
     t = Table(title=f"{method}: top clusters for '{objective}' (score = change when removed)")
     for col in ("query", "label", "pred", "rank", "cluster", "class", "size", "score"):
         t.add_column(col, justify="left" if col == "query" else "right")
@@ -319,6 +357,119 @@ def attribute(
     )
     console.print(f"scores: {r.path}/attribution/{tag}.safetensors; heatmap: {fig}")
     console.print(f"online time {s.seconds:.2f}s for {len(y)} queries x {s.n_units} clusters")
+    if verify:
+        _print_verification([_verify(r, s, x, y, verify)], console)
+
+
+def _load_queries_file(path: Path) -> tuple[Any, Any]:
+    """Query inputs x and labels y from a .npz or .safetensors file."""
+    import torch
+
+    if not path.is_file():
+        raise DistdmError(f"no such queries file {path}")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            t = {k: torch.as_tensor(f[k]) for k in f.files}
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+    else:
+        raise DistdmError(f"--queries-file must be .npz or .safetensors holding x and y, got {path.name!r}")
+    if "x" not in t or "y" not in t:
+        raise DistdmError(
+            f"{path} must hold arrays 'x' (query inputs) and 'y' (their labels), has {sorted(t)}"
+        )
+    return t["x"].float(), t["y"].long()
+
+
+def _attribute_pack(
+    pack: Path, model: Path | None, arch: str | None, queries_file: Path | None, objective: str, top: int
+) -> None:
+    """`distdm attribute --pack`: DDM scores from a synset pack and the target model alone."""
+    import torch
+    from safetensors.torch import save as safetensors_bytes
+
+    from .pack import load_pack, model_from_pack
+    from .store import atomic_write_bytes
+
+    if model is None or queries_file is None:
+        raise DistdmError("--pack needs --model WEIGHTS.safetensors and --queries-file FILE (x, y)")
+    if top < 1:
+        raise DistdmError(f"--top must be >= 1, got {top}")
+    p = load_pack(pack)
+    net = model_from_pack(p, model, arch)
+    x, y = _load_queries_file(queries_file)
+    s = p.attribute(net, x, y, objective)
+    top = min(top, s.n_units)
+    t = Table(title=f"pack {pack.name}: top clusters for '{objective}' (score = change when removed)")
+    for col in ("query", "label", "rank", "cluster", "class", "size", "score"):
+        t.add_column(col, justify="left" if col == "query" else "right")
+    tops = s.top(top).indices
+    for q in range(len(y)):
+        for rank, k in enumerate(tops[:, q]):
+            head = (str(q), str(int(y[q]))) if rank == 0 else ("", "")
+            about = (str(rank + 1), str(int(k)), str(int(p.cluster_class[k])), str(int(p.cluster_size[k])))
+            t.add_row(*head, *about, f"{s.values[k, q]:+.3g}", end_section=rank == len(tops) - 1)
+    console.print(t)
+    out = queries_file.with_suffix(".scores.safetensors")
+    atomic_write_bytes(out, safetensors_bytes({"scores": torch.as_tensor(s.values)}))
+    console.print(f"scores: {out}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+@user_errors
+def export(
+    run: Path = RUN,
+    out: Path = typer.Option(..., help="Directory to write the synset pack into (new or empty)."),
+    preset: str = typer.Option("default", help="DDM preset whose synset is exported (distilled if needed)."),
+    labels: Path = typer.Option(None, help="JSON file {cluster id: human label} stored in the pack."),
+    device: str = DEVICE,
+) -> None:
+    """Write a synset pack: the synsets, cluster class/size/label, the target model's fingerprint and the
+    preset and online settings, no training data; `distdm attribute --pack` answers from it."""
+    import json
+
+    from .pack import export_pack
+
+    _check_preset(preset)
+    names = None
+    if labels is not None:
+        try:
+            raw = json.loads(labels.read_text())
+            names = {int(k): str(v) for k, v in raw.items()}
+        except (OSError, ValueError, AttributeError) as e:
+            raise DistdmError(f"--labels must be a JSON file {{cluster id: label}}: {e}") from None
+    r = _open(run, device=device)
+    path = export_pack(r, out, preset, labels=names)
+    console.print(f"pack: {path} ({r.clusters().n_clusters} clusters, preset {preset})", highlight=False)
+
+
+def _check_verify(m: int, n_clusters: int | None = None) -> None:
+    """Refuse a --verify M that cannot be checked (before any fitting)."""
+    if m == 0:
+        return
+    from .verify import choose_clusters
+
+    if m < 0:
+        raise DistdmError(f"--verify must be 0 (no check) or a number of clusters >= 3, got {m}")
+    choose_clusters(n_clusters if n_clusters is not None else m, m)
+
+
+def _verify(r: Any, scores: Any, x: Any, y: Any, m: int, seeds: list[int] | None = None) -> Any:
+    """`distdm.verify.verify` on the run's task (stored in the run under verify/)."""
+    from .verify import verify
+
+    return verify(r.task(), scores, x, y, m=m, seeds=seeds, progress=True)
+
+
+def _print_verification(checks: list[Any], out: Console) -> None:
+    """Each check's verdict, agreement, reproducibility and cost, then the verdict rules."""
+    from .verify import VERDICT_RULES
+
+    for v in checks:
+        out.print(v.summary(), markup=False, highlight=False, soft_wrap=True)
+    out.print(f"verdict rules: {VERDICT_RULES}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _check_queries(n: int) -> None:
@@ -530,6 +681,7 @@ def evaluate(
         "shuffle seeds.",
     ),
     lds_subsets: int = typer.Option(100, help="Random half-subsets of clusters retrained for LDS."),
+    verify: int = VERIFY,
     gold: str = typer.Option(
         "exact", help="exact (leave-cluster-out retraining) or further-training (final-model-only)."
     ),
@@ -558,6 +710,7 @@ def evaluate(
     executor: str = EXECUTOR,
     address: str = ADDRESS,
     memory_budget: float = MEMORY_BUDGET,
+    device: str = DEVICE,
 ) -> None:
     """Compare methods with exact leave-cluster-out retraining (Dist1-3, Spearman, LDS, timings), or
     with the final-model-only further-training gold standard (--gold further-training), or one
@@ -572,7 +725,7 @@ def evaluate(
         raise DistdmError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {output!r}")
     if compare is not None:
         _check_methods("--compare-method", [compare_method])
-        return _evaluate_compare(_open(run), compare, compare_method, queries)
+        return _evaluate_compare(_open(run, device=device), compare, compare_method, queries)
     if gold not in ("exact", "further-training"):
         raise DistdmError(f"--gold must be exact or further-training, got {gold!r}")
     seed_list = _int_list("--seeds", seeds)
@@ -583,15 +736,18 @@ def evaluate(
         epoch_list = _int_list("--epochs", epochs)
         _check_further(specs, epoch_list, unit, optimizer, lr, left_out, objective)
         return _evaluate_further(
-            _open(run, **_execution(ctx, executor, address, memory_budget)), specs, queries, seed_list,
+            _open(run, device=device, **_execution(ctx, executor, address, memory_budget)), specs, queries,
+            seed_list,
             epochs=epoch_list, unit=unit, optimizer=optimizer, lr=lr, left_out=left_out, objective=objective,
         )  # fmt: skip
     specs = [s.strip() for s in (methods or EXACT_METHODS).split(",") if s.strip()]
     _check_methods("--methods", specs)
     if lds_subsets < 0 or lds_subsets == 1:
         raise DistdmError(f"--lds-subsets must be 0 (no LDS) or >= 2, got {lds_subsets}")
-    r = _open(run, **_execution(ctx, executor, address, memory_budget))
+    _check_verify(verify)
+    r = _open(run, device=device, **_execution(ctx, executor, address, memory_budget))
     _check_lds_cache(r, lds_subsets)
+    _check_verify(verify, r.clusters().n_clusters)
     x, y, _ = _queries(r, queries)
     fitted = {spec: _method(r, spec) for spec in specs}
     ev = run_evaluation(
@@ -601,6 +757,16 @@ def evaluate(
         written = ev.save(tmp)
         paths = [r.store.save_file(f"evaluation/{p.name}", p.read_bytes()) for p in written.values()]
     _print_evaluation(ev.rows, output)
+    if verify:
+        from .scores import Scores
+
+        # the truth's leave-one-out retrains of the first two seeds are in the run: the check reuses them
+        vseeds = seed_list[:2] if len(seed_list) >= 2 else None
+        checks = [
+            _verify(r, Scores(by_obj["margin"], "cluster", "margin", name), x, y, verify, vseeds)
+            for name, by_obj in ev.scores.items()
+        ]
+        _print_verification(checks, err_console if output == "csv" else console)
     written_to = "written: " + ", ".join(str(p) for p in paths)
     if output == "csv":
         err_console.print(written_to, soft_wrap=True, highlight=False)
@@ -656,6 +822,7 @@ def demo(
     executor: str = EXECUTOR,
     address: str = ADDRESS,
     memory_budget: float = MEMORY_BUDGET,
+    device: str = DEVICE,
 ) -> None:
     """Every stage on the embedded digits data with defaults, checked against exact retraining."""
     from . import metrics
@@ -665,7 +832,8 @@ def demo(
 
     _check_queries(queries)
     t0 = time.perf_counter()
-    r = Run(out, "digits", "mlp", progress=True, **_execution(ctx, executor, address, memory_budget))
+    execution = _execution(ctx, executor, address, memory_budget)
+    r = Run(out, "digits", "mlp", progress=True, device=device, **execution)
     timings: dict[str, float] = {}
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
@@ -791,6 +959,7 @@ def diagnose(
     noise_seed: int = typer.Option(0, help="Seed choosing the corrupted samples."),
     validation_fraction: float = typer.Option(0.5, help="Share of the test set held out as validation."),
     balanced: bool = typer.Option(False, help="Remove the same share from every class."),
+    device: str = DEVICE,
 ) -> None:
     """Rank clusters by validation loss, remove the most harmful data, retrain, compare with random
     removal (DDM Table 3); with --inject-noise / --flip-labels also detect the corrupted data (Table 6)."""
@@ -816,7 +985,7 @@ def diagnose(
     if noise_seed < 0:
         raise DistdmError(f"--noise-seed must be >= 0, got {noise_seed}")
     seeds = _seed_list("--retrain-seeds", retrain_seeds)
-    r = _open(run)
+    r = _open(run, device=device)
     settings = dict(fractions=fr, random_seeds=list(range(random_seeds)), retrain_seeds=seeds,
                     validation_fraction=validation_fraction, balanced=balanced, progress=True)  # fmt: skip
     if not corrupting:
@@ -866,6 +1035,7 @@ def transfer(
     student_seeds: str = typer.Option("", help="Student seeds (default: the target's init and order)."),
     validation_fraction: float = typer.Option(0.5, help="Share of the test set the KL is ranked on."),
     balanced: bool = typer.Option(False, help="Delete the same share from every class."),
+    device: str = DEVICE,
 ) -> None:
     """Delete the data the teacher (the target model) rests on least by the KL objective, train a
     student with (1 - a) CE + a KL on the rest, compare with random deletion (DDM Table 7)."""
@@ -880,7 +1050,7 @@ def transfer(
         raise DistdmError(f"--random-seeds must be >= 1, got {random_seeds}")
     _check_share("--validation-fraction", validation_fraction)
     seeds = _seed_list("--student-seeds", student_seeds)
-    r = _open(run)
+    r = _open(run, device=device)
     fitted = {spec: _method(r, spec) for spec in specs}
     res = run_transfer(
         r.task(), fitted, fractions=fr, alpha=alpha, temperature=temperature,
@@ -919,6 +1089,7 @@ def unlearn(
     retrain: bool = typer.Option(
         True, "--retrain/--no-retrain", help="Also retrain exactly without the clusters."
     ),
+    device: str = DEVICE,
 ) -> None:
     """Remove clusters' effect by fine-tuning on their synsets; compare with the original model and
     exact retraining without them (accuracy and margin on removed / kept / test samples). --all:
@@ -941,7 +1112,7 @@ def unlearn(
         scales = _float_list("--lr-scales", lr_scales)
         if not all(math.isfinite(s) and s > 0 for s in scales):
             raise DistdmError(f"--lr-scales must be numbers > 0, got {lr_scales!r}")
-        r = _open(run)
+        r = _open(run, device=device)
         task = r.task()
         syns = {n: synset_variant(task, n, progress=True) for n in names}
         rows = forgetting_table(task, syns, lr_scales=scales)
@@ -953,7 +1124,7 @@ def unlearn(
         console.print(f"written: {path}", soft_wrap=True, highlight=False)
         return
     name = _synset_names("--preset", preset)[0]
-    r = _open(run)
+    r = _open(run, device=device)
     ids = parse_clusters(clusters, r.clusters().n_clusters)
     task = r.task()
     rep = unlearn_report(task, synset_variant(task, name, progress=True), ids, retrain=retrain)
@@ -979,6 +1150,7 @@ def privacy(
     run: Path = RUN,
     presets: str = typer.Option("paper,paper-match,default", help="Synsets to measure and draw."),
     rows: int = typer.Option(10, help="Clusters drawn in the figure (one per class first)."),
+    device: str = DEVICE,
 ) -> None:
     """How close synthetic samples are to real training images (cosine, L2 in standardised input space)
     and a nearest-synthetic-distance membership-inference AUC; figure of synsets beside their nearest
@@ -991,7 +1163,7 @@ def privacy(
     names = _synset_names("--presets", presets)
     if rows < 1:
         raise DistdmError(f"--rows must be >= 1, got {rows}")
-    r = _open(run)
+    r = _open(run, device=device)
     task = r.task()
     syns = {n: synset_variant(task, n, progress=True) for n in names}
     table = privacy_table(syns, r.data)

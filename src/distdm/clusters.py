@@ -152,7 +152,7 @@ def kmeans_per_class(
 
 def classwise(labels: torch.Tensor | np.ndarray) -> Clusters:
     """One cluster per class (K = L): the coarse level of the hierarchical search."""
-    y = np.asarray(labels)
+    y = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
     classes = np.unique(y)
     return Clusters(np.searchsorted(classes, y).astype(np.int64), classes.astype(np.int64), "classwise")
 
@@ -160,7 +160,7 @@ def classwise(labels: torch.Tensor | np.ndarray) -> Clusters:
 def index_order(labels: torch.Tensor | np.ndarray, per_class: int) -> Clusters:
     """Per class, consecutive chunks in index order (the paper's 'w/o cluster' ablation)."""
     per_class = _check_per_class(per_class)
-    y = np.asarray(labels)
+    y = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
     assignment = np.empty(len(y), dtype=np.int64)
     cluster_class: list[int] = []
     for c in np.unique(y):

@@ -163,6 +163,11 @@ class DistillConfig(_Config):
     input_steps: int = 0  # closed-form: Adam steps on the inputs (lr_img), split between label solves
     label_solves: int = 1  # closed-form: label solves; input steps run between consecutive solves
     init: str = "members"  # closed-form: inputs from random cluster members | means of member groups
+    # closed-form: auto (nn.Linear models with a low-rank or Euclidean metric: normal equations from the
+    # per-sample gradient factors, M never formed; else as 'materialise') | materialise (the label
+    # columns M, ipc x C x P per cluster: the `fast` preset's path)
+    label_solver: str = "auto"
+    input_box: bool = False  # closed-form: keep the synthetic inputs within the training inputs' range
     seed: int = 0
 
     def validate(self) -> None:
@@ -194,7 +199,8 @@ class DistillConfig(_Config):
         _choice("solver", self.solver, ("adam", "closed-form"))
         _positive("input_steps", self.input_steps, allow_zero=True)
         _positive("label_solves", self.label_solves)
-        _choice("init", self.init, ("members", "means"))
+        _choice("init", self.init, ("members", "means", "cluster-mean", "gaussian", "noise"))
+        _choice("label_solver", self.label_solver, ("auto", "materialise"))
         if self.curvature == "ekfac" and self.solver != "closed-form":
             raise DistdmError("curvature 'ekfac' needs solver='closed-form' (the adam solver uses HVPs)")
 

@@ -18,11 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
 
 from .clusters import Clusters
 from .config import DistillConfig
-from .engine import State, param_names, per_sample_loss, predict, train_variants
+from .distill_shared import (
+    cluster_batches,
+    cluster_gradients,
+    init_synset,
+    synthetic_gradients,
+    warn_on_cosines,
+)
+from .engine import State, predict, train_variants
 from .errors import DistdmError
 from .progress import progress_bar
 from .synset import Synset
@@ -66,86 +72,6 @@ def layer_cosines(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dic
     return out
 
 
-def _cluster_batches(
-    clusters: Clusters, rng: np.random.Generator, cap: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded member indices (K, B) and a 0/1 mask: up to `cap` random members of each cluster."""
-    rows = []
-    for k in range(clusters.n_clusters):
-        m = clusters.members(k)
-        rows.append(rng.choice(m, size=min(cap, len(m)), replace=False) if len(m) else m)
-    width = max(1, max(len(r) for r in rows))
-    idx = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width)
-    for k, r in enumerate(rows):
-        idx[k, : len(r)] = torch.as_tensor(r)
-        mask[k, : len(r)] = 1.0
-    return idx, mask
-
-
-def cluster_gradients(
-    task: Task, state: State, idx: torch.Tensor, mask: torch.Tensor, *, mean: bool = True
-) -> dict[str, torch.Tensor]:
-    """Loss gradient of each cluster's (masked) members at a state: dict of (K, *param_shape)."""
-    model, names = task.model, param_names(task.model)
-    params = {k: state[k] for k in names}
-    rest = {k: v for k, v in state.items() if k not in params}
-    x, y = task.data.x_train, task.data.y_train
-
-    def loss(p: State, xi: torch.Tensor, yi: torch.Tensor, mi: torch.Tensor) -> torch.Tensor:
-        per = per_sample_loss(functional_call(model, {**p, **rest}, (xi,)), yi, task.loss)
-        total = (per * mi).sum()
-        return total / mi.sum().clamp_min(1.0) if mean else total
-
-    out = {k: [] for k in names}
-    for sl in torch.arange(len(idx)).split(max(1, 4096 // max(1, idx.shape[1]))):
-        g = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x[idx[sl]], y[idx[sl]], mask[sl])
-        for k in names:
-            out[k].append(g[k].detach())
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def synthetic_gradients(
-    task: Task, state: State, sx: torch.Tensor, sy: torch.Tensor, ipc: int, *, mean: bool = True
-) -> dict[str, torch.Tensor]:
-    """Loss gradient of each cluster's synthetic samples at a state, differentiable w.r.t. them."""
-    model, names = task.model, param_names(task.model)
-    params = {k: state[k].detach() for k in names}
-    rest = {k: v for k, v in state.items() if k not in params}
-    k_clusters = sx.shape[0] // ipc
-
-    def loss(p: State, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        per = per_sample_loss(functional_call(model, {**p, **rest}, (xi,)), yi, "ce")
-        return per.mean() if mean else per.sum()
-
-    xs = sx.reshape(k_clusters, ipc, *sx.shape[1:])
-    ys = sy.reshape(k_clusters, ipc, *sy.shape[1:])
-    return vmap(grad(loss), in_dims=(None, 0, 0))(params, xs, ys)
-
-
-def init_synset(
-    task: Task, clusters: Clusters, ipc: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Synthetic inputs from random real members of each cluster, one-hot labels of its class."""
-    rng = np.random.default_rng(seed)
-    picks = []
-    for k in range(clusters.n_clusters):
-        m = clusters.members(k)
-        if len(m) == 0:
-            raise DistdmError(f"cluster {k} is empty; re-cluster with fewer clusters per class")
-        picks.append(rng.choice(m, size=ipc, replace=len(m) < ipc))
-    idx = torch.as_tensor(np.concatenate(picks))
-    x = task.data.x_train[idx].clone()
-    if len(np.unique(idx.numpy())) < len(idx):  # duplicates from tiny clusters: nudge apart
-        x += 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-    n_classes = max(task.data.num_classes, 1)
-    cls = torch.as_tensor(clusters.cluster_class).long().repeat_interleave(ipc)
-    if (cls < 0).any():
-        raise DistdmError("distillation needs class-pure clusters (per-class k-means, class-wise or index)")
-    y = torch.nn.functional.one_hot(cls, n_classes).float()
-    return x, y, torch.arange(clusters.n_clusters).repeat_interleave(ipc)
-
-
 def _starts(tau: int, cfg: DistillConfig, rng: np.random.Generator) -> list[tuple[int, int]]:
     """(real, synthetic) checkpoint pairs per sampled start, by the pairing rule."""
     if cfg.direction == "match":
@@ -187,7 +113,7 @@ def distill_trajectory(
     pairs = _starts(tau, cfg, rng)
     with progress_bar(len(pairs) * cfg.iterations, "distilling", progress) as bar:
         for t_real, t_syn in pairs:
-            idx, mask = _cluster_batches(clusters, rng, cfg.real_batch)
+            idx, mask = cluster_batches(clusters, rng, cfg.real_batch)
             g_real = cluster_gradients(task, task.trajectory[t_real], idx, mask)
             target = {k: sign * v for k, v in g_real.items()}
             for _ in range(cfg.iterations):
@@ -202,7 +128,7 @@ def distill_trajectory(
                 bar.advance()
     sx, sy = sx.detach(), sy.detach()
     # diagnostics: matching cosine per layer on the last start's pair, fresh real batches
-    idx, mask = _cluster_batches(clusters, rng, cfg.real_batch)
+    idx, mask = cluster_batches(clusters, rng, cfg.real_batch)
     t_real, t_syn = pairs[-1]
     g_real = cluster_gradients(task, task.trajectory[t_real], idx, mask)
     g_syn = synthetic_gradients(task, task.trajectory[t_syn], sx, sy, cfg.ipc)
@@ -232,28 +158,12 @@ def calibrate(
         return torch.ones(k)
     if how == "mass":
         return torch.as_tensor(clusters.sizes() / n, dtype=torch.float32)
-    idx, mask = _cluster_batches(clusters, np.random.default_rng(0), 10**9)
+    idx, mask = cluster_batches(clusters, np.random.default_rng(0), 10**9)
     g_real = cluster_gradients(task, task.final, idx, mask, mean=False)
     g_syn = synthetic_gradients(task, task.final, sx, sy, ipc, mean=False)
     real_norm = torch.sqrt(sum((v.flatten(1) ** 2).sum(-1) for v in g_real.values()))
     syn_norm = torch.sqrt(sum((v.detach().flatten(1) ** 2).sum(-1) for v in g_syn.values()))
     return (real_norm / n / syn_norm.clamp_min(1e-12)).float()
-
-
-TRAJECTORY_HINT = "use soft labels or the influence target"
-INFLUENCE_HINT = "raise ipc, hessian_rank or input_steps, or check the target model's training"
-
-
-def warn_on_cosines(cosines: dict[str, float], hint: str = TRAJECTORY_HINT) -> None:
-    """Log a warning for every layer whose matching cosine stayed <= 0 (SPEC.md section 6)."""
-    bad = {k: round(v, 3) for k, v in cosines.items() if v <= 0}
-    if bad:
-        log.warning(
-            "distillation did not match the gradients of %s (cosine <= 0): fine-tuning on this synset "
-            "will not emulate removal in those layers; %s",
-            bad,
-            hint,
-        )
 
 
 def finetune(task: Task, synset: Synset, delete: torch.Tensor, *, executor: Any = None) -> State:

@@ -33,16 +33,16 @@ import torch
 
 from .clusters import Clusters
 from .config import DistillConfig
-from .distill import (
+from .distill_shared import (
     INFLUENCE_HINT,
-    _cluster_batches,
+    cluster_batches,
     cluster_gradients,
     init_synset,
     synthetic_gradients,
     warn_on_cosines,
 )
 from .errors import DistdmError
-from .hessian import arnoldi, cg, flat_model, hvp, iter_per_sample_grads, stochastic_hvp
+from .hessian import _linear_layout, cg, flat_model, hvp, iter_per_sample_grads, stochastic_hvp
 from .progress import progress_bar
 from .synset import Synset
 from .task import Task
@@ -58,7 +58,7 @@ def influence_targets(
     With the low-rank metric and hessian_target 'metric', A = U diag(vals) U^T + lambda I is inverted
     in closed form (no solver); otherwise A = H + lambda I and d comes from batched CG."""
     fm = flat_model(task)
-    idx, mask = _cluster_batches(clusters, np.random.default_rng(0), 10**9)
+    idx, mask = cluster_batches(clusters, np.random.default_rng(0), 10**9)
     g = cluster_gradients(task, task.final, idx, mask, mean=False)
     b = flatten_batch(g, fm.names) / len(clusters.assignment)
     if cfg.target == "oracle":
@@ -92,18 +92,26 @@ _EIGEN_CACHE: dict[tuple[str, int, str, int | None], tuple[torch.Tensor, torch.T
 def top_eigenpairs(
     task: Task, rank: int, curvature: str, subsample: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-`rank` eigenpairs of the training-loss curvature at theta_tau (Arnoldi, 2 x rank HVPs, on
-    all training data or a fixed random subsample), negative eigenvalues clipped to 0; cached per task
-    so cluster- and class-wise synsets share them."""
+    """Top-`rank` eigenpairs of the training-loss curvature at theta_tau (block Krylov, distdm.eigen:
+    2 x rank HVPs, on all training data or a fixed random subsample; the basis must fit the task's
+    memory_budget_bytes), negative eigenvalues clipped to 0 and reported (eigen.last_solve, a logged
+    warning); cached per task so cluster- and class-wise synsets share them."""
+    from . import eigen  # here: only this function of the module uses it
+
     fm = flat_model(task)
     h = hashlib.sha1(fm.theta.detach().cpu().numpy().tobytes())
     h.update(task.data.x_train.detach().cpu().numpy().tobytes())
     key = (h.hexdigest(), rank, curvature, subsample)
     if key not in _EIGEN_CACHE:
+        _EIGEN_CACHE.clear()  # one task at a time: the basis is rank x P floats; free it before solving
         hv = hvp(task, curvature=curvature, subsample=subsample)
-        vals, vecs = arnoldi(hv, fm.n_params, n_iters=2 * rank, top_p=rank)
-        _EIGEN_CACHE.clear()  # one task at a time: the basis is rank x P floats
-        _EIGEN_CACHE[key] = (vals.clamp_min(0.0), vecs)
+        pairs = eigen.block_krylov(
+            hv, fm.n_params, rank, block=eigen.default_block(task.model, fm.theta.device),
+            krylov_dim=2 * rank, dtype=fm.theta.dtype, device=fm.theta.device,
+            memory_budget_bytes=task.memory_budget_bytes,
+        )  # fmt: skip
+        eigen.note_solve(pairs, curvature)
+        _EIGEN_CACHE[key] = (pairs.values.clamp_min(0.0), pairs.vectors)
     return _EIGEN_CACHE[key]
 
 
@@ -242,11 +250,52 @@ def distill_influence(
         "seconds_target": t_target,
         "seconds": time.perf_counter() - t0,
     }
-    return Synset(sx.detach(), y, cl, torch.ones(clusters.n_clusters), lr, 1, info)
+    return Synset(sx.detach(), y, cl, torch.ones(clusters.n_clusters, device=sx.device), lr, 1, info)
 
 
 # ---------------------------------------------------------------------------------------------
 # closed-form distillation: labels by least squares for fixed inputs, clusters in chunks
+
+
+def curvature_share(curv: LowRankCurvature, b: torch.Tensor) -> torch.Tensor:
+    """Per cluster, the share of the target's squared norm ||A^-1 b||^2 that comes from the top-r
+    eigenpairs, U diag(1/(vals + damping)) U^T b; the rest, (I - U U^T) b / damping, is a scaled
+    gradient (issue 15: near 0 the target degenerates to Grad-Dot)."""
+    proj = b @ curv.vecs.T
+    low = ((proj / (curv.vals + curv.damping)) ** 2).sum(-1)
+    rest = ((b**2).sum(-1) - (proj**2).sum(-1)).clamp_min(0.0) / curv.damping**2
+    return low / (low + rest).clamp_min(1e-30)
+
+
+POOR_FIT = 0.5  # median relative error above which the synsets reproduce their clusters' effect poorly
+
+
+def fit_hint(cfg: DistillConfig, share: float | None) -> str:
+    """What to change when the fit is poor, naming only settings that differ from the ones in use."""
+    tips = [f"more samples per cluster (ipc={2 * cfg.ipc}, now {cfg.ipc})"]
+    if cfg.input_steps < 100:
+        tips.append(f"more input steps (input_steps={max(2 * cfg.input_steps, 50)}, now {cfg.input_steps})")
+    if share is not None and share < 0.5:
+        tips.append(
+            f"a larger damping (now {cfg.damping:g}: only {share:.1%} of the target comes from the "
+            "curvature, the rest is a scaled gradient)"
+        )
+    if cfg.curvature == "hessian":
+        tips.append("curvature='ggn' (positive semi-definite)")
+    elif cfg.hessian_rank is not None:
+        tips.append(f"hessian_rank={2 * cfg.hessian_rank} (now {cfg.hessian_rank})")
+    return "try " + "; or ".join(tips)
+
+
+def warn_on_poor_fit(rel_err: float, cfg: DistillConfig, share: float | None) -> None:
+    """Log, in the user's terms, that the synsets emulate removal poorly, and what to change."""
+    if rel_err > POOR_FIT:
+        log.warning(
+            "DDM's synsets reproduce the effect of removing their cluster poorly (median relative error "
+            "%.2f; 0 is exact, 1 no better than no step): its attributions will be unreliable; %s",
+            rel_err,
+            fit_hint(cfg, share),
+        )
 
 
 class Curvature(Protocol):
@@ -365,6 +414,13 @@ def _ekfac_curvature(task: Task, cfg: DistillConfig) -> Curvature:
 DISTILL_MEMORY_BUDGET = 2**30  # bytes of working memory for the distillation, without a task budget
 
 
+def factored_cluster_bytes(n_params: int) -> int:
+    """Working memory of one cluster's fit when M is never formed (`factored_normal_equations`): its
+    target, right-hand side and step and the input steps' (K, P) temporaries, about 16 parameter-sized
+    vectors."""
+    return 4 * n_params * 16
+
+
 def cluster_bytes(n_params: int, ipc: int, n_classes: int) -> int:
     """Working memory of one cluster's closed-form fit: its ipc x C label columns of P floats and
     their share of the per-sample-gradient and metric work (measured 1.5-1.7 copies on MLPs of 10k
@@ -373,13 +429,19 @@ def cluster_bytes(n_params: int, ipc: int, n_classes: int) -> int:
 
 
 def clusters_per_chunk(
-    task: Task, n_params: int, ipc: int, n_classes: int, reserved: int = 0, budget: int | None = None
+    task: Task,
+    n_params: int,
+    ipc: int,
+    n_classes: int,
+    reserved: int = 0,
+    budget: int | None = None,
+    factored: bool = False,
 ) -> int:
     """Clusters fitted at once so that their working memory plus `reserved` bytes (the curvature)
     stays within `budget` (default the task's memory_budget_bytes, else DISTILL_MEMORY_BUDGET)."""
     budget = task.memory_budget_bytes if budget is None else budget
     budget = DISTILL_MEMORY_BUDGET if budget is None else budget
-    per = cluster_bytes(n_params, ipc, n_classes)
+    per = factored_cluster_bytes(n_params) if factored else cluster_bytes(n_params, ipc, n_classes)
     n = (budget - reserved) // per
     if n < 1:
         log.warning(
@@ -398,12 +460,101 @@ def label_columns(fm: Any, x: torch.Tensor, lr: float, chunk: int = 256) -> torc
     n, n_classes = x.shape[0], int(fm.outputs(fm.theta, x[:1]).shape[-1])
     # one per-sample gradient per (sample, class) pair, with the hard label c: far cheaper than a
     # Jacobian by jacrev (measured 0.5 vs 11 s for 400 digits samples); filled in place
-    out = torch.empty(n * n_classes, fm.n_params, dtype=fm.theta.dtype)
+    out = torch.empty(n * n_classes, fm.n_params, dtype=fm.theta.dtype, device=fm.theta.device)
     xs = x.repeat_interleave(n_classes, 0)
-    cs = torch.arange(n_classes).repeat(n)
+    cs = torch.arange(n_classes, device=x.device).repeat(n)
     for sl, g in iter_per_sample_grads(fm, xs, cs, "ce", chunk=chunk):
         out[sl] = g
     return out.mul_(-lr).reshape(n, n_classes, fm.n_params)
+
+
+def factored_normal_equations(
+    fm: Any, x: torch.Tensor, lr: float, metric: Curvature, bd: torch.Tensor, *, chunk: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+    """The normal matrix M B M^T (k, c, c) and right-hand side M B d (k, c) of `normal_equations`
+    without forming M, for models of nn.Linear layers and a low-rank or scaled-identity metric B; None
+    otherwise (use `label_columns` and `normal_equations`). Each row of M is lr grad log p_c(x_j) =
+    lr D_jc a_j^T per layer, so M M^T = (D D'^T)(a a'^T + 1) and M bd = D^T Bd_k a_j per cluster, and
+    M U^T needs r x P x n operations (U_i a_j) instead of n C r P. Third value: the factors, for
+    `factored_steps`."""
+    from .hessian import linear_grads
+
+    if not isinstance(metric, LowRankCurvature | ScaledIdentity):
+        return None
+    jac = linear_grads(fm, x, None, chunk=chunk)  # d: (C, n, d_out) per layer, the logits' Jacobian
+    if jac is None:
+        return None
+    n, kc = x.shape[0], bd.shape[0]
+    ipc = n // kc
+    with torch.no_grad():
+        p = torch.softmax(fm.outputs(fm.theta, x), -1)  # (n, C)
+        # grad log p_c = grad z_c - sum_o p_o grad z_o: the same linear map of every layer's D
+        ds = [lr * (d - torch.einsum("no,onk->nk", p, d).unsqueeze(0)) for d in jac.d]
+        n_classes = p.shape[1]
+        kinds: dict[int, dict[str, tuple[int, int]]] = {}
+        for layer, kind, off, size in jac.layout.parts:
+            kinds.setdefault(layer, {})[kind] = (off, size)
+        cc = ipc * n_classes
+        mm = torch.zeros(kc, cc, cc, dtype=p.dtype, device=p.device)
+        rhs = torch.zeros(kc, cc, dtype=p.dtype, device=p.device)
+        low = metric if isinstance(metric, LowRankCurvature) else None
+        mu = (
+            torch.zeros(n_classes, n, low.vecs.shape[0], dtype=p.dtype, device=p.device)
+            if low is not None
+            else None
+        )
+        for layer, parts in kinds.items():
+            d = ds[layer]  # (C, n, d_out)
+            a = jac.a[layer]  # (n, d_in)
+            d_out = d.shape[-1]
+            dk = d.permute(1, 0, 2).reshape(kc, cc, d_out)  # rows sample-major: j * C + c
+            dd = torch.bmm(dk, dk.transpose(1, 2))
+            aa = torch.zeros(kc, ipc, ipc, dtype=p.dtype, device=p.device)
+            if "weight" in parts:
+                off, size = parts["weight"]
+                ak = a.reshape(kc, ipc, -1)
+                aa = aa + torch.bmm(ak, ak.transpose(1, 2))
+                w = bd[:, off : off + size].reshape(kc, d_out, -1)
+                v = torch.bmm(w, ak.transpose(1, 2))  # (kc, d_out, ipc): Bd_k a_j
+                rhs += torch.einsum("kjco,koj->kjc", dk.reshape(kc, ipc, n_classes, d_out), v).reshape(kc, cc)
+                if low is not None:
+                    u = low.vecs[:, off : off + size].reshape(-1, d_out, size // d_out)
+                    for sl in _slices(n, chunk):
+                        t = torch.einsum("roi,ni->rno", u, a[sl])  # U_i a_j
+                        mu[:, sl] += torch.einsum("cno,rno->cnr", d[:, sl], t)
+            if "bias" in parts:
+                off, size = parts["bias"]
+                aa = aa + 1.0
+                rhs += torch.einsum("kco,ko->kc", dk, bd[:, off : off + size])
+                if low is not None:
+                    mu += torch.einsum("cno,ro->cnr", d, low.vecs[:, off : off + size])
+            mm += dd * aa.repeat_interleave(n_classes, 1).repeat_interleave(n_classes, 2)
+        if low is None:
+            return metric.scale * mm, rhs, (ds, jac)
+        muk = mu.permute(1, 0, 2).reshape(kc, cc, -1)
+        g = low.damping * mm + torch.bmm(muk * low.vals, muk.transpose(1, 2))
+    return g, rhs, (ds, jac)
+
+
+def factored_steps(factors: Any, y: torch.Tensor, kc: int, n_params: int) -> torch.Tensor:
+    """The steps (k, P) of labels y (n, C) from `factored_normal_equations`' factors: per layer
+    delta_k = sum_j (sum_c y_jc D_jc) a_j^T, without the label columns."""
+    ds, jac = factors
+    n = y.shape[0]
+    ipc = n // kc
+    out = torch.empty(kc, n_params, dtype=y.dtype)
+    for layer, kind, off, size in jac.layout.parts:
+        e = torch.einsum("nc,cno->no", y, ds[layer]).reshape(kc, ipc, -1)  # (kc, ipc, d_out)
+        if kind == "bias":
+            out[:, off : off + size] = e.sum(1)
+        else:
+            a = jac.a[layer].reshape(kc, ipc, -1)
+            out[:, off : off + size] = torch.bmm(e.transpose(1, 2), a).reshape(kc, size)
+    return out
+
+
+def _slices(n: int, chunk: int) -> list[slice]:
+    return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
 
 def normal_equations(
@@ -429,26 +580,46 @@ def solve_labels(g: torch.Tensor, r: torch.Tensor, ridge: float = 1e-5) -> torch
     # the step cannot see y_j + t p_j (softmax gradients weighted by p sum to zero), so the normal
     # matrix is singular there: a ridge far below its scale picks the smallest such labels
     scale = g.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
-    eye = torch.eye(g.shape[1], dtype=g.dtype)
+    eye = torch.eye(g.shape[1], dtype=g.dtype, device=g.device)
     return torch.linalg.solve(g + ridge * scale[:, None, None] * eye, r.double()).to(r.dtype)
 
 
 def init_inputs(
     task: Task, clusters: Clusters, ipc: int, seed: int, how: str = "members"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Initial synthetic inputs, one-hot labels and cluster ids: random members of each cluster, or
-    ('means') the means of ipc random disjoint groups of its members (members where it has fewer)."""
+    """Initial synthetic inputs, one-hot labels and cluster ids. how: 'members' (random members of each
+    cluster), 'means' (means of ipc random disjoint groups of its members; members where it has fewer),
+    or inputs that start from no member: 'cluster-mean' (the cluster's mean plus noise of 0.1 of its
+    per-feature spread), 'gaussian' (draws from a diagonal Gaussian fitted to the cluster) or 'noise'
+    (draws from one fitted to the whole class; also for clusters of fewer than 5 members, whose mean
+    is nearly a copy of them). Draws are clipped to the training inputs' range."""
     x, onehot, cl = init_synset(task, clusters, ipc, seed)
     if how == "members":
         return x, onehot, cl
     rng = np.random.default_rng(seed)
     xt = task.data.x_train
+    if how == "means":
+        for k in range(clusters.n_clusters):
+            m = clusters.members(k)
+            if len(m) >= ipc:
+                groups = np.array_split(rng.permutation(m), ipc)
+                x[k * ipc : (k + 1) * ipc] = torch.stack([xt[torch.as_tensor(g)].mean(0) for g in groups])
+        return x, onehot, cl
+    # no member is copied: only a mean and a spread per feature (of the cluster, or of its class) enter
+    gen = torch.Generator().manual_seed(seed)
+    y_all = np.asarray(task.data.y_train.cpu())
     for k in range(clusters.n_clusters):
-        m = clusters.members(k)
-        if len(m) >= ipc:
-            groups = np.array_split(rng.permutation(m), ipc)
-            x[k * ipc : (k + 1) * ipc] = torch.stack([xt[torch.as_tensor(g)].mean(0) for g in groups])
-    return x, onehot, cl
+        members = clusters.members(k)
+        # the mean of a very small cluster is nearly a copy of its members: those use their class's
+        if how == "noise" or len(members) < 5:
+            pool = xt[torch.as_tensor(np.flatnonzero(y_all == clusters.cluster_class[k]))]
+        else:
+            pool = xt[torch.as_tensor(members)]
+        mean, spread = pool.mean(0), pool.std(0, unbiased=False)
+        factor = 0.1 if how == "cluster-mean" else 1.0
+        eps = torch.randn((ipc, *mean.shape), generator=gen).to(mean.device)
+        x[k * ipc : (k + 1) * ipc] = mean + factor * spread * eps
+    return x.clamp(float(xt.min()), float(xt.max())), onehot, cl
 
 
 def _refine_inputs(
@@ -467,6 +638,8 @@ def _refine_inputs(
     names = flat_model(task).names
     x = x.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr_img)
+    xt = task.data.x_train
+    box = (float(xt.min()), float(xt.max())) if cfg.input_box else None
     for _ in range(steps):
         delta = -lr * flatten_batch(synthetic_gradients(task, task.final, x, y, cfg.ipc, mean=False), names)
         b_delta = metric.apply(delta.detach())
@@ -474,6 +647,9 @@ def _refine_inputs(
         opt.zero_grad(set_to_none=True)
         surrogate.backward()
         opt.step()
+        if box is not None:  # projected steps: the inputs stay within the training data's range
+            with torch.no_grad():
+                x.clamp_(*box)
     return x.detach()
 
 
@@ -496,6 +672,11 @@ def _fit_chunk(
         return (diff * metric.apply(diff)).sum(-1)
 
     def labels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cfg.label_solver == "auto":
+            fac = factored_normal_equations(fm, x, lr, metric, bd)
+            if fac is not None:
+                y = solve_labels(fac[0], fac[1]).reshape(x.shape[0], -1)
+                return y, factored_steps(fac[2], y, kc, p)
         m = label_columns(fm, x, lr).reshape(kc, -1, p)
         y = solve_labels(*normal_equations(m, metric, bd))
         return y.reshape(x.shape[0], -1), torch.bmm(y.unsqueeze(1), m).squeeze(1)
@@ -542,12 +723,22 @@ def distill_closed_form(
     names, slices = fm.names, _layer_slices(task)
     k_total, n = clusters.n_clusters, len(clusters.assignment)
     sx, onehot, cl = init_inputs(task, clusters, cfg.ipc, cfg.seed, cfg.init)
-    idx, mask = _cluster_batches(clusters, np.random.default_rng(0), 10**9)
+    idx, mask = cluster_batches(clusters, np.random.default_rng(0), 10**9)
     oracle = oracle_targets(task, clusters) if cfg.target == "oracle" else None  # a study tool: K x P
-    size = clusters_per_chunk(task, fm.n_params, cfg.ipc, onehot.shape[1], reserved=curv.nbytes)
+    if cfg.input_box:
+        xt = task.data.x_train
+        sx = sx.clamp(float(xt.min()), float(xt.max()))
+    factored = (
+        cfg.label_solver == "auto"
+        and isinstance(metric, LowRankCurvature | ScaledIdentity)
+        and _linear_layout(fm) is not None
+    )
+    size = clusters_per_chunk(
+        task, fm.n_params, cfg.ipc, onehot.shape[1], reserved=curv.nbytes, factored=factored
+    )
     xs, ys = torch.empty_like(sx), torch.empty_like(onehot)
     sq_err: list[list[torch.Tensor]] = []
-    d_norms, cos_sum = [], dict.fromkeys(slices, 0.0)
+    d_norms, cos_sum, shares = [], dict.fromkeys(slices, 0.0), []
     t_target = t_fit = 0.0
     starts = range(0, k_total, size)
     with progress_bar(len(starts), "distilling (closed form)", progress) as bar:
@@ -560,6 +751,8 @@ def distill_closed_form(
                     / n
                 )
                 d = curv.solve(b)
+                if isinstance(curv, LowRankCurvature):
+                    shares.append(curvature_share(curv, b))
             else:
                 d = oracle[sl]
                 b = curv.apply(d)
@@ -585,9 +778,13 @@ def distill_closed_form(
     cosines = {key: v / k_total for key, v in cos_sum.items()}
     if not all(np.isfinite(float(s.mean())) for s in stages):
         raise DistdmError("closed-form distillation diverged: lower lr_img or input_steps, or raise damping")
-    warn_on_cosines(cosines, INFLUENCE_HINT)
+    share = float(torch.cat(shares).median()) if shares else None
+    warn_on_cosines(cosines, fit_hint(cfg, share))
+    warn_on_poor_fit(float(final_err.median()), cfg, share)
     info: dict[str, Any] = {
         "config": cfg.to_dict(),
+        "factored": factored,
+        "target_curvature_share": share,
         "loss_history": [float(s.mean()) for s in stages],
         "loss_first": float(stages[0].mean()),
         "loss_last": float(final_err.mean()),
@@ -599,4 +796,4 @@ def distill_closed_form(
         "seconds_distill": t_fit,
         "seconds": time.perf_counter() - t0,
     }
-    return Synset(xs, ys, cl, torch.ones(k_total), lr, 1, info)
+    return Synset(xs, ys, cl, torch.ones(k_total, device=xs.device), lr, 1, info)

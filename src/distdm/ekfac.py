@@ -29,7 +29,7 @@ parameters, grouped or 'same'-padded convolutions, a bias whose weight is not in
 per-parameter diagonal Fisher E[g_p^2] with the correction pass's labels (EK-FAC with the identity as the
 eigenbasis), damped like a layer. The fitted object names them in `fallback`.
 
-Damping: None (default) is kronfluence's heuristic, 0.1 x the mean corrected eigenvalue, chosen
+Damping: None or 'auto' (default) is kronfluence's heuristic, 0.1 x the mean corrected eigenvalue, chosen
 per layer (per parameter tensor for the fallback; at least 1e-8); a number is used for every layer.
 Where an eigenvalue plus damping is exactly 0 the inverse drops that direction (pseudo-inverse). The values
 used are in `damping` (layer name -> float). `weight_decay` adds the training's L2 term to every
@@ -158,6 +158,15 @@ class EKFAC:
             out[:, sl] = _divide(vv[:, sl], d) if power < 0 else vv[:, sl] * d
         return out[0] if single else out
 
+    def with_damping(self, damping: float | str | None) -> EKFAC:
+        """The same factors and eigenbases at another damping (None or 'auto': the per-layer
+        heuristic; a number: every layer); no pass over the data. The original is unchanged."""
+        damping = _check_damping(damping)
+        layers = [dataclasses.replace(ly, damping=pick_damping(ly.lam, damping)) for ly in self.layers]
+        damp = {layer.name: layer.damping for layer in layers}
+        damp.update({k: pick_damping(d, damping) for k, d in self.fallback.items()})
+        return dataclasses.replace(self, layers=layers, damping=damp)
+
     def ihvp(self, v: torch.Tensor) -> torch.Tensor:
         """(F + weight_decay I + damping I)^-1 v for flat vectors v (P,) or (k, P)."""
         return self._apply(v, -1)
@@ -173,6 +182,25 @@ class EKFAC:
             raise DistdmError(f"a dense {self.n_params}-parameter curvature is too large: raise max_params")
         eye = torch.eye(self.n_params)
         return self.mvp(eye, kfac=kfac)
+
+
+def _check_damping(damping: object) -> float | None:
+    """None for the heuristic ('auto' means the same), else a finite number >= 0."""
+    if damping is None or (isinstance(damping, str) and damping == "auto"):
+        return None
+    if isinstance(damping, bool) or not (
+        isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0
+    ):
+        raise DistdmError(f"damping must be 'auto', None (heuristic) or a number >= 0, got {damping!r}")
+    return float(damping)
+
+
+def pick_damping(eigenvalues: torch.Tensor, damping: float | None) -> float:
+    """A layer's damping: `damping` where given, else HEURISTIC_DAMPING x the mean of its corrected
+    eigenvalues (at least MIN_DAMPING, which keeps a layer without curvature invertible)."""
+    if damping is not None:
+        return float(damping)
+    return max(HEURISTIC_DAMPING * float(eigenvalues.mean()), MIN_DAMPING)
 
 
 def _conv_supported(m: nn.Conv2d) -> bool:
@@ -286,7 +314,7 @@ def _layer_stats(
             g = torch.zeros_like(o) if g is None else g
             a = _patches(m, inp)
             if b is not None:
-                a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], dim=2)
+                a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], dim=2)
             a_parts.append(a)
             g_parts.append(_out_grads(m, g.detach()))
         if a_parts:  # a layer called several times (shared weights): every call adds positions
@@ -307,7 +335,7 @@ def fit_ekfac(
     *,
     params: str | list[str] = "all",
     fisher: str = "sampled",
-    damping: float | None = None,
+    damping: float | str | None = None,
     weight_decay: float = 0.0,
     samples: int | None = None,
     seed: int = 0,
@@ -317,15 +345,13 @@ def fit_ekfac(
 
     source: a FlatModel, a Task (x, y, loss default to its training data and loss, the state to its
     final model) or an nn.Module (its current state). fisher: 'sampled' (labels drawn from the
-    model per sample and pass, seeded) or 'empirical' (the given labels). damping: None for 0.1 x the
-    mean corrected eigenvalue per layer, or a number >= 0. samples: fit on a fixed random subsample
+    model per sample and pass, seeded) or 'empirical' (the given labels). damping: None or 'auto' for
+    0.1 x the mean corrected eigenvalue per layer, or a number >= 0 (`EKFAC.with_damping` changes it
+    without refitting). samples: fit on a fixed random subsample
     of that many samples (None: all). chunk: samples per forward/backward pass."""
     if fisher not in FISHERS:
         raise DistdmError(f"fisher must be one of {list(FISHERS)}, got {fisher!r}")
-    if damping is not None and not (
-        isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0
-    ):
-        raise DistdmError(f"damping must be None (heuristic) or a finite number >= 0, got {damping!r}")
+    damping = _check_damping(damping)
     if not isinstance(chunk, int) or chunk <= 0:
         raise DistdmError(f"chunk must be a positive integer, got {chunk!r}")
     if hasattr(source, "trajectory"):
@@ -374,7 +400,8 @@ def fit_ekfac(
         e_a, q_a = _eigh(cov_a[name] / (n * positions[name]))
         e_s, q_s = _eigh(cov_s[name] / n)
         kind = "linear" if isinstance(m, nn.Linear) else "conv2d"
-        fitted.append(KroneckerLayer(name, kind, w, b, q_a, e_a, q_s, e_s, torch.zeros(len(e_s), len(e_a))))
+        lam = torch.zeros(len(e_s), len(e_a), dtype=e_a.dtype, device=e_a.device)
+        fitted.append(KroneckerLayer(name, kind, w, b, q_a, e_a, q_s, e_s, lam))
     del cov_a, cov_s
     by_name = {layer.name: layer for layer in fitted}
 
@@ -401,15 +428,11 @@ def fit_ekfac(
             fallback[k] = v.clone()
         log.info("EK-FAC: diagonal Fisher for %d parameter tensors (%s)", len(rest), ", ".join(rest[:4]))
 
-    def pick(mean: torch.Tensor) -> float:
-        # a floor keeps a layer without curvature (dead, or unused by the loss) invertible
-        return max(HEURISTIC_DAMPING * float(mean), MIN_DAMPING) if damping is None else float(damping)
-
     damp: dict[str, float] = {}
     for layer in fitted:
-        layer.damping = damp[layer.name] = pick(layer.lam.mean())
+        layer.damping = damp[layer.name] = pick_damping(layer.lam, damping)
     for k, d in fallback.items():
-        damp[k] = pick(d.mean())
+        damp[k] = pick_damping(d, damping)
 
     offsets, i = {}, 0
     for k in fm.names:

@@ -52,6 +52,66 @@ _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 
 
+# --- devices -------------------------------------------------------------------------------------
+
+DEVICE_KINDS = ("cpu", "cuda", "mps", "auto")
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can compute on, e.g. ['cpu', 'cuda:0', 'cuda:1']."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
+    """The torch.device for 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (cuda if available, else mps,
+    else cpu); None means 'cpu'. A device this machine lacks is refused, naming the ones it has."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        have = available_devices()
+        pick = next((d for d in have if d.startswith("cuda")), "mps" if "mps" in have else "cpu")
+        return torch.device(pick)
+    try:
+        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError) as e:
+        raise DistdmError(f"device must be one of {', '.join(DEVICE_KINDS)} or cuda:N, got {device!r}") from e
+    have = available_devices()
+    if dev.type == "cpu":
+        return torch.device("cpu")  # 'cpu:0' is the same CPU
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DistdmError(
+                f"device {device!r} is not available on this machine (torch {torch.__version__} sees no "
+                f"CUDA GPU): use one of {have}, or 'auto'"
+            )
+        index = 0 if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise DistdmError(
+                f"device {device!r} is not available: this machine has {torch.cuda.device_count()} CUDA "
+                f"GPU(s), use one of {have}"
+            )
+        return torch.device("cuda", index)
+    if dev.type == "mps":
+        if "mps" not in have:
+            raise DistdmError(f"device {device!r} (Apple MPS) is not available here: use one of {have}")
+        return torch.device("mps")
+    raise DistdmError(
+        f"device {device!r} is not supported: use one of {', '.join(DEVICE_KINDS)} or cuda:N "
+        f"(available here: {have})"
+    )
+
+
+def state_to(state: State, device: torch.device | str) -> State:
+    """The state with every tensor on `device` (the same tensors where they are there already)."""
+    return {k: v.to(device) for k, v in state.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """One training schedule shared by all variants."""
@@ -311,8 +371,23 @@ class _ChunkJob:
         try:
             return _train_chunk(self, chunk, "vmap")
         except (RuntimeError, NotImplementedError) as e:
+            raise_if_out_of_memory(e, "training a chunk of variants")
             log.info("model cannot be trained under vmap (%s); training variants in a loop", e)
             return _train_chunk(self, chunk, "loop")
+
+
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
+
+
+def raise_if_out_of_memory(error: BaseException, doing: str) -> None:
+    """Re-raise an out-of-memory error as a DistdmError that says what to lower: the vmap fallback
+    must not swallow it (a loop would only fail later, or crawl)."""
+    oom = isinstance(error, torch.OutOfMemoryError) or any(m in str(error).lower() for m in _OOM_MESSAGES)
+    if oom:
+        raise DistdmError(
+            f"out of memory while {doing}: lower the task's memory_budget_bytes (fewer variants per "
+            f"chunk), the batch size, or the number of variants; or use a device with more memory"
+        ) from error
 
 
 def _vmap_grads(
@@ -477,7 +552,7 @@ def estimate_variant_bytes(
     par_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     opt_copies = 2 if schedule.optimizer == "adam" else (1 if schedule.momentum else 0)
     bs = min(schedule.batch_size or x.shape[0], x.shape[0])
-    m = copy.deepcopy(model).train()
+    m = copy.deepcopy(model).to(x.device).train()
     with torch.enable_grad(), saved_tensor_bytes(m.state_dict().values()) as seen:  # state counted above
         out = m(x[:bs])
         per_sample_loss(out, y[:bs], loss).sum()
@@ -638,7 +713,9 @@ def predict(
     strategy: str = "auto",
     chunk: int = 4096,
 ) -> torch.Tensor:
-    """Outputs of every variant on x: shape (variants, n, outputs), computed in eval mode."""
+    """Outputs of every variant on x: shape (variants, n, outputs), computed in eval mode on x's
+    device (the states are moved there if they are elsewhere)."""
+    states = state_to(states, x.device)
     was_training = model.training
     model.eval()
     try:
@@ -649,9 +726,10 @@ def predict(
                 fn = vmap(lambda s, xb: functional_call(model, s, (xb,)), in_dims=(0, None))
                 return torch.cat([fn(states, xb) for xb in x.split(chunk)], dim=1)
             except (RuntimeError, NotImplementedError) as e:
+                raise_if_out_of_memory(e, "evaluating a chunk of variants")
                 log.info("model cannot be evaluated under vmap (%s); evaluating variants in a loop", e)
         n_var = next(iter(states.values())).shape[0]
-        m = copy.deepcopy(model).eval()
+        m = copy.deepcopy(model).to(x.device).eval()
         outs = []
         for v in range(n_var):
             m.load_state_dict(select(states, v))

@@ -126,17 +126,17 @@ def removal_curve(
     flat = np.concatenate([np.ones((1, n_units)), masks.reshape(-1, n_units)])
     uniq, inverse = np.unique(flat, axis=0, return_inverse=True)
     states = retrain_masks(task, torch.as_tensor(uniq, dtype=torch.float32), seed=seed, progress=progress)
-    xq = torch.as_tensor(x, dtype=torch.float32)
+    xq = torch.as_tensor(x, dtype=torch.float32, device=task.device)
     out = predict(task.model, states, xq, strategy=task.strategy)  # (U, Q, O)
     inverse = np.asarray(inverse).ravel()
     full = int(inverse[0])
     margins = objective_values(task, states, xq, y, "margin", reference=out[full])  # (U, Q)
-    base_pred = out[full].argmax(-1).numpy()
+    base_pred = out[full].argmax(-1).cpu().numpy()
     rows = inverse[1:].reshape(len(ks), n_q)
     q_idx = np.arange(n_q)
     drop, flipped = [], []
     for i in range(len(ks)):
-        pred = out[rows[i], q_idx].argmax(-1).numpy()
+        pred = out[rows[i], q_idx].argmax(-1).cpu().numpy()
         drop.append(t_interval(margins[full] - margins[rows[i], q_idx]))
         flipped.append(t_interval((pred != base_pred).astype(np.float64), bounds=SHARE))
     return {"ks": list(ks), "drop": drop, "flipped": flipped}
@@ -195,7 +195,7 @@ def evaluate(
     if truth.unit != "cluster":
         raise DistdmError("the truth must be leave-cluster-out retraining (ExactRetrain(unit='cluster'))")
     cc = np.asarray(task.clusters.cluster_class)
-    y_np = y.numpy()
+    y_np = y.cpu().numpy()
 
     per_seed = truth.per_seed_scores(x, y, "margin")  # (S, K, Q)
     true_margin = per_seed.mean(0)

@@ -260,7 +260,7 @@ class LinearGrads:
         lead = self.d[0].shape[:-2]
         c = self.a[0][sl].shape[0]
         total = self.layout.parts[-1][2] + self.layout.parts[-1][3]
-        out = torch.empty(*lead, c, total, dtype=self.d[0].dtype)
+        out = torch.empty(*lead, c, total, dtype=self.d[0].dtype, device=self.d[0].device)
         for layer, kind, off, size in self.layout.parts:
             d = self.d[layer][..., sl, :]
             if kind == "bias":
@@ -286,7 +286,7 @@ class LinearGrads:
         operations instead of n n' P."""
         if self.d[0].ndim != 2 or other.d[0].ndim != 2:
             raise AssertionError("gram needs one gradient per sample: use flat_rows()")
-        out = torch.zeros(self.n, other.n, dtype=self.d[0].dtype)
+        out = torch.zeros(self.n, other.n, dtype=self.d[0].dtype, device=self.d[0].device)
         kinds: dict[int, set[str]] = {}
         for layer, kind, _, _ in self.layout.parts:
             kinds.setdefault(layer, set()).add(kind)
@@ -302,7 +302,7 @@ class LinearGrads:
 
     def sq_norms(self) -> torch.Tensor:
         """Squared gradient norm of every sample (..., n)."""
-        total = torch.zeros(self.d[0].shape[:-1], dtype=self.d[0].dtype)
+        total = torch.zeros(self.d[0].shape[:-1], dtype=self.d[0].dtype, device=self.d[0].device)
         for layer, kind, _, _ in self.layout.parts:
             dd = self.d[layer].square().sum(-1)
             total = total + (dd if kind == "bias" else dd * self.a[layer].square().sum(-1))
@@ -370,7 +370,7 @@ def linear_grads(
             return None
         out, ins, zs = rec
         if seed is None:
-            eye = torch.eye(out.shape[-1], dtype=out.dtype)
+            eye = torch.eye(out.shape[-1], dtype=out.dtype, device=out.device)
             per_output = [
                 torch.autograd.grad(out, zs, eye[o].expand_as(out), retain_graph=True, allow_unused=True)
                 for o in range(out.shape[-1])
@@ -723,9 +723,11 @@ def hessian(
     x, y, loss = _data_of(source, x, y, loss)
     x, y = subsample_data(x, y, subsample, seed)
     hv = _hvp_on(fm, x, y, loss, chunk, weight_decay, curvature, True, memory_budget_bytes)
-    h = dense(hv, fm.n_params, block=block, dtype=fm.theta.dtype, max_params=max_params)
+    h = dense(
+        hv, fm.n_params, block=block, dtype=fm.theta.dtype, max_params=max_params, device=fm.theta.device
+    )
     if damping:
-        h = h + damping * torch.eye(fm.n_params, dtype=h.dtype)
+        h = h + damping * torch.eye(fm.n_params, dtype=h.dtype, device=h.device)
     return h
 
 
@@ -736,15 +738,16 @@ def dense(
     block: int = 128,
     dtype: torch.dtype = torch.float32,
     max_params: int = 20_000,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """The symmetric (P, P) matrix of a linear operator v -> Hv, from HVPs with `block` unit
-    vectors at a time (memory P^2 floats)."""
+    vectors at a time (memory P^2 floats) on hv's `device`."""
     if n_params > max_params:
         raise DistdmError(
             f"an exact Hessian of {n_params} parameters needs {n_params**2 * 4 / 1e9:.1f} GB: use "
             f"params='last', an iterative solver (CG, LiSSA, Arnoldi), or raise max_params"
         )
-    eye = torch.eye(n_params, dtype=dtype)
+    eye = torch.eye(n_params, dtype=dtype, device=device)
     h = torch.cat([hv(eye[i : i + block]) for i in range(0, n_params, block)])
     return 0.5 * (h + h.T)
 
@@ -782,7 +785,7 @@ def exact_ihvp(h: torch.Tensor, damping: float = 0.0) -> HVP:
     In the eigh case, directions with H + damping I singular (|eigenvalue| < 1e-12 * largest) are
     dropped (pseudo-inverse) and a warning is logged when H + damping I is indefinite."""
     _check_damping(damping)
-    a = h.double() + damping * torch.eye(h.shape[0], dtype=torch.float64)
+    a = h.double() + damping * torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
 
@@ -920,6 +923,7 @@ def arnoldi(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     memory_budget_bytes: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-p eigenpairs of the symmetric H from an n_iters-dimensional Krylov basis (Arnoldi with
     full re-orthogonalisation; Schioppa et al. 2022). Returns eigenvalues (p,) in decreasing order
@@ -946,11 +950,11 @@ def arnoldi(
                 f"n_iters and top_p (the rank), restrict the parameters (params='last'), or raise "
                 f"memory_budget_bytes"
             )
-    basis = torch.empty(m, n_params, dtype=dtype)
+    basis = torch.empty(m, n_params, dtype=dtype, device=device)  # on hv's device
     q = torch.randn(n_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     basis[0] = q / q.norm()
     del q
-    hess = torch.zeros(m + 1, m, dtype=torch.float64)
+    hess = torch.zeros(m + 1, m, dtype=torch.float64, device=device)
     # a residual this small relative to the column is rounding noise: the Krylov space is invariant
     breakdown = max(1e-10, 100 * torch.finfo(dtype).eps)
     for j in range(m):
@@ -973,7 +977,7 @@ def arnoldi(
     evals, evecs = torch.linalg.eigh(0.5 * (t + t.T))
     order = torch.argsort(evals, descending=True)[:p]
     coef = evecs[:, order].T.to(dtype).contiguous()  # (p, m)
-    vecs = torch.empty(p, n_params, dtype=dtype)
+    vecs = torch.empty(p, n_params, dtype=dtype, device=device)
     block = n_params
     if memory_budget_bytes is not None:  # the block's temporary fits what the basis leaves
         spare = memory_budget_bytes - (need - ARNOLDI_WORKING_VECTORS * n_params * basis.element_size())

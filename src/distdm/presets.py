@@ -1,7 +1,9 @@
 """Named DDM settings: 'paper' (the paper, literally), 'influence-adam' (influence-target synsets fitted
 by 1000 Adam steps: the 'default' until issue 14), 'fast' (the same target, labels in closed form for
-fixed inputs, about 9x cheaper at 0.98-0.99 of its quality) and 'default' (what measured best here for
-its cost: 'fast'; benchmarks/RESULTS.md, "DDM offline cost")."""
+fixed inputs, about 9x cheaper at 0.98-0.99 of its quality; the `default` of 2026-12-01, kept for
+comparisons) and 'default' ('fast' with its label solve from per-sample gradient factors, M never formed,
+and 20 input steps instead of 50: 0.98 of its quality at a quarter of its distillation time on
+digits-mlp-k100; /work/notes/results-distill.md)."""
 
 from __future__ import annotations
 
@@ -36,11 +38,23 @@ def preset(name: str, *, epochs: int) -> tuple[DistillConfig, OnlineConfig]:
         # training data: a subsample cost quality), labels by least squares for fixed inputs, 50
         # input steps split between 3 label solves (benchmarks/RESULTS.md, "DDM offline cost"):
         # 0.99 / 0.98 of influence-adam's within-class Spearman / LDS on digits-mlp-k100 at 1/9 of
-        # its offline cost.
+        # its offline cost. 'fast' forms the label columns M (ipc x C x P per cluster) as it did
+        # when measured and is kept for comparisons. 'default' solves the same normal equations from
+        # the per-sample gradient factors of nn.Linear models (M never formed, clusters in larger
+        # chunks; other models fall back to the label columns) and takes 20 input steps between 2
+        # solves: on digits-mlp-k100 (one run, 2026-12-01 23:40 UTC, load 15-21) within-class Spearman
+        # 0.856 vs 0.872 and LDS 0.836 vs 0.853 for 'fast' (0.98 of it on both), distillation 9.1 vs
+        # 36.9 s; the factored solve alone at 50 steps gave 0.875 / 0.854 in 19.1 s
+        # (/work/notes/results-distill.md).
+        if name == "fast":
+            solver, steps, solves = "materialise", 50, 3
+        else:
+            solver, steps, solves = "auto", 20, 2
         return (
             DistillConfig(
                 target="influence", ipc=4, soft_labels=True, metric="hessian", solver="closed-form",
-                hessian_rank=100, input_steps=50, label_solves=3, lr_img=0.03, damping=0.01,
+                hessian_rank=100, input_steps=steps, label_solves=solves, lr_img=0.03, damping=0.01,
+                label_solver=solver,
             ),
             OnlineConfig(perturbations_per_cluster=4.0, steps=1),
         )  # fmt: skip

@@ -109,6 +109,7 @@ SECTIONS = (
     ("distillation", "Distillation"),
     ("attribution", "Attribution"),
     ("evaluation", "Evaluation"),
+    ("verification", "Trust checks"),
     *((sid, title) for sid, title, *_ in APPLICATIONS),
 )
 NAV = {sid: short for sid, _, short, *_ in APPLICATIONS}  # the long titles would not fit the bar
@@ -621,6 +622,49 @@ def _evaluation(run: Run, skip: set[str], report: Path) -> str:
     return "".join(out)
 
 
+def _verification(run: Run) -> str:
+    """The stored trust checks (distdm.verify): one row per check, verdict and cost beside it."""
+    from .verify import VERDICT_RULES, VERIFY_DIR
+
+    names = sorted(n for n in run.store.manifest["artifacts"] if n.startswith(f"{VERIFY_DIR}/"))
+    if not names:
+        # a check is optional for every answer, not a stage the run lacks: no "not computed yet" here
+        return (
+            '<p class="missing">No trust check stored in this run. To check an answer against exact '
+            "retraining, run <code>distdm attribute RUN --verify 8</code> or <code>distdm evaluate RUN "
+            "--verify 8</code>, or <code>run.verify(...)</code> in Python.</p>"
+        )
+
+    def iv(d: dict[str, Any]) -> str:
+        if d.get("mean") is None:
+            return "-"
+        if d.get("low") is None or d.get("high") is None:
+            return f"{d['mean']:.3f}"
+        return f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+
+    header = ["method", "objective", "clusters", "queries", "agreement (Spearman)", "signs agree",
+              "retraining vs itself (Spearman)", "signs agree (seeds)", "verdict", "cost"]  # fmt: skip
+    rows, why = [], []
+    for n in names:
+        c = run.store.load_json(n)
+        rows.append([
+            c["method"], c["objective"], len(c["clusters"]), c["n_queries"], iv(c["agreement"]),
+            iv(c["sign_agreement"]), iv(c["reproducibility"]), iv(c["sign_reproducibility"]),
+            c["verdict"], c["cost"],
+        ])  # fmt: skip
+        why.append(f"<li><b>{_e(c['method'])}</b> ({_e(c['objective'])}): {_e(c['explanation'])}</li>")
+    lead = (
+        '<p class="lead">Each check retrains a few randomly chosen clusters out with two seeds: the '
+        "agreement says whether the method's scores rank them as exact retraining does (for the "
+        "explained model's seed); retraining vs itself says whether the question has a stable answer "
+        "at all. Means over queries with 95% Student-t intervals.</p>"
+    )
+    return (
+        lead + _table(header, rows, numeric=False) + f"<ul>{''.join(why)}</ul>"
+        f'<p class="source">verdict rules: {_e(VERDICT_RULES)}</p>'
+    )
+
+
 def _read(run: Run, p: Path, rel: str, artifacts: dict[str, Any]) -> tuple[bytes, str]:
     """A file's bytes (checked against the manifest when recorded there) and a note when it is not."""
     if rel in artifacts:
@@ -775,6 +819,7 @@ def render_report(run: Run, report_path: Path | None = None) -> str:
         "distillation": _guard("distillation", lambda: _distillation(run)),
         "attribution": attribution,
         "evaluation": _guard("evaluation", lambda: _evaluation(run, shown, report_path)),
+        "verification": _guard("trust checks", lambda: _verification(run)),
     }
     for sid, *_ in APPLICATIONS:
         bodies[sid] = _guard(sid, lambda sid=sid: _application(run, sid, report_path))

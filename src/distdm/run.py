@@ -28,7 +28,7 @@ from .attribution.base import Attributor, accepts
 from .clusters import Clusters, make_clusters, penultimate_features
 from .config import ClusterConfig, DistillConfig, TrainConfig
 from .data import TensorData, load_dataset
-from .engine import Schedule, State, model_state
+from .engine import Schedule, State, model_state, resolve_device, state_to
 from .errors import DistdmError
 from .models import MODELS, build_model
 from .objectives import accuracy
@@ -129,6 +129,9 @@ class Run:
 
     executor (distdm.executors, e.g. get_executor("ray"); None: in-process) and memory_budget_bytes
     set how its retrains, further training and DDM fine-tunes run; results do not depend on them.
+    device ('cpu', 'cuda', 'cuda:N', 'mps', 'auto'; see Task) is where every stage computes: the model
+    is moved there; the stored results are on the CPU, so a run computed on one device reads on any
+    other, and each stage records the device it ran on in the manifest.
     If making a new run directory fails, or its first training fails, the directory is removed."""
 
     def __init__(
@@ -143,8 +146,10 @@ class Run:
         progress: bool = False,
         executor: Any = None,
         memory_budget_bytes: int | None = None,
+        device: str | torch.device = "cpu",
     ):
         check_memory_budget(memory_budget_bytes)
+        self.device = resolve_device(device)
         if not isinstance(data, (str, TensorData, os.PathLike)):
             raise DistdmError(
                 f"data must be a built-in dataset name or a TensorData (distdm.from_tensors / from_dataset), "
@@ -167,6 +172,7 @@ class Run:
             model, self.data, model_kwargs, self.train_config.seed
         )
         self.loss = "mse" if self.data.is_regression else "ce"
+        self.model.to(self.device)
         check_model(self.model, self.data)
         check_training_data(self.data)
         self.store = RunStore(path)
@@ -241,6 +247,7 @@ class Run:
         progress: bool = False,
         executor: Any = None,
         memory_budget_bytes: int | None = None,
+        device: str | torch.device = "cpu",
     ) -> Run:
         """Reopen an existing run directory with the dataset, model and training settings it records.
 
@@ -248,7 +255,8 @@ class Run:
         from, refused if its contents changed); a run made from in-memory tensors needs them again.
         model: None rebuilds the recorded built-in model or model spec; a run made from an nn.Module
         needs a freshly constructed one of the same architecture (its recorded theta_0 is loaded into
-        it). executor and memory_budget_bytes: how its training jobs run, as in `Run`."""
+        it). executor, memory_budget_bytes and device: how and where its stages run, as in `Run` (any
+        device reads a run computed on another)."""
         store = RunStore(path, create=False)
         cfg = store.manifest["configs"]
         if "data" not in cfg or "model" not in cfg:
@@ -291,7 +299,7 @@ class Run:
         return cls(
             path, data_arg, model_arg, train=train, model_kwargs=model_kwargs,
             data_kwargs=data_kwargs, progress=progress, executor=executor,
-            memory_budget_bytes=memory_budget_bytes,
+            memory_budget_bytes=memory_budget_bytes, device=device,
         )  # fmt: skip
 
     @property
@@ -318,14 +326,21 @@ class Run:
             return self.trajectory()
         t = time.perf_counter()
         try:
-            task = train_target(self.model, self.data, self.schedule, loss=self.loss, progress=self.progress)
+            task = train_target(
+                self.model, self.data, self.schedule, loss=self.loss, progress=self.progress,
+                device=self.device,
+            )  # fmt: skip
         except BaseException:
             self.store.discard()  # a run made for this training and nothing finished: leave nothing behind
             raise
         tensors = {f"{e}/{k}": v for e, s in enumerate(task.trajectory) for k, v in s.items()}
         self.store.save_tensors("trajectory", tensors)
         self.store.mark_done(
-            "train", seconds=time.perf_counter() - t, loss=self.loss, **self.test_quality(task.final)
+            "train",
+            seconds=time.perf_counter() - t,
+            loss=self.loss,
+            device=str(self.device),
+            **self.test_quality(task.final),
         )
         return task.trajectory
 
@@ -362,7 +377,8 @@ class Run:
         def features() -> torch.Tensor:
             if cfg.features == "inputs":
                 return self.data.x_train.flatten(1)
-            return penultimate_features(self.model, self.data.x_train, self.trajectory()[-1])
+            final = state_to(self.trajectory()[-1], self.device)
+            return penultimate_features(self.model, self.data.x_train.to(self.device), final)
 
         clusters = make_clusters(
             cfg.kind, self.data.y_train, cfg.per_class, features, seed=cfg.seed, n_init=cfg.n_init
@@ -374,7 +390,10 @@ class Run:
                 "cluster_class": torch.as_tensor(clusters.cluster_class),
             },
         )
-        self.store.mark_done("cluster", seconds=time.perf_counter() - t, n_clusters=clusters.n_clusters)
+        self.store.mark_done(
+            "cluster", seconds=time.perf_counter() - t, n_clusters=clusters.n_clusters,
+            device=str(self.device),
+        )  # fmt: skip
         self._clusters = clusters
         return clusters
 
@@ -394,6 +413,7 @@ class Run:
             self._task = Task(
                 self.model, self.data, self.clusters(), self.schedule, self.trajectory(), loss=self.loss,
                 store=self.store, executor=self.executor, memory_budget_bytes=self.memory_budget_bytes,
+                device=self.device,
             )  # fmt: skip
         return self._task
 
@@ -420,6 +440,7 @@ class Run:
                 layer_cosine=info.get("layer_cosine"),
                 # `distdm reset RUN STAGE` removes the synset too, so the stage really runs again
                 artifacts=[f"{key}.safetensors", f"{key}.json"],
+                device=str(self.device),
             )
         return ddm
 
@@ -449,10 +470,11 @@ class Run:
             return {}
         from .engine import predict
 
-        out = predict(self.model, {k: v.unsqueeze(0) for k, v in state.items()}, self.data.x_test)[0]
+        x_test, y_test = self.data.x_test.to(self.device), self.data.y_test.to(self.device)
+        out = predict(self.model, {k: v.unsqueeze(0) for k, v in state.items()}, x_test)[0]
         if self.data.is_regression:
-            return {"mse": float(((out.squeeze(-1) - self.data.y_test) ** 2).mean())}
-        return {"accuracy": float(accuracy(out, self.data.y_test))}
+            return {"mse": float(((out.squeeze(-1) - y_test) ** 2).mean())}
+        return {"accuracy": float(accuracy(out, y_test))}
 
     def corrupted(self, corruption: Corruption) -> Run:
         """The corrupted copy of this run as a run directory RUN/corrupted/<tag>: trained with this
@@ -465,11 +487,59 @@ class Run:
             model,
             train=self.train_config,
             progress=self.progress,
+            device=self.device,
         )
         sub.train()
         cfg = self.store.config("cluster")
         sub.cluster(ClusterConfig.from_dict(cfg) if cfg else ClusterConfig())
         return sub
+
+    def verify(
+        self,
+        answer: Any = "ddm",
+        x: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        *,
+        m: int = 8,
+        objective: str = "margin",
+        seeds: list[int] | None = None,
+        draw_seed: int = 0,
+    ) -> Any:
+        """Check an answer against exact retraining of m random clusters with two seeds: agreement,
+        retraining's own reproducibility, a verdict and the cost (distdm.verify); stored under verify/.
+        answer: the method's Scores for queries (x, y), or a method name scored on them (default the
+        run's 20 random test queries, for `objective`). The retrains are cached in the run."""
+        from .scores import Scores
+        from .verify import choose_clusters
+        from .verify import verify as verify_answer
+
+        choose_clusters(self.clusters().n_clusters, m, draw_seed)  # refuse a bad m before any fitting
+        if x is None or y is None:
+            if isinstance(answer, Scores):
+                raise DistdmError(
+                    "pass the queries (x, y) the Scores were computed for: run.verify(scores, x, y)"
+                )
+            x, y, _ = self.queries()
+        scores = (
+            answer if isinstance(answer, Scores) else self.attributor(str(answer)).scores(x, y, objective)
+        )
+        return verify_answer(
+            self.task(), scores, x, y, m=m, seeds=seeds, draw_seed=draw_seed, progress=self.progress
+        )
+
+    def export_pack(
+        self,
+        out: str | os.PathLike,
+        preset: str = "default",
+        *,
+        distill: DistillConfig | dict[str, Any] | None = None,
+        labels: Any = None,
+    ) -> Path:
+        """Write the synset pack of a preset (distilled if needed) to `out`: synsets, cluster class, size
+        and label, the target's fingerprint and the DDM settings, no training data (distdm.pack)."""
+        from .pack import export_pack
+
+        return export_pack(self, out, preset, distill=distill, labels=labels)
 
     def summary(self) -> dict[str, Any]:
         """Stage completion and timings recorded in the manifest."""

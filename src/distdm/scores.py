@@ -151,6 +151,8 @@ class Scores:
     unit_size: np.ndarray | None = None  # (units,) int
 
     def __post_init__(self) -> None:
+        if hasattr(self.values, "detach"):  # a tensor, on any device: scores live on the CPU
+            self.values = self.values.detach().cpu().double().numpy()
         self.values = np.asarray(self.values, dtype=np.float64)
         if self.values.ndim != 2:
             raise DistdmError(f"scores must be (units, queries), got shape {self.values.shape}")

@@ -44,7 +44,7 @@ class Synset:
 
     def weights(self, delete: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weights (V, K*ipc) for deletion indicators (V, K): scale of deleted clusters."""
-        delete = torch.as_tensor(delete, dtype=torch.float32)
+        delete = torch.as_tensor(delete, dtype=torch.float32, device=self.scale.device)
         if delete.ndim != 2 or delete.shape[1] != self.n_clusters:
             raise DistdmError(
                 f"deletion masks must be (variants, {self.n_clusters}), got {tuple(delete.shape)}"

@@ -21,8 +21,10 @@ from .engine import (
     model_state,
     per_sample_loss,
     predict,
+    resolve_device,
     select,
     stack_states,
+    state_to,
     train_variants,
     variants_per_chunk,
 )
@@ -39,7 +41,11 @@ class Task:
     the endpoints [theta_0, theta_tau]; any other length is refused, as are states whose parameter
     names or shapes are not the model's. States given as numpy arrays are converted to tensors. If
     the module's own weights are neither theta_0 nor theta_tau, a UserWarning says that the answers
-    are about trajectory[-1] (they may not be the model you trained)."""
+    are about trajectory[-1] (they may not be the model you trained).
+
+    device ('cpu', 'cuda', 'cuda:N', 'mps' or 'auto': cuda if available, else mps, else cpu) is where
+    every method computes: the model is moved there (in place), and the Task holds copies of the data
+    and the trajectory there; tensors reach the CPU only where scores and stored results are made."""
 
     model: nn.Module
     data: TensorData
@@ -54,6 +60,7 @@ class Task:
     # None: in-process) and memory budget in bytes of every retrain, further training and fine-tune
     executor: Any = None
     memory_budget_bytes: int | None = None
+    device: str | torch.device = "cpu"  # a torch.device once the Task is made
 
     def __post_init__(self) -> None:
         if not isinstance(self.clusters, Clusters):
@@ -68,6 +75,11 @@ class Task:
                 "regression targets need loss='mse' (or a callable loss), not cross-entropy 'ce'"
             )
         self.trajectory = _check_trajectory(self.trajectory, self.model, self.schedule)
+        self.device = resolve_device(self.device)
+        # on the CPU each of these is the same object again: no copy, no cost
+        self.model.to(self.device)
+        self.data = data_to(self.data, self.device)
+        self.trajectory = [state_to(s, self.device) for s in self.trajectory]
         if len(self.clusters.assignment) != self.data.n_train:
             raise DistdmError(
                 f"clusters cover {len(self.clusters.assignment)} samples, the training set has "
@@ -96,6 +108,7 @@ class Task:
     def outputs(self, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """Outputs (n, O) of one state (default: the target model) on x."""
         s = state if state is not None else self.final
+        x = x.to(self.device)
         return predict(self.model, {k: v.unsqueeze(0) for k, v in s.items()}, x, strategy=self.strategy)[0]
 
     def retrain(
@@ -216,8 +229,24 @@ def _check_trajectory(trajectory: Any, model: nn.Module, schedule: Schedule) -> 
 
 def _same_state(a: State, b: State) -> bool:
     return set(a) == set(b) and all(
-        a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].to(a[k].dtype).cpu()) for k in a
+        a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k].device, a[k].dtype)) for k in a
     )
+
+
+def data_to(data: TensorData, device: torch.device | str) -> TensorData:
+    """The dataset with its four tensors on `device` (the same object if they are there already)."""
+    tensors = ("x_train", "y_train", "x_test", "y_test")
+    if all(getattr(data, k).device == torch.device(device) for k in tensors):
+        return data
+    return dataclasses.replace(data, **{k: getattr(data, k).to(device) for k in tensors})
+
+
+def module_device(model: nn.Module) -> torch.device:
+    """The device of the module's first parameter or buffer (the CPU for a module without any)."""
+    t = next(iter(model.parameters()), None)
+    if t is None:
+        t = next(iter(model.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
 
 
 def check_training_data(data: TensorData) -> None:
@@ -278,10 +307,14 @@ def train_target(
     loss: str | LossFn | None = None,
     strategy: str = "auto",
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> Task:
     """Train the target model from its current state, recording one checkpoint per epoch; refuses
     single-class data and training that diverged. loss: 'ce' for classes, 'mse' for regression
-    (default by the data), or a callable."""
+    (default by the data), or a callable. device: where to train (see Task); the model is moved there."""
+    dev = resolve_device(device)
+    model.to(dev)
+    data = data_to(data, dev)
     check_model(model, data)
     check_training_data(data)
     if loss is None:
@@ -296,7 +329,7 @@ def train_target(
         from .clusters import classwise
 
         clusters = classwise(data.y_train) if not data.is_regression else _singletons(data)
-    return Task(model, data, clusters, schedule, traj, loss=loss, strategy=strategy)
+    return Task(model, data, clusters, schedule, traj, loss=loss, strategy=strategy, device=dev)
 
 
 def _singletons(data: TensorData) -> Clusters:
@@ -311,7 +344,7 @@ def check_model(model: nn.Module, data: TensorData) -> None:
         with torch.no_grad():
             was = model.training
             model.eval()
-            out = model(data.x_train[:2])
+            out = model(data.x_train[:2].to(module_device(model)))
             model.train(was)
     except Exception as e:  # noqa: BLE001 - any failure here is a model/data mismatch
         raise DistdmError(f"the model fails on inputs of shape {tuple(data.x_train.shape[1:])}: {e}") from e

@@ -84,7 +84,9 @@ def validation_split(
         )
     idx = np.arange(n)
     try:
-        val, test = train_test_split(idx, train_size=n_val, random_state=seed, stratify=data.y_test.numpy())
+        val, test = train_test_split(
+            idx, train_size=n_val, random_state=seed, stratify=data.y_test.cpu().numpy()
+        )
     except ValueError:  # a class with a single test sample cannot be stratified
         val, test = train_test_split(idx, train_size=n_val, random_state=seed)
     return Split(np.sort(val), np.sort(test))
@@ -255,7 +257,7 @@ def accuracy_and_loss(
     """Accuracy and mean cross-entropy (V,) of stacked states on (x, y)."""
     out = predict(task.model, states, x, strategy=task.strategy)
     acc = accuracy(out, y).cpu().numpy()
-    loss = dist2(out, out[0], y).double().mean(-1).numpy()
+    loss = dist2(out, out[0], y).double().mean(-1).cpu().numpy()
     return acc, loss
 
 

@@ -14,7 +14,13 @@ candidate = minus its L2 distance to the nearest synthetic sample; members = the
 non-members = the held-out test images; the AUC of that score (sklearn `roc_auc_score`) is 0.5 when the
 synset tells nothing about membership and 1 when every member is copied into it. A synset initialised
 from real members and barely changed raises the AUC above 0.5 by about half the fraction of members
-it copies. Also reported: the true-positive rate at 5% false positives.
+it copies. Also reported: the true-positive rate at 1% and 5% false positives.
+
+Loss-based attacks (`loss_attacks`, given the task): the attacker also holds the target model and
+fine-tunes it on the whole synset, as an unlearning request would; a candidate whose loss rises more
+is guessed a member. The same attack on the target model alone ('target_loss') measures what the model
+itself leaks, which no synset can lower. Input range (`input_range`): whether the synthetic inputs stay
+within the real inputs' [min, max], so that they are inputs of the same kind at all.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from ..data import TensorData
 from ..errors import DistdmError
 from ..synset import Synset
+from ..task import Task
 
 
 @dataclasses.dataclass
@@ -80,7 +87,7 @@ def _min_distances(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048) -> tuple
         m, i = d.min(1)
         dist.append(m)
         idx.append(i)
-    return torch.cat(dist).numpy(), torch.cat(idx).numpy()
+    return torch.cat(dist).cpu().numpy(), torch.cat(idx).cpu().numpy()
 
 
 def nearest_real(
@@ -103,7 +110,7 @@ def nearest_real(
         cos.append(c)
         cos_idx.append(i)
     dist, dist_idx = _min_distances(s, r)
-    return NearestReal(torch.cat(cos).numpy(), torch.cat(cos_idx).numpy(), dist, dist_idx)
+    return NearestReal(torch.cat(cos).cpu().numpy(), torch.cat(cos_idx).cpu().numpy(), dist, dist_idx)
 
 
 def membership_auc(
@@ -112,22 +119,71 @@ def membership_auc(
     non_members: torch.Tensor,
     standardiser: Standardiser | None = None,
 ) -> dict[str, float]:
-    """Nearest-synthetic-distance membership attack: AUC and TPR at 5% FPR of the score
+    """Nearest-synthetic-distance membership attack: AUC and TPR at 1% and 5% FPR of the score
     -min_j ||x - s_j|| separating members (label 1) from non-members (label 0); see the module doc."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     x_syn = _check(x_syn, "synthetic inputs")
     members, non_members = _check(members, "members"), _check(non_members, "non-members")
     std = standardiser or Standardiser.fit(members)
     s = std(x_syn)
     d_in, _ = _min_distances(std(members), s)
     d_out, _ = _min_distances(std(non_members), s)
-    labels = np.r_[np.ones(len(d_in)), np.zeros(len(d_out))]
-    score = -np.r_[d_in, d_out]
+    return attack_summary(-d_in, -d_out, "mia")
+
+
+def attack_summary(score_members: np.ndarray, score_non_members: np.ndarray, prefix: str) -> dict[str, float]:
+    """AUC and TPR at 1% and 5% FPR of an attack score that is higher for guessed members."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    labels = np.r_[np.ones(len(score_members)), np.zeros(len(score_non_members))]
+    score = np.r_[score_members, score_non_members]
     fpr, tpr, _ = roc_curve(labels, score)
     return {
-        "mia_auc": float(roc_auc_score(labels, score)),
-        "mia_tpr_at_5pct_fpr": float(np.interp(0.05, fpr, tpr)),
+        f"{prefix}_auc": float(roc_auc_score(labels, score)),
+        f"{prefix}_tpr_at_1pct_fpr": float(np.interp(0.01, fpr, tpr)),
+        f"{prefix}_tpr_at_5pct_fpr": float(np.interp(0.05, fpr, tpr)),
+    }
+
+
+def loss_attacks(task: Task, synset: Synset) -> dict[str, float]:
+    """Loss-based membership attacks that use the synset: fine-tune the target model on the whole
+    synset (what an unlearning request would do) and score each candidate by the rise of its
+    cross-entropy ('ft_delta': members' clusters are what the synset removes) and by minus its loss
+    after the fine-tune ('ft_loss'); 'target_loss' is the classic attack on the target model alone, a
+    reference for what the model leaks without any synset. Members = training, non-members = test."""
+    from ..distill import finetune
+    from ..engine import per_sample_loss, predict
+
+    data = task.data
+    data.require_test("a membership attack (its non-members)")
+    after = finetune(task, synset, torch.ones(1, synset.n_clusters))
+    out: dict[str, float] = {}
+    losses = {}
+    for part, (x, y) in {"in": (data.x_train, data.y_train), "out": (data.x_test, data.y_test)}.items():
+        base = per_sample_loss(task.outputs(x), y, task.loss).detach().double().cpu().numpy()
+        ft = predict(task.model, after, x, strategy=task.strategy)[0]
+        tuned = per_sample_loss(ft, y, task.loss).detach().double().cpu().numpy()
+        losses[part] = (base, tuned)
+    (b_in, t_in), (b_out, t_out) = losses["in"], losses["out"]
+    if not (np.isfinite(t_in).all() and np.isfinite(t_out).all()):
+        raise DistdmError("fine-tuning on the whole synset diverged: lower the synset's online lr")
+    out.update(attack_summary(t_in - b_in, t_out - b_out, "ft_delta"))
+    out.update(attack_summary(-t_in, -t_out, "ft_loss"))
+    out.update(attack_summary(-b_in, -b_out, "target_loss"))
+    return out
+
+
+def input_range(x_syn: torch.Tensor, x_real: torch.Tensor) -> dict[str, float]:
+    """Range of the synthetic inputs against the real ones: min, max, the span ratio and the share of
+    synthetic values outside the real inputs' [min, max]."""
+    s, r = x_syn.detach().double(), torch.as_tensor(x_real).double()
+    lo, hi = float(r.min()), float(r.max())
+    return {
+        "input_min": float(s.min()),
+        "input_max": float(s.max()),
+        "data_min": lo,
+        "data_max": hi,
+        "range_ratio": float((s.max() - s.min()) / max(hi - lo, 1e-12)),
+        "frac_outside_range": float(((s < lo) | (s > hi)).double().mean()),
     }
 
 
@@ -139,11 +195,14 @@ def _inputs(synset: Synset | torch.Tensor) -> torch.Tensor:
     raise DistdmError(f"expected a Synset or a tensor of synthetic inputs, got {type(synset).__name__}")
 
 
-def privacy_metrics(synset: Synset | torch.Tensor, data: TensorData) -> dict[str, float]:
+def privacy_metrics(
+    synset: Synset | torch.Tensor, data: TensorData, task: Task | None = None
+) -> dict[str, float]:
     """Privacy numbers of a synset against the training data (see the module doc): nearest-real cosine
     and L2 distance (mean, extremes), the test images' own nearest-train distance as a reference, the
-    fraction of near copies (closer to a training image than 95% of test images are) and the
-    membership-inference AUC with training members vs test non-members."""
+    fraction of near copies (closer to a training image than 95% of test images are), the input range,
+    and the membership-inference AUC with training members vs test non-members; with the task (and a
+    Synset) also the loss-based attacks of `loss_attacks`."""
     x = _inputs(synset)
     std = Standardiser.fit(data.x_train)
     near = nearest_real(x, data.x_train, std)
@@ -160,6 +219,9 @@ def privacy_metrics(synset: Synset | torch.Tensor, data: TensorData) -> dict[str
         "frac_near_copies": float((near.distance < q05).mean()),
     }
     out.update(membership_auc(x, data.x_train, data.x_test, std))
+    out.update(input_range(x, data.x_train))
+    if task is not None and isinstance(synset, Synset):
+        out.update(loss_attacks(task, synset))
     return out
 
 
@@ -207,6 +269,8 @@ def privacy_figure_png(
     return _png(fig)
 
 
-def privacy_table(synsets: Mapping[str, Synset], data: TensorData) -> list[dict[str, Any]]:
-    """`privacy_metrics` for several synsets, one row each."""
-    return [{"synset": name, **privacy_metrics(syn, data)} for name, syn in synsets.items()]
+def privacy_table(
+    synsets: Mapping[str, Synset], data: TensorData, task: Task | None = None
+) -> list[dict[str, Any]]:
+    """`privacy_metrics` for several synsets, one row each (with the task: the loss attacks too)."""
+    return [{"synset": name, **privacy_metrics(syn, data, task)} for name, syn in synsets.items()]

@@ -108,9 +108,9 @@ def _accuracy_and_margin(
         v = next(iter(states.values())).shape[0]
         return np.full(v, np.nan), np.full(v, np.nan)
     out = predict(task.model, states, x, strategy=task.strategy)
-    finite = torch.isfinite(out).all(-1).all(-1).numpy()
+    finite = torch.isfinite(out).all(-1).all(-1).cpu().numpy()
     acc = accuracy(out, y).cpu().numpy()
-    m = margin(out, out[0], y).mean(-1).numpy().astype(np.float64)
+    m = margin(out, out[0], y).mean(-1).cpu().numpy().astype(np.float64)
     acc[~finite] = np.nan
     m[~finite] = np.nan
     return acc, m
@@ -185,7 +185,7 @@ def _agreement(task: Task, stacked: State, names: list[str]) -> np.ndarray | Non
     if "retrained" not in names:
         return None
     pred = predict(task.model, stacked, task.data.x_test, strategy=task.strategy).argmax(-1)
-    return (pred == pred[names.index("retrained")]).float().mean(-1).numpy()
+    return (pred == pred[names.index("retrained")]).float().mean(-1).cpu().numpy()
 
 
 def forgetting_table(

@@ -49,6 +49,7 @@ class Attributor(ABC):
         if not hasattr(self, "task_"):
             raise DistdmError(f"{self.name}: call fit(task) before scores(...)")
         x, y = check_queries(x, y, self.task_.data)
+        x, y = x.to(self.task_.device), y.to(self.task_.device)  # the method computes on the task's device
         t = time.perf_counter()
         s = self._scores(x, y, objective)
         s.seconds = time.perf_counter() - t

@@ -40,7 +40,9 @@ def load_or_distill(
     key = synset_key(cfg, clusters, lr, steps)
     store = task.store
     if store is not None and store.has(key + ".safetensors") and store.has(key + ".json"):
-        return Synset.from_tensors(store.load_tensors(key), store.load_json(key))
+        stored = store.load_tensors(key)  # on the CPU, wherever it was distilled
+        on_device = {k: v if k == "lr_steps" else v.to(task.device) for k, v in stored.items()}
+        return Synset.from_tensors(on_device, store.load_json(key))
     syn = distill(task, cfg, clusters=clusters, lr=lr, steps=steps, progress=progress)
     if store is not None:
         store.save_json(key, syn.info)  # info first: the tensors file marks the synset complete
@@ -163,10 +165,11 @@ class DDM(Attributor):
         """Objective values (P, outputs) of the fine-tuned model for every deletion mask."""
         task = self.task_
         fn = get_objective(objective)
-        states = self.finetuned(torch.as_tensor(delete, dtype=torch.float32))
+        states = self.finetuned(torch.as_tensor(delete, dtype=torch.float32, device=task.device))
         out = predict(task.model, states, x, strategy=task.strategy)
         ref = task.outputs(x)
-        return fn(out, ref, y).detach().numpy()
+        # the datamodel's least squares (distdm.datamodel) runs in NumPy on these (masks x queries)
+        return fn(out, ref, y).detach().cpu().numpy()
 
     def finetuned(self, delete: torch.Tensor) -> dict[str, torch.Tensor]:
         """Stacked states after fine-tuning on the synsets of each row's deleted clusters.
@@ -178,7 +181,7 @@ class DDM(Attributor):
         if syn.steps != 1:
             return finetune(task, syn, delete)
         if getattr(self, "_deltas", None) is None:
-            single = finetune(task, syn, torch.eye(syn.n_clusters))
+            single = finetune(task, syn, torch.eye(syn.n_clusters, device=task.device))
             self._deltas = {k: v - task.final[k] for k, v in single.items()}
         return {k: task.final[k] + torch.tensordot(delete, d, dims=1) for k, d in self._deltas.items()}
 
@@ -227,13 +230,14 @@ class DDM(Attributor):
         ref = task.outputs(x)
         base = fn(ref.unsqueeze(0), ref, y)[0]
         cls_out = predict(task.model, finetune(task, cls_syn, torch.eye(cw.n_clusters)), x)
-        top_class = cw.cluster_class[(fn(cls_out, ref, y) - base).argmax(0).numpy()]
+        # the search picks clusters by NumPy index arrays: the Q argmaxes come to the CPU
+        top_class = cw.cluster_class[(fn(cls_out, ref, y) - base).argmax(0).cpu().numpy()]
         best = np.empty(len(y), dtype=np.int64)
         for c in np.unique(top_class):
             ks = np.flatnonzero(task.clusters.cluster_class == c)
             delete = np.zeros((len(ks), task.clusters.n_clusters))
             delete[np.arange(len(ks)), ks] = 1.0
             out = predict(task.model, finetune(task, self.synset_, torch.as_tensor(delete)), x)
-            pick = ks[(fn(out, ref, y) - base).argmax(0).numpy()]
+            pick = ks[(fn(out, ref, y) - base).argmax(0).cpu().numpy()]
             best[top_class == c] = pick[top_class == c]
         return best

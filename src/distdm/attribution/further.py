@@ -187,7 +187,8 @@ class FurtherTraining(Attributor):
         for c, sl in enumerate(chunks):
             key, name, done = cached(c)
             if done:
-                per_epoch = _split_epochs(store.load_tensors(name), self.record)  # type: ignore[union-attr]
+                loaded = {k: v.to(task.device) for k, v in store.load_tensors(name).items()}  # type: ignore[union-attr]
+                per_epoch = _split_epochs(loaded, self.record)
                 bar.advance((sl.stop - sl.start) * self.epochs)
             else:
                 per_epoch = trained[c] if c in trained else self._train(task, weights[sl], seed, bar)
@@ -263,7 +264,7 @@ class FurtherTraining(Attributor):
         if not 1 <= s <= len(self.seeds):
             raise DistdmError(f"n_seeds must be between 1 and {len(self.seeds)}, got {n_seeds}")
         mean = values[e, :s].double().mean(0)  # (1 + L, Q)
-        a = (mean[1:] - mean[0:1]).numpy()
+        a = (mean[1:] - mean[0:1]).cpu().numpy()  # gold scores are NumPy, as Scores
         if self.centre if centre is None else centre:
             a = a - a.mean(0, keepdims=True)
         return a

@@ -110,18 +110,18 @@ def finish_scores(
     if n != task.data.n_train:
         raise AssertionError("products must have one column per training sample")
     if expansion == "linear":
-        s = Scores(products.T.double().numpy(), "sample", objective_label, name)
+        s = Scores(products.T.double(), "sample", objective_label, name)  # Scores move it to the CPU
         if unit == "cluster":
             s = s.to_clusters(task.clusters.assignment, task.clusters.n_clusters)
         return s
     d = products
     if unit == "cluster":
-        d = d @ task.clusters.indicator().to(d.dtype).T  # members' output changes add up
+        d = d @ task.clusters.indicator().to(d.device, d.dtype).T  # members' output changes add up
     q, o = ref.shape
     delta = d.reshape(q, o, d.shape[1]).permute(2, 0, 1)  # (units, Q, O)
     with torch.no_grad():
         values = objective(ref.unsqueeze(0) + delta, ref, y) - objective(ref.unsqueeze(0), ref, y)
-    return Scores(values.double().numpy(), unit, objective_label, name)
+    return Scores(values.double(), unit, objective_label, name)
 
 
 def dot_chunks(rows: torch.Tensor, chunks: Iterator[tuple[slice, torch.Tensor]], n: int) -> torch.Tensor:

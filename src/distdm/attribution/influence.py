@@ -2,7 +2,9 @@
 
 Removing training sample i moves the parameters by about delta_i = +(1/N) (H + lambda I)^-1 g_i,
 with H the Hessian of the mean training loss at the final model (plus the schedule's weight decay),
-g_i the gradient of sample i's loss, lambda the damping (default 0.01, SPEC 7). The score of a
+g_i the gradient of sample i's loss, lambda the damping ('auto' by default: chosen from the
+curvature's spectrum by damping.py, recorded in `damping_` and `damping_choice_`; a number is used
+as given). The score of a
 query objective f is grad f(q)^T delta_i (see gradients.py for the sign and the 'outputs'
 expansion used for objectives that are flat at the target model).
 
@@ -10,19 +12,23 @@ Cost split: `fit` caches the training gradients (N x P) and the solver's offline
 factorised Hessian for 'if-exact', the Krylov eigenbasis for 'if-arnoldi', the LiSSA scale);
 `scores` solves (H + lambda I)^-1 grad f(q) once per query (once per query output for the
 'outputs' expansion), never once per training sample, and takes dot products with the cache.
+`with_damping(value)` returns the fitted method at another damping without refitting: if-exact
+keeps H (and its eigendecomposition once one is needed), if-arnoldi its eigenpairs, if-ekfac its
+eigenbases.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
 
+from .. import damping as damping_rule
 from ..clusters import penultimate_features
-from ..ekfac import FISHERS, fit_ekfac
+from ..ekfac import FISHERS, HEURISTIC_DAMPING, fit_ekfac
 from ..errors import DistdmError
 from ..hessian import (
     CURVATURES,
@@ -31,7 +37,6 @@ from ..hessian import (
     arnoldi_ihvp,
     cg,
     dense,
-    exact_ihvp,
     hvp,
     lissa,
     per_sample_grads,
@@ -52,12 +57,15 @@ SOLVE_MEMO = 4  # inverse-HVP solves kept per fitted method (a few query sets x 
 class InfluenceFunction(GradientAttributor):
     """Shared part of the influence-function solvers.
 
-    damping: lambda added to the Hessian (>= 0); it must exceed the most negative Hessian eigenvalue
-    of a not fully converged model (a warning says so), or use curvature='ggn' (the generalised
-    Gauss-Newton matrix, positive semi-definite) instead of 'hessian'. hessian_samples: use a
-    fixed random subsample of that many training samples for the Hessian / HVPs (None: all).
-    seed: for subsampling and stochastic solvers. Other settings as in GradientAttributor (unit,
-    params, expansion, chunk, cache_grads).
+    damping: lambda added to the Hessian. 'auto' (default): chosen in fit from the curvature's
+    spectrum (damping.py: 2 x |smallest eigenvalue| where the curvature is indefinite, logged at
+    WARNING, else 0.01); a number >= 0 is used as given (with a warning where the spectrum is known
+    and shows H + damping I indefinite). The value used is `damping_`, the rule's inputs and reason
+    `damping_choice_`; `with_damping(v)` re-solves at another damping without refitting.
+    curvature: 'hessian' or 'ggn' (the generalised Gauss-Newton matrix, positive semi-definite).
+    hessian_samples: use a fixed random subsample of that many training samples for the Hessian /
+    HVPs (None: all). seed: for subsampling, the spectrum estimate and stochastic solvers. Other
+    settings as in GradientAttributor (unit, params, expansion, chunk, cache_grads).
     """
 
     linear_in_queries = True
@@ -65,7 +73,7 @@ class InfluenceFunction(GradientAttributor):
     def __init__(
         self,
         *,
-        damping: float = 0.01,
+        damping: float | str = "auto",
         hessian_samples: int | None = None,
         curvature: str = "hessian",
         seed: int = 0,
@@ -76,13 +84,12 @@ class InfluenceFunction(GradientAttributor):
         cache_grads: bool | str = "auto",
     ):
         super().__init__(unit=unit, params=params, expansion=expansion, chunk=chunk, cache_grads=cache_grads)
-        if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-            raise DistdmError(f"damping must be a finite number >= 0, got {damping!r}")
+        damping = damping_rule.check_damping(damping)
         if hessian_samples is not None and hessian_samples <= 0:
             raise DistdmError(f"hessian_samples must be > 0 or None, got {hessian_samples}")
         if curvature not in CURVATURES:
             raise DistdmError(f"curvature must be one of {list(CURVATURES)}, got {curvature!r}")
-        self.damping = float(damping)
+        self.damping = damping
         self.curvature = curvature
         self.hessian_samples = hessian_samples
         self.seed = seed
@@ -99,10 +106,48 @@ class InfluenceFunction(GradientAttributor):
             self.fm_, None, x, y, task.loss, weight_decay=self.weight_decay_, curvature=self.curvature,
             memory_budget_bytes=task.memory_budget_bytes,
         )  # fmt: skip
+        self._prepare_curvature(task)
+        self.spectrum_: damping_rule.Spectrum | None = None
+        self._set_damping(self.damping)
         self._prepare_solver(task)
 
+    def _prepare_curvature(self, task: Task) -> None:  # noqa: B027 - optional hook
+        """Offline work that does not depend on the damping (if-exact: the dense Hessian)."""
+
     def _prepare_solver(self, task: Task) -> None:  # noqa: B027 - optional hook
-        """Solver-specific offline work."""
+        """Solver-specific offline work at damping `damping_`."""
+
+    def _estimate_spectrum(self) -> damping_rule.Spectrum:
+        """The curvature's extreme eigenvalues: a few Lanczos steps on the HVP."""
+        fm = self.fm_
+        return damping_rule.lanczos(self.hvp_, fm.n_params, seed=self.seed, dtype=fm.theta.dtype,
+                                    device=fm.theta.device)  # fmt: skip
+
+    def _set_damping(self, damping: float | str) -> None:
+        """Resolve the setting to `damping_` / `damping_choice_` (estimating the spectrum for 'auto')."""
+        if damping == damping_rule.AUTO:
+            if self.spectrum_ is None:
+                self.spectrum_ = self._estimate_spectrum()
+            self.damping_choice_ = damping_rule.choose(self.spectrum_, method=self.name)
+        else:
+            self.damping_choice_ = damping_rule.given(float(damping), self.spectrum_, method=self.name)
+        self.damping_ = self.damping_choice_.value
+
+    def with_damping(self, damping: float | str) -> InfluenceFunction:
+        """This fitted method at another damping ('auto' or a number), re-solved from what fit
+        cached (no new Hessian, eigenpairs or training gradients); the original is unchanged."""
+        if not hasattr(self, "task_"):
+            raise DistdmError(f"{self.name}: call fit(task) before with_damping(...)")
+        damping = damping_rule.check_damping(damping)
+        other = copy.copy(self)
+        other.damping = damping
+        other.solves_ = {}
+        other._set_damping(damping)
+        other._resolve()
+        return other
+
+    def _resolve(self) -> None:
+        """Redo the damping-dependent part of the solver after `damping_` changed."""
 
     def ihvp(self, b: torch.Tensor) -> torch.Tensor:
         """(H + damping I)^-1 b for flat vectors b (P,) or (k, P) with this method's solver."""
@@ -111,7 +156,8 @@ class InfluenceFunction(GradientAttributor):
     def solve_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """ihvp(rows), reusing the solve of identical rows from an earlier call on the same fit:
         objectives scored through the output Jacobian (dist1, dist3) share their query rows."""
-        key = hashlib.sha1(rows.detach().contiguous().numpy().tobytes()).hexdigest() + str(tuple(rows.shape))
+        host = rows.detach().cpu().contiguous()  # the memo key: the rows' bytes, hashed on the host
+        key = hashlib.sha1(host.numpy().tobytes()).hexdigest() + str(tuple(rows.shape))
         solves = self.solves_
         if key not in solves:
             if len(solves) >= SOLVE_MEMO:
@@ -137,7 +183,7 @@ class IFExact(InfluenceFunction):
         self,
         *,
         max_params: int = 10_000,
-        damping: float = 0.01,
+        damping: float | str = "auto",
         hessian_samples: int | None = None,
         curvature: str = "hessian",
         seed: int = 0,
@@ -160,11 +206,72 @@ class IFExact(InfluenceFunction):
         )
         self.max_params = max_params
 
-    def _prepare_solver(self, task: Task) -> None:
+    def _prepare_curvature(self, task: Task) -> None:
         self.hessian_ = dense(
-            self.hvp_, self.fm_.n_params, dtype=self.fm_.theta.dtype, max_params=self.max_params
+            self.hvp_, self.fm_.n_params, dtype=self.fm_.theta.dtype, max_params=self.max_params,
+            device=self.fm_.theta.device,
+        )  # fmt: skip
+        # one eigendecomposition, shared by every with_damping copy: computed only when needed (a
+        # damping leaving H + damping I indefinite, or `eigendecompose()` before a sweep), as it
+        # costs about 25x a Cholesky factorisation
+        self._eig: dict[str, torch.Tensor] = {}
+
+    def _estimate_spectrum(self) -> damping_rule.Spectrum:
+        if "w" in self._eig:
+            return damping_rule.exact_spectrum(self._eig["w"])
+        h = self.hessian_  # Lanczos on the dense matrix: P^2 per step, negligible next to building H
+        return damping_rule.lanczos(
+            lambda v: h @ v, h.shape[0], iters=80, seed=self.seed, dtype=h.dtype, device=h.device
         )
-        self._ihvp = exact_ihvp(self.hessian_, self.damping)
+
+    def eigendecompose(self) -> IFExact:
+        """Compute and keep the eigendecomposition of H (shared with every with_damping copy), so
+        that each later damping costs O(P^2) instead of a Cholesky factorisation; returns self."""
+        if not hasattr(self, "hessian_"):
+            raise DistdmError("if-exact: call fit(task) before eigendecompose()")
+        if "w" not in self._eig:
+            w, v = torch.linalg.eigh(self.hessian_.double())
+            self._eig.update(w=w, v=v)
+        self.spectrum_ = damping_rule.exact_spectrum(self._eig["w"])
+        return self
+
+    def _prepare_solver(self, task: Task) -> None:
+        self._resolve()
+
+    def _resolve(self) -> None:
+        if "w" not in self._eig:
+            h = self.hessian_.double()
+            eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
+            chol, info = torch.linalg.cholesky_ex(h + self.damping_ * eye)
+            if int(info) == 0:
+                self._ihvp = self._cholesky_solver(chol)
+                return
+            # H + damping I is indefinite: the exact spectrum replaces the estimate and the
+            # choice is made (or checked, for a given number) again
+            self.eigendecompose()
+            self._set_damping(self.damping)
+        self._ihvp = self._eig_solver(self._eig["w"], self._eig["v"], self.damping_)
+
+    def _cholesky_solver(self, chol: torch.Tensor) -> HVP:
+        dtype, p = self.hessian_.dtype, self.hessian_.shape[0]
+
+        def solve(b: torch.Tensor) -> torch.Tensor:
+            rhs = b.double().reshape(-1, p).T
+            return torch.cholesky_solve(rhs, chol).T.reshape(b.shape).to(dtype)
+
+        return solve
+
+    def _eig_solver(self, w: torch.Tensor, v: torch.Tensor, damping: float) -> HVP:
+        # as hessian.exact_ihvp: directions where H + damping I is singular are dropped
+        wd = w + damping
+        cutoff = 1e-12 * float(wd.abs().max().clamp_min(1e-300))
+        inv = torch.where(wd.abs() > cutoff, 1.0 / wd, torch.zeros_like(wd))
+        dtype = self.hessian_.dtype
+
+        def apply(b: torch.Tensor) -> torch.Tensor:
+            return (((b.double() @ v) * inv) @ v.T).to(dtype)
+
+        return apply
 
     def ihvp(self, b: torch.Tensor) -> torch.Tensor:
         """(H + damping I)^-1 b from the cached factorisation."""
@@ -180,7 +287,7 @@ class IFCG(InfluenceFunction):
         *,
         max_iter: int = 100,
         tol: float = 1e-4,
-        damping: float = 0.01,
+        damping: float | str = "auto",
         hessian_samples: int | None = None,
         curvature: str = "hessian",
         seed: int = 0,
@@ -208,7 +315,7 @@ class IFCG(InfluenceFunction):
 
     def ihvp(self, b: torch.Tensor) -> torch.Tensor:
         """(H + damping I)^-1 b by batched conjugate gradient."""
-        return cg(self.hvp_, b, damping=self.damping, max_iter=self.max_iter, tol=self.tol)
+        return cg(self.hvp_, b, damping=self.damping_, max_iter=self.max_iter, tol=self.tol)
 
 
 @register("if-lissa")
@@ -216,8 +323,8 @@ class IFLiSSA(InfluenceFunction):
     """Influence function, LiSSA per query.
 
     depth: recursion steps; batch_size: samples per stochastic HVP (None: the full Hessian data,
-    deterministic); scale: s (None: 2 x (largest Hessian eigenvalue + damping), from 30 steps of
-    power iteration in fit); repeat: independent runs averaged.
+    deterministic); scale: s (None: 2 x (largest |Hessian eigenvalue| + damping), from the Lanczos
+    steps of damping='auto', else 30 steps of power iteration in fit); repeat: independent runs averaged.
     """
 
     def __init__(
@@ -227,7 +334,7 @@ class IFLiSSA(InfluenceFunction):
         batch_size: int | None = 128,
         scale: float | None = None,
         repeat: int = 1,
-        damping: float = 0.01,
+        damping: float | str = "auto",
         hessian_samples: int | None = None,
         curvature: str = "hessian",
         seed: int = 0,
@@ -263,8 +370,18 @@ class IFLiSSA(InfluenceFunction):
         if self.scale is not None:
             self.scale_ = float(self.scale)
         else:
-            lam = top_eigenvalue(self.hvp_, self.fm_.n_params, seed=self.seed, dtype=self.fm_.theta.dtype)
-            self.scale_ = 2.0 * (abs(lam) + self.damping)
+            sp = self.spectrum_
+            if sp is not None:  # 'auto' already ran Lanczos: its extreme Ritz values bound |H|
+                self.top_eigenvalue_ = max(abs(sp.lambda_max), abs(sp.lambda_min))
+            else:
+                self.top_eigenvalue_ = abs(
+                    top_eigenvalue(self.hvp_, self.fm_.n_params, seed=self.seed, dtype=self.fm_.theta.dtype)
+                )
+            self.scale_ = 2.0 * (self.top_eigenvalue_ + self.damping_)
+
+    def _resolve(self) -> None:
+        if self.scale is None:
+            self.scale_ = 2.0 * (self.top_eigenvalue_ + self.damping_)
 
     def ihvp(self, b: torch.Tensor) -> torch.Tensor:
         """(H + damping I)^-1 b by LiSSA (same minibatch sequence on every call: reproducible)."""
@@ -277,7 +394,7 @@ class IFLiSSA(InfluenceFunction):
                 weight_decay=self.weight_decay_, curvature=self.curvature,
                 memory_budget_bytes=self.task_.memory_budget_bytes,
             )  # fmt: skip
-        return lissa(hv, b, damping=self.damping, scale=self.scale_, depth=self.depth, repeat=self.repeat)
+        return lissa(hv, b, damping=self.damping_, scale=self.scale_, depth=self.depth, repeat=self.repeat)
 
 
 @register("if-arnoldi")
@@ -292,7 +409,7 @@ class IFArnoldi(InfluenceFunction):
         *,
         n_iters: int = 100,
         top_p: int = 20,
-        damping: float = 0.01,
+        damping: float | str = "auto",
         hessian_samples: int | None = None,
         curvature: str = "hessian",
         seed: int = 0,
@@ -322,17 +439,24 @@ class IFArnoldi(InfluenceFunction):
         vals, vecs = arnoldi(
             self.hvp_, self.fm_.n_params, n_iters=self.n_iters, top_p=self.top_p, seed=self.seed,
             dtype=self.fm_.theta.dtype, memory_budget_bytes=task.memory_budget_bytes,
+            device=self.fm_.theta.device,
         )  # fmt: skip
-        keep = vals + self.damping > 0
+        self.all_eigvals_, self.all_eigvecs_ = vals, vecs
+        # U^T g_i for every training sample (N x p), unscaled so that another damping reuses it
+        self._projected_all = torch.cat([g @ vecs.T for _, g in self.train_grads()])
+        self._resolve()
+
+    def _resolve(self) -> None:
+        vals = self.all_eigvals_
+        keep = vals + self.damping_ > 0
         if not bool(keep.all()):
             log.info("Arnoldi: dropped %d eigenpairs with eigenvalue + damping <= 0", int((~keep).sum()))
         if not bool(keep.any()):
             raise DistdmError("no Arnoldi eigenvalue is above -damping: raise damping or n_iters")
-        self.eigvals_, self.eigvecs_ = vals[keep], vecs[keep]
-        self._ihvp = arnoldi_ihvp(self.eigvals_, self.eigvecs_, self.damping)
-        scale = (self.eigvals_ + self.damping).rsqrt()
+        self.eigvals_, self.eigvecs_ = vals[keep], self.all_eigvecs_[keep]
+        self._ihvp = arnoldi_ihvp(self.eigvals_, self.eigvecs_, self.damping_)
         # L^-1/2 U^T g_i for every training sample (N x p): all the online step needs
-        self.projected_ = torch.cat([(g @ self.eigvecs_.T) * scale for _, g in self.train_grads()])
+        self.projected_ = self._projected_all[:, keep] * (self.eigvals_ + self.damping_).rsqrt()
 
     def ihvp(self, b: torch.Tensor) -> torch.Tensor:
         """U diag(1 / (lambda + damping)) U^T b on the cached eigenspace."""
@@ -342,7 +466,7 @@ class IFArnoldi(InfluenceFunction):
         self, x: torch.Tensor, y: torch.Tensor, obj: Objective, ref: torch.Tensor, expansion: str
     ) -> torch.Tensor:
         rows = self._rows(self.fm_, x, y, obj, ref, expansion)
-        q = (rows @ self.eigvecs_.T) * (self.eigvals_ + self.damping).rsqrt()
+        q = (rows @ self.eigvecs_.T) * (self.eigvals_ + self.damping_).rsqrt()
         return q @ self.projected_.T / self.task_.data.n_train
 
 
@@ -355,15 +479,17 @@ class IFEKFAC(InfluenceFunction):
     other parameter. The inverse is of (F + weight decay + damping), F the Fisher of the mean
     training loss, so scores are on the scale of the other influence functions.
 
-    damping: None (default) for kronfluence's heuristic, 0.1 x the mean corrected eigenvalue per
-    layer, or a number for every layer; the values used are in `damping_` after fit.
+    damping: 'auto' (default; None means the same) for kronfluence's heuristic, 0.1 x the mean
+    corrected eigenvalue per layer (the Fisher is never indefinite), or a number for every layer;
+    the values used are in `damping_` (layer name -> float) after fit, the rule in
+    `damping_choice_`; `with_damping(v)` keeps the eigenbases and changes only the damping.
     fisher: 'sampled' (labels drawn from the model, kronfluence's default) or 'empirical'.
     hessian_samples: fit the factors on a fixed random subsample of that many training samples."""
 
     def __init__(
         self,
         *,
-        damping: float | None = None,
+        damping: float | str | None = "auto",
         fisher: str = "sampled",
         hessian_samples: int | None = None,
         seed: int = 0,
@@ -373,8 +499,9 @@ class IFEKFAC(InfluenceFunction):
         chunk: int = 256,
         cache_grads: bool | str = "auto",
     ):
+        damping = damping_rule.AUTO if damping is None else damping
         super().__init__(
-            damping=0.0 if damping is None else damping,
+            damping=damping,
             hessian_samples=hessian_samples,
             curvature="ggn",  # the Fisher: the Gauss-Newton matrix in expectation
             seed=seed,
@@ -386,7 +513,6 @@ class IFEKFAC(InfluenceFunction):
         )
         if fisher not in FISHERS:
             raise DistdmError(f"fisher must be one of {list(FISHERS)}, got {fisher!r}")
-        self.damping = None if damping is None else float(damping)
         self.fisher = fisher
 
     def _prepare(self, task: Task) -> None:
@@ -397,9 +523,32 @@ class IFEKFAC(InfluenceFunction):
             self.fm_, x, y, task.loss, fisher=self.fisher, damping=self.damping,
             weight_decay=self.weight_decay_, seed=self.seed, chunk=self.chunk,
         )  # fmt: skip
-        self.damping_ = dict(self.ekfac_.damping)
+        self._record_damping()
         if self.ekfac_.fallback:
             log.info("if-ekfac: diagonal Fisher for %s", sorted(self.ekfac_.fallback))
+
+    def _record_damping(self) -> None:
+        self.damping_ = dict(self.ekfac_.damping)
+        if self.damping == damping_rule.AUTO:
+            reason = f"{HEURISTIC_DAMPING:g} x the mean corrected eigenvalue of each layer (kronfluence)"
+            mean = sum(self.damping_.values()) / max(1, len(self.damping_))
+            self.damping_choice_ = damping_rule.Choice(mean, "ekfac-mean", reason)
+        else:
+            self.damping_choice_ = damping_rule.Choice(float(self.damping), "given", "set by the user")
+        log.info("if-ekfac: damping %s", {k: round(v, 6) for k, v in self.damping_.items()})
+
+    def with_damping(self, damping: float | str | None) -> IFEKFAC:
+        """This fitted method at another damping ('auto'/None: the per-layer heuristic, or a number),
+        from the cached eigenbases and eigenvalues (no pass over the data)."""
+        if not hasattr(self, "task_"):
+            raise DistdmError(f"{self.name}: call fit(task) before with_damping(...)")
+        damping = damping_rule.AUTO if damping is None else damping_rule.check_damping(damping)
+        other = copy.copy(self)
+        other.damping = damping
+        other.solves_ = {}
+        other.ekfac_ = self.ekfac_.with_damping(damping)
+        other._record_damping()
+        return other
 
     def ihvp(self, b: torch.Tensor) -> torch.Tensor:
         """(F + weight decay + damping)^-1 b with the fitted EK-FAC factors."""
@@ -422,7 +571,7 @@ class FastIF(IFLiSSA):
         batch_size: int | None = 128,
         scale: float | None = None,
         repeat: int = 1,
-        damping: float = 0.01,
+        damping: float | str = "auto",
         hessian_samples: int | None = None,
         curvature: str = "hessian",
         seed: int = 0,
@@ -472,9 +621,9 @@ class FastIF(IFLiSSA):
             g = per_sample_grads(
                 self.fm_, d.x_train[cand], d.y_train[cand], self.task_.loss, chunk=self.chunk
             )
-        full = torch.zeros(rows.shape[0], n, dtype=rows.dtype)
+        full = torch.zeros(rows.shape[0], n, dtype=rows.dtype, device=rows.device)
         full[:, cand] = solved @ g.T / n
         per_query = rows.shape[0] // x.shape[0]  # 1 ('linear') or O ('outputs')
-        mask = torch.zeros(x.shape[0], n, dtype=torch.bool)
+        mask = torch.zeros(x.shape[0], n, dtype=torch.bool, device=rows.device)
         mask.scatter_(1, nn, True)
         return full * mask.repeat_interleave(per_query, dim=0)

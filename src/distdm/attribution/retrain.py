@@ -158,7 +158,8 @@ def _retrain_chunks(
     for i, sl in enumerate(chunks):
         name = f"{job}/chunk{i}"
         if _chunk_done(store, job, i):
-            parts.append(store.load_tensors(name))
+            stored = store.load_tensors(name)  # on the CPU, wherever it was computed
+            parts.append({k: v.to(task.device) for k, v in stored.items()})
             continue
         t = time.perf_counter()
         states = task.retrain(keep_t[sl], seed=s, unit=unit, progress=progress, memory_budget_bytes=budget)
@@ -232,10 +233,11 @@ def objective_values(
 ) -> np.ndarray:
     """Objective values (V, Q) of stacked states on queries; reference outputs default to variant 0's."""
     f = get_objective(objective)
-    out = predict(task.model, states, torch.as_tensor(x, dtype=torch.float32), strategy=task.strategy)
+    xq = torch.as_tensor(x, dtype=torch.float32, device=task.device)
+    out = predict(task.model, states, xq, strategy=task.strategy)
     ref = out[0] if reference is None else reference
-    with torch.no_grad():
-        return f(out, ref, torch.as_tensor(y)).double().numpy()
+    with torch.no_grad():  # raw values are NumPy, as Scores are
+        return f(out, ref, torch.as_tensor(y, device=out.device)).double().cpu().numpy()
 
 
 @register("exact")
@@ -301,7 +303,7 @@ class ExactRetrain(Attributor):
         """Raw model outputs (seeds, 1 + units, Q, O): row 0 the all-kept model, row k + 1 without k."""
         if not hasattr(self, "states_"):
             raise DistdmError("exact: call fit(task) before outputs(...)")
-        xq = torch.as_tensor(x, dtype=torch.float32)
+        xq = torch.as_tensor(x, dtype=torch.float32, device=self.task_.device)
         m, strategy = self.task_.model, self.task_.strategy
         return torch.stack([predict(m, self.states_[s], xq, strategy=strategy) for s in self.seeds_])
 
@@ -309,9 +311,9 @@ class ExactRetrain(Attributor):
         """Raw objective values (seeds, 1 + units, Q): row 0 the all-kept model, row k + 1 without unit k."""
         f = get_objective(objective)
         out = self.outputs(x)
-        yq = torch.as_tensor(y)
-        with torch.no_grad():
-            return np.stack([f(o, o[0], yq).double().numpy() for o in out])
+        yq = torch.as_tensor(y, device=out.device)
+        with torch.no_grad():  # raw values are NumPy, as Scores are
+            return np.stack([f(o, o[0], yq).double().cpu().numpy() for o in out])
 
     def per_seed_scores(
         self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective = "margin"

@@ -63,10 +63,11 @@ class PredictAttributor(Attributor):
     def _fit(self, task: Task) -> None:
         if task.data.is_regression:
             raise DistdmError("the predict-based baseline needs a classification task (softmax outputs)")
-        self.train_probs_ = torch.softmax(task.outputs(task.data.x_train), -1).double().numpy()
+        # the simple baselines compute their similarities in NumPy: a boundary, like Scores
+        self.train_probs_ = torch.softmax(task.outputs(task.data.x_train), -1).double().cpu().numpy()
 
     def _scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
-        pq = torch.softmax(self.task_.outputs(x), -1).double().numpy()  # (Q, O)
+        pq = torch.softmax(self.task_.outputs(x), -1).double().cpu().numpy()  # (Q, O)
         p = self.train_probs_  # (n, O)
         sq = (p**2).sum(1)[:, None] + (pq**2).sum(1)[None, :] - 2.0 * p @ pq.T  # (n, Q)
         cl = self.task_.clusters
@@ -86,8 +87,8 @@ class ClusteringAttributor(Attributor):
 
     def _embed(self, task: Task, x: torch.Tensor) -> np.ndarray:
         if self.features == "input":
-            return x.reshape(len(x), -1).double().numpy()
-        return penultimate_features(task.model, x, state=task.final).double().numpy()
+            return x.reshape(len(x), -1).double().cpu().numpy()
+        return penultimate_features(task.model, x.to(task.device), state=task.final).double().cpu().numpy()
 
     def _fit(self, task: Task) -> None:
         f = self._embed(task, task.data.x_train)
