@@ -76,16 +76,22 @@ def pick_queries(task: Task, n: int, seed: int = 0) -> tuple[torch.Tensor, torch
 
 
 # DDM variants of the paper's Table 1 (SPEC.md section 4), by name
-DDM_VARIANTS = ("default", "influence-adam", "paper", "paper-lr0.01", "wo-cluster", "match")
+DDM_VARIANTS = (
+    "default", "default-ggn", "private", "fast", "influence-adam", "paper", "paper-lr0.01", "wo-cluster",
+    "match",
+)  # fmt: skip
 
 
 def ddm_variant(name: str, epochs: int) -> DDM:
-    """A DDM configured as one of DDM_VARIANTS: the presets, the paper at a 10x lower online lr
+    """A DDM configured as one of DDM_VARIANTS: the presets, `default` on the Gauss-Newton curvature,
+    the paper at a 10x lower online lr
     (its own lr diverges on digits), index-order units ('w/o cluster') and standard gradient
     matching ('DDM-match'), the last two otherwise as the paper writes them."""
     paper_d, paper_o = preset("paper", epochs=epochs)
-    if name in ("default", "influence-adam", "paper"):
+    if name in ("default", "private", "fast", "influence-adam", "paper"):
         return DDM(name)
+    if name == "default-ggn":
+        return DDM("default", distill={"curvature": "ggn"})
     if name == "paper-lr0.01":
         return DDM("paper", online=paper_o.replace(lr=0.01))
     if name == "wo-cluster":

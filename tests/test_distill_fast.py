@@ -19,6 +19,7 @@ from distdm.distill_influence import (
     factored_steps,
     fit_hint,
     flatten_batch,
+    init_inputs,
     label_columns,
     make_curvature,
     normal_equations,
@@ -278,3 +279,15 @@ def test_input_box_keeps_synthetic_inputs_within_the_training_range(tiny_task):
     boxed = distill_closed_form(tiny_task, cfg.replace(input_box=True))
     assert float(free.x.min()) < lo or float(free.x.max()) > hi
     assert lo <= float(boxed.x.min()) and float(boxed.x.max()) <= hi
+
+
+def test_private_preset_is_default_started_from_no_member_within_the_data_range(tiny_task):
+    d, o = preset("default", epochs=10)
+    p, po = preset("private", epochs=10)
+    assert po == o
+    assert p == d.replace(init="noise", input_box=True, input_steps=50, label_solves=3)
+    x, _, _ = init_inputs(tiny_task, tiny_task.clusters, p.ipc, p.seed, p.init)
+    xt = tiny_task.data.x_train
+    # no synthetic input equals a training image, and all lie within the training inputs' range
+    assert torch.cdist(x.flatten(1), xt.flatten(1)).min() > 1e-3
+    assert float(x.min()) >= float(xt.min()) - 1e-6 and float(x.max()) <= float(xt.max()) + 1e-6
