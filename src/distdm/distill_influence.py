@@ -263,7 +263,9 @@ def curvature_share(curv: LowRankCurvature, b: torch.Tensor) -> torch.Tensor:
     gradient (issue 15: near 0 the target degenerates to Grad-Dot)."""
     proj = b @ curv.vecs.T
     low = ((proj / (curv.vals + curv.damping)) ** 2).sum(-1)
-    rest = ((b**2).sum(-1) - (proj**2).sum(-1)).clamp_min(0.0) / curv.damping**2
+    # the complement formed explicitly: ||b||^2 - ||proj||^2 cancels in float32, and / damping^2
+    # magnifies the rounding past the basis part when the damping is small
+    rest = ((b - proj @ curv.vecs) ** 2).sum(-1) / curv.damping**2
     return low / (low + rest).clamp_min(1e-30)
 
 
