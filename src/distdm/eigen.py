@@ -27,6 +27,7 @@ import torch
 
 from .engine import choose_strategy
 from .errors import DistdmError
+from .hessian import refuse_over_budget
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +135,13 @@ def block_krylov(
     m = min(_round_up(krylov_dim, block), n_params)
     b = min(block, m)
     need = block_krylov_bytes(n_params, rank, block, krylov_dim, dtype)
-    if memory_budget_bytes is not None:
-        if memory_budget_bytes <= 0:
-            raise DistdmError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
-        if need > memory_budget_bytes:
-            raise DistdmError(
-                f"the top-{rank} eigenpairs of {n_params} parameters (Krylov basis of {m} vectors) need "
-                f"{need / 2**20:.1f} MiB ((basis + rank + {BLOCK_WORKING_VECTORS} x block) x P floats in "
-                f"{dtype}), over the memory budget of {memory_budget_bytes / 2**20:.1f} MiB: lower the "
-                f"rank (hessian_rank) or the Krylov dimension, restrict the parameters, or raise "
-                f"memory_budget_bytes"
-            )
+    refuse_over_budget(
+        need,
+        memory_budget_bytes,
+        f"the top-{rank} eigenpairs of {n_params} parameters (Krylov basis of {m} vectors) need",
+        f"(basis + rank + {BLOCK_WORKING_VECTORS} x block) x P floats in {dtype}",
+        "the rank (hessian_rank) or the Krylov dimension, restrict the parameters",
+    )
     gen = torch.Generator().manual_seed(seed)
     eps = torch.finfo(dtype).eps
     tol = max(1e-10, 100 * eps)

@@ -773,6 +773,19 @@ def top_eigenvalue(
 # inverse-HVP solvers: each estimates (H + damping I)^-1 b for b of shape (P,) or (k, P)
 
 
+def refuse_over_budget(need: int, budget: int | None, what: str, layout: str, lower: str) -> None:
+    """Raise a DistdmError saying what to lower when `need` bytes exceed a (positive) memory budget."""
+    if budget is None:
+        return
+    if budget <= 0:
+        raise DistdmError(f"memory_budget_bytes must be > 0, got {budget}")
+    if need > budget:
+        raise DistdmError(
+            f"{what} {need / 2**20:.1f} MiB ({layout}), over the memory budget of {budget / 2**20:.1f} "
+            f"MiB: lower {lower}, or raise memory_budget_bytes"
+        )
+
+
 def _check_damping(damping: float) -> None:
     if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
         raise DistdmError(f"damping must be a finite number >= 0, got {damping!r}")
@@ -939,17 +952,13 @@ def arnoldi(
     m = min(n_iters, n_params)
     p = min(top_p, m)
     need = arnoldi_bytes(n_params, n_iters, top_p, dtype)
-    if memory_budget_bytes is not None:
-        if memory_budget_bytes <= 0:
-            raise DistdmError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
-        if need > memory_budget_bytes:
-            raise DistdmError(
-                f"Arnoldi with n_iters={n_iters} and top_p={top_p} on {n_params} parameters needs "
-                f"{need / 2**20:.1f} MiB ((n_iters + top_p + {ARNOLDI_WORKING_VECTORS}) x P floats in "
-                f"{dtype}), over the memory budget of {memory_budget_bytes / 2**20:.1f} MiB: lower "
-                f"n_iters and top_p (the rank), restrict the parameters (params='last'), or raise "
-                f"memory_budget_bytes"
-            )
+    refuse_over_budget(
+        need,
+        memory_budget_bytes,
+        f"Arnoldi with n_iters={n_iters} and top_p={top_p} on {n_params} parameters needs",
+        f"(n_iters + top_p + {ARNOLDI_WORKING_VECTORS}) x P floats in {dtype}",
+        "n_iters and top_p (the rank), restrict the parameters (params='last')",
+    )
     basis = torch.empty(m, n_params, dtype=dtype, device=device)  # on hv's device
     q = torch.randn(n_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     basis[0] = q / q.norm()
