@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import build_task, run_name  # noqa: E402
+from quality import FMNIST_PER_CLASS, build_task, run_name  # noqa: E402
 
 from distdm.applications.diagnose import diagnose, diagnosis_files, validation_split  # noqa: E402
 from distdm.applications.noise import corrupt, corrupted_task, noisy_diagnosis  # noqa: E402
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corrupt-fraction", type=float, default=0.2)
     ap.add_argument("--alpha", type=float, default=0.5, help="KL weight of the Table 7 students")
     ap.add_argument("--balanced", action="store_true", help="also run Table 3 with class-balanced removal")
-    ap.add_argument("--per-class", type=int, default=200, help="Fashion-MNIST training images per class")
+    ap.add_argument("--per-class", type=int, default=FMNIST_PER_CLASS, help="Fashion-MNIST images per class")
     ap.add_argument("--out", default="benchmarks/out/applications")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)

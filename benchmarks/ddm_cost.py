@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import build_task, pick_queries  # noqa: E402
+from quality import FMNIST_PER_CLASS, build_task, pick_queries, run_name  # noqa: E402
 
 from distdm import metrics  # noqa: E402
 from distdm.attribution.ddm import DDM  # noqa: E402
@@ -69,12 +69,12 @@ def probe_task(hidden: int) -> Task:
     return dataclasses.replace(task, clusters=kmeans_per_class(feats, data.y_train, 10, seed=0, n_init=10))
 
 
-def make_task(setting: str) -> Task:
-    """The task of a setting name."""
+def make_task(setting: str, per_class: int = FMNIST_PER_CLASS) -> Task:
+    """The task of a setting name (per_class: Fashion-MNIST training images per class)."""
     if setting.startswith("probe-mlp-"):
         tail = setting.removeprefix("probe-mlp-")
         return probe_task(256 if tail == "203k" else int(tail))
-    return build_task(setting)
+    return build_task(setting, per_class=per_class)
 
 
 def _trim() -> None:
@@ -158,12 +158,14 @@ def run_ddm(task: Task, cfg: DistillConfig) -> tuple[Any, dict[str, Any]]:
     return syn, row
 
 
-def quality(task: Task, out: Path, setting: str, n_queries: int, lds_subsets: int) -> Any:
+def quality(
+    task: Task, run_dir: Path, n_queries: int, lds_subsets: int, seeds: tuple[int, ...] = (0, 1, 2)
+) -> Any:
     """Truth, LDS retrains and the queries of a setting: a function synset -> quality row."""
-    store = RunStore(out / f"run-{setting}", fingerprint=task.data.fingerprint())
+    store = RunStore(run_dir, fingerprint=task.data.fingerprint())
     stored = dataclasses.replace(task, store=store)
     x, y = pick_queries(task, n_queries)
-    effects = list(ExactRetrain(seeds=(0, 1, 2)).fit(stored).per_seed_scores(x, y, "margin"))
+    effects = list(ExactRetrain(seeds=seeds).fit(stored).per_seed_scores(x, y, "margin"))
     truth = np.mean(effects, 0)
     keep = metrics.lds_masks(task.clusters.n_clusters, lds_subsets, 0.5, seed=1)
     actual = retrained_values(stored, keep, x, y, objective="margin", tag="lds")
@@ -190,6 +192,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--lds-subsets", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--per-class", type=int, default=FMNIST_PER_CLASS, help="Fashion-MNIST images per class")
+    ap.add_argument("--truth-seeds", default="0,1,2", help="seeds of the exact truth (BENCHMARKS.md: 0,1,2)")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument(
         "--distill-budget-mb", type=int, default=0, help="distillation working memory without a task budget"
@@ -208,10 +212,14 @@ def main() -> None:
     rows = []
     t_start = time.perf_counter()
     for setting in [s for s in args.settings.split(",") if s]:
-        task = make_task(setting)
+        task = make_task(setting, args.per_class)
         k = task.clusters.n_clusters
         n_params = sum(v.numel() for v in task.final.values())
-        score = quality(task, out, setting, args.queries, args.lds_subsets) if setting in quality_on else None
+        seeds = tuple(int(s) for s in args.truth_seeds.split(","))
+        run_dir = out / f"run-{run_name(setting, args.per_class)}"
+        score = None
+        if setting in quality_on:
+            score = quality(task, run_dir, args.queries, args.lds_subsets, seeds)
         with Stage() as s_one:
             retrain_masks(task, torch.ones(1, k), unit="cluster")
         with Stage() as s_sweep:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import build_task, ddm_variant, pick_queries, run_name  # noqa: E402
+from quality import FMNIST_PER_CLASS, build_task, ddm_variant, pick_queries, run_name  # noqa: E402
 
 from distdm.applications.privacy import privacy_metrics  # noqa: E402
 from distdm.attribution.ddm import DDM  # noqa: E402
@@ -79,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lds-subsets", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--per-class", type=int, default=FMNIST_PER_CLASS, help="Fashion-MNIST images per class")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    task = build_task(args.setting)
-    name = run_name(args.setting, 200)
+    task = build_task(args.setting, per_class=args.per_class)
+    name = run_name(args.setting, args.per_class)
     task = dataclasses.replace(task, store=RunStore(out / f"run-{name}", fingerprint=task.data.fingerprint()))
     x, y = pick_queries(task, args.queries)
     seeds = tuple(int(s) for s in args.seeds.split(","))

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distdm.cli import app
+from distdm.errors import DistdmError
 
 runner = CliRunner()
 
@@ -529,3 +530,137 @@ def test_diagnosis_names_the_targets_own_seed_in_words():
     assert seeds_text([None]) == "the target's own seed"
     assert seeds_text([3]) == "seed 3"
     assert seeds_text([None, 1, 2]) == "the target's own seed and seeds 1, 2"
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, digits):
+    """A tiny run (300 digits, MLP 64-16-10, 3 epochs, 2 clusters per class), its pack with a cheap
+    synset, the target's weights file, a validation file and a copy of the weights one value off."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from distdm.config import TrainConfig
+    from distdm.pack import export_pack
+    from distdm.run import Run
+
+    root = tmp_path_factory.mktemp("cli-pack")
+    data = root / "d.npz"
+    np.savez(data, x_train=digits.x_train[:300].numpy(), y_train=digits.y_train[:300].numpy(),
+             x_test=digits.x_test[:40].numpy(), y_test=digits.y_test[:40].numpy())  # fmt: skip
+    r = Run(root / "run", data, "mlp", train=TrainConfig(epochs=3, lr=0.1, batch_size=32),
+            model_kwargs={"hidden": [16]})  # fmt: skip
+    r.train()
+    r.cluster(per_class=2, n_init=2)
+    pack = export_pack(
+        r, root / "pack", distill={"hessian_rank": 20, "input_steps": 6}, labels={3: "round threes"}
+    )
+    final = {k: v.contiguous() for k, v in r.task().final.items()}
+    weights = root / "target.safetensors"
+    save_file(final, str(weights))
+    other = root / "other.safetensors"
+    first = next(iter(final))
+    save_file({**final, first: final[first] + 1e-3}, str(other))
+    x, y, _ = r.queries(16, seed=3)
+    validation = root / "val.npz"
+    np.savez(validation, x=x.numpy(), y=y.numpy())
+    return r, pack, weights, other, validation, (x, y)
+
+
+def _target_model(r):
+    m = r.model
+    m.load_state_dict(r.task().final)
+    return m
+
+
+@pytest.mark.slow
+def test_diagnose_from_a_pack_matches_the_python_api(packed):
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from distdm.pack import load_pack
+
+    r, pack, weights, other, validation, (x, y) = packed
+    res = invoke("diagnose", "--pack", pack, "--model", weights, "--validation-file", validation, "--top", 4)
+    assert res.exit_code == 0, res.output
+    want = load_pack(pack).diagnose(_target_model(r), x, y)
+    got = load_file(str(validation.with_suffix(".diagnose.safetensors")))["scores"].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # the table lists the 4 most harmful clusters (most negative first), with their pack metadata
+    rows = [line.split("│") for line in res.output.splitlines() if line.count("│") == 7]
+    assert [int(row[2]) for row in rows] == np.argsort(want, kind="stable")[:4].tolist()
+    assert "validation loss" in res.output
+    refused = invoke("diagnose", "--pack", pack, "--model", other, "--validation-file", validation)
+    assert_user_error(refused, "not those of the target model")
+    assert_user_error(invoke("diagnose", "--pack", pack, "--model", weights), "--validation-file")
+
+
+@pytest.mark.slow
+def test_unlearn_from_a_pack_matches_the_python_api(packed, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from distdm.pack import load_pack
+
+    r, pack, weights, other, _, _ = packed
+    out = tmp_path / "forgot.safetensors"
+    res = invoke("unlearn", "--pack", pack, "--model", weights, "--cluster", 3, "--out", out)
+    assert res.exit_code == 0, res.output
+    p = load_pack(pack)
+    about = f"removed clusters: 3 (class {p.cluster_class[3]}, n={p.cluster_size[3]}, 'round threes')"
+    assert about in res.output
+    want = p.unlearn(_target_model(r), [3])
+    got = load_file(str(out))
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(got[k], r.task().final[k]) for k in got)  # the clusters' effect is removed
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["removed_clusters"] == "[3]"
+    # without --out the weights go beside --model
+    assert invoke("unlearn", "--pack", pack, "--model", weights, "--clusters", "0,5").exit_code == 0
+    assert (weights.parent / "target-unlearned-0-5.safetensors").is_file()
+    assert_user_error(
+        invoke("unlearn", "--pack", pack, "--model", other, "--cluster", 3), "not those of the target"
+    )
+    assert_user_error(invoke("unlearn", "--pack", pack, "--model", weights, "--cluster", 99), "do not exist")
+    assert_user_error(invoke("unlearn", r.path, "--pack", pack, "--cluster", 3), "not both")
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (("transfer", "--fractions", "0.1,x"), ("--fractions must be comma-separated numbers", "0.1,x")),
+        (("unlearn", "--clusters", "1,x"), ("--clusters must be comma-separated integers",)),
+        (("unlearn", "--cluster", ","), ("--clusters must list at least one integer",)),
+        (("unlearn", "--all", "--lr-scales", "1,-2"), ("--lr-scales must be numbers > 0",)),
+        (("privacy", "--presets", "paper,paper"), ("--presets names a synset twice",)),
+        (("diagnose", "--methods", "grad-dot:paper"), ("only ddm takes a preset",)),
+        (("evaluate", "--methods", " , "), ("--methods must list at least one name",)),
+    ],
+)
+def test_every_list_option_is_parsed_by_one_type_before_the_run_is_opened(
+    tmp_path, monkeypatch, args, fragments
+):
+    import distdm.run
+
+    monkeypatch.setattr(distdm.run.Run, "open", lambda *a, **k: pytest.fail("the run was opened first"))
+    command, *rest = args
+    assert_user_error(invoke(command, tmp_path / "run", *rest), *fragments)
+
+
+def test_list_options_ignore_spaces_and_empty_items(run_dir, monkeypatch):
+    import distdm.run
+
+    seen = {}
+
+    def evaluate(self, methods, queries, **settings):
+        seen.update(methods=methods, **settings)
+        raise DistdmError("stop here")
+
+    monkeypatch.setattr(distdm.run.Run, "evaluate", evaluate)
+    result = invoke(
+        "evaluate", run_dir[0], "--methods", " grad-dot, random,", "--seeds", "2, 0", "--queries", 2
+    )
+    assert_user_error(result, "stop here")
+    assert seen["methods"] == ["grad-dot", "random"] and seen["seeds"] == [2, 0]

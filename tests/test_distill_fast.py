@@ -23,6 +23,7 @@ from distdm.distill_influence import (
     label_columns,
     make_curvature,
     normal_equations,
+    rank_within_budget,
     solve_labels,
 )
 from distdm.errors import DistdmError
@@ -292,3 +293,24 @@ def test_private_preset_is_default_started_from_no_member_within_the_data_range(
     # no synthetic input equals a training image, and all lie within the training inputs' range
     assert torch.cdist(x.flatten(1), xt.flatten(1)).min() > 1e-3
     assert float(x.min()) >= float(xt.min()) - 1e-6 and float(x.max()) <= float(xt.max()) + 1e-6
+
+
+def test_a_small_memory_budget_lowers_the_eigenpair_rank_with_a_warning(tiny_task, caplog):
+    from distdm import eigen
+
+    p = flat_model(tiny_task).n_params
+    need = eigen.block_krylov_bytes(p, 20, 10, 40)
+    assert rank_within_budget(20, p, 10, torch.float32, None) == 20
+    assert rank_within_budget(20, p, 10, torch.float32, 2 * need) == 20
+    small = eigen.block_krylov_bytes(p, 12, 10, 24)  # fits rank 12 at 3/4 of the budget, not 13
+    budget = int(small / 0.75) + 1
+    with caplog.at_level("WARNING", logger="distdm.distill_influence"):
+        assert rank_within_budget(20, p, 10, torch.float32, budget) == 12
+    assert "using the top 12" in caplog.text and "raise memory_budget_bytes" in caplog.text
+    # below the smallest useful rank it is the solver's refusal, naming the memory
+    assert rank_within_budget(20, p, 10, torch.float32, 1000) == 20
+    cfg = DistillConfig(target="influence", solver="closed-form", hessian_rank=20, curvature="ggn")
+    curv = make_curvature(dataclasses.replace(tiny_task, memory_budget_bytes=budget), cfg)
+    assert curv.vals.shape == (12,) and curv.vecs.shape == (12, p)
+    with pytest.raises(DistdmError, match="MiB"):
+        make_curvature(dataclasses.replace(tiny_task, memory_budget_bytes=1000), cfg)

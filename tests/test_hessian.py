@@ -357,3 +357,23 @@ def test_arnoldi_peak_memory_is_its_preallocated_basis():
     grew = int(out.stdout.strip().splitlines()[-1])
     need = hs.arnoldi_bytes(p, m, k)
     assert grew < 1.15 * need + 8 * 2**20, (grew, need)
+
+
+def test_ggn_products_through_stored_jacobians_equal_reverse_mode(reg):
+    conv = hs.flat_model(build_model("convnet", (1, 8, 8), 3, seed=0, width=4, depth=1).double())
+    gen = torch.Generator().manual_seed(5)
+    xc, yc = torch.randn(7, 1, 8, 8, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 1])
+    v = torch.randn(4, conv.n_params, generator=gen, dtype=torch.float64)
+    stored = hs.hvp(conv, None, xc, yc, "ce", curvature="ggn", weight_decay=0.01)
+    assert isinstance(stored, hs.JacobianGGN) and stored.prefers_blocks
+    reverse = hs.hvp(conv, None, xc, yc, "ce", curvature="ggn", weight_decay=0.01, cache=False)
+    assert not isinstance(reverse, hs.JacobianGGN)
+    torch.testing.assert_close(stored(v), reverse(v), atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(stored(v[0]), reverse(v[0]), atol=1e-10, rtol=1e-8)
+    # Jacobians over the budget, or a model without shared parameters: reverse mode
+    assert not isinstance(hs.hvp(conv, None, xc, yc, "ce", curvature="ggn", memory_budget_bytes=1000),
+                          hs.JacobianGGN)  # fmt: skip
+    fm, x, y = reg
+    assert not isinstance(hs.hvp(fm, None, x, y, "mse", curvature="ggn"), hs.JacobianGGN)
+    with pytest.raises(DistdmError, match="parameters"):
+        stored(torch.zeros(conv.n_params + 1, dtype=torch.float64))

@@ -16,7 +16,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": (
         "errors", "config", "progress", "executors", "store", "objectives", "intervals", "synset",
         "models", "data", "userdata", "presets", "datamodel", "engine", "hessian", "ekfac", "scores",
-        "clusters", "task", "metrics", "figures", "damping", "eigen",
+        "runtime", "clusters", "task", "metrics", "figures", "damping", "eigen",
     ),
     "methods": ("distill_shared", "distill_influence", "distill", "attribution"),
     "evaluation": ("evaluate", "applications", "verify", "pack"),

@@ -378,3 +378,32 @@ def test_reset_of_a_distill_stage_removes_its_synset_and_the_stage_records_the_d
     assert not run.store.has(f"{key}.safetensors") and not run.store.is_done(stage)
     again = Run.open(tmp_path / "run", data=small).attributor("ddm", distill=settings)
     assert again.synset_key_ == key and again.recorded_seconds_ != recorded["seconds"]  # distilled anew
+
+
+def test_pipeline_methods_store_what_they_compute_and_return_the_paths(tmp_path, small):
+    from safetensors.torch import load_file
+
+    from distdm import metrics
+
+    run = Run(tmp_path / "run", small, "mlp", train=TC, model_kwargs={"hidden": (8,)})
+    run.train()
+    run.cluster(ClusterConfig(per_class=2, n_init=1))
+    x, y, idx = run.queries(5, seed=1)
+    s = run.method("grad-dot").scores(x, y, "margin")
+    saved = run.save_scores(s, idx, seed=1)
+    assert saved["scores"].endswith("attribution/grad-dot-margin-q5s1.safetensors")
+    stored = load_file(saved["scores"])
+    np.testing.assert_array_equal(stored["scores"].numpy(), s.values)
+    assert stored["queries"].tolist() == idx.tolist()
+    assert open(saved["heatmap"], "rb").read(4) == b"\x89PNG"
+    with pytest.raises(DistdmError, match="only ddm takes a preset"):
+        run.method("grad-dot:paper")
+    # evaluate: the rows of distdm.evaluate, its files in the run, no check without verify
+    out = run.evaluate(["grad-dot", "random"], (x, y), seeds=[0], lds_subsets=0)
+    assert [r["method"] for r in out.value.rows][:2] == ["grad-dot", "random"] and out.checks == []
+    assert sorted(p.rsplit("/", 1)[1] for p in out.paths) == ["quality.csv", "quality.md", "quality.png"]
+    assert all(run.store.has(f"evaluation/{p.rsplit('/', 1)[1]}") for p in out.paths)
+    # its Spearman is metrics.spearman of the method's scores against the truth's
+    truth = run.attributor("exact", seeds=[0]).scores(x, y, "margin")
+    got = [r for r in out.value.rows if r["method"] == "grad-dot"][0]
+    assert np.isclose(got["spearman"], metrics.spearman(out.value.scores["grad-dot"]["margin"], truth).mean)

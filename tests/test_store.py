@@ -488,3 +488,299 @@ def test_digest_identifies_content_not_order_or_container():
     assert digest({"lr": 0.1, "k": [1, 2]}) == digest({"k": [1, 2], "lr": 0.1})
     assert digest({"lr": 0.1}) != digest({"lr": 0.2})
     assert len(digest(a)) == 16 and len(digest(a, length=40)) == 40
+
+
+# the chunked-job runner ----------------------------------------------------------------------------
+
+
+class _Job:
+    """A job of 10 rows whose row r is (r, r^2): counts which rows each compute call was given."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.calls: list[tuple[list[tuple[int, int]], bool]] = []
+        self.fail_at = fail_at
+
+    def __call__(self, slices, executor):
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        self.calls.append(([(sl.start, sl.stop) for sl in slices], executor is not None))
+        rows = torch.cat([torch.arange(sl.start, sl.stop, dtype=torch.float64) for sl in slices])
+        return {"a": rows, "b": torch.stack([rows, rows**2], 1)}
+
+
+def _expected(n: int = 10) -> dict[str, torch.Tensor]:
+    rows = torch.arange(n, dtype=torch.float64)
+    return {"a": rows, "b": torch.stack([rows, rows**2], 1)}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chunked_job_equals_the_unchunked_one_with_or_without_a_store(tmp_path):
+    from distdm.store import run_chunked
+
+    whole = run_chunked(None, "job", {}, 10, 10, _Job())
+    assert _equal(whole, _expected())
+    for size in (1, 3, 4, 10, 25):
+        job = _Job()
+        assert _equal(run_chunked(None, "job", {}, 10, size, job), whole)
+        assert len(job.calls) == -(-10 // size)  # one call per chunk
+        stored = RunStore(tmp_path / f"run{size}")
+        assert _equal(run_chunked(stored, "job", {"k": 1}, 10, size, _Job()), whole)
+
+
+def test_interrupted_job_resumes_without_recomputing_finished_chunks(tmp_path):
+    from distdm.store import ChunkedJob, run_chunked
+
+    store = RunStore(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        run_chunked(store, "ft/seed0", {"lr": 0.1}, 10, 3, _Job(fail_at=2))  # killed in chunk 2
+    assert store.is_done("ft/seed0/chunk1") and not store.is_done("ft/seed0/chunk2")
+    assert store.has("ft/seed0/chunk1.safetensors")  # the flag's name is the result's name
+    job = ChunkedJob("ft/seed0", {"lr": 0.1}, 10, 3)
+    assert job.pending(store) == [2, 3] and not job.complete(store)
+    resumed = _Job()
+    reopened = RunStore(tmp_path / "run")
+    assert _equal(run_chunked(reopened, "ft/seed0", {"lr": 0.1}, 10, 3, resumed), _expected())
+    assert resumed.calls == [([(6, 9)], False), ([(9, 10)], False)]  # chunks 2 and 3 only
+    again = _Job()
+    assert _equal(run_chunked(reopened, "ft/seed0", {"lr": 0.1}, 10, 3, again), _expected())
+    assert again.calls == [] and job.complete(reopened)
+    assert job.recorded_seconds(reopened) is not None
+    # other settings or another chunking of the same job are refused, saying what differs
+    with pytest.raises(DistdmError, match="lr: stored 0.1, now 0.2"):
+        run_chunked(reopened, "ft/seed0", {"lr": 0.2}, 10, 3, _Job())
+    with pytest.raises(DistdmError, match="chunk_size"):
+        run_chunked(reopened, "ft/seed0", {"lr": 0.1}, 10, 4, _Job())
+
+
+def test_completion_flag_is_written_only_after_the_result(tmp_path, monkeypatch):
+    from distdm.store import ChunkedJob, run_chunked
+
+    store = RunStore(tmp_path / "run")
+    seen: list[bool] = []
+    real_mark = RunStore.mark_done
+
+    def mark(self, stage, **info):
+        seen.append(self.has(stage + ".safetensors"))  # the result is there when its flag is set
+        return real_mark(self, stage, **info)
+
+    def crash_on_chunk1(self, stage, **info):
+        if stage.endswith("chunk1"):
+            raise KeyboardInterrupt("killed between the result and its flag")
+        return mark(self, stage, **info)
+
+    monkeypatch.setattr(RunStore, "mark_done", crash_on_chunk1)
+    with pytest.raises(KeyboardInterrupt):
+        run_chunked(store, "job", {}, 10, 4, _Job())
+    # chunk 1's tensors were written but not flagged: not trusted, computed again on resume
+    assert store.has("job/chunk1.safetensors") and not store.is_done("job/chunk1")
+    monkeypatch.setattr(RunStore, "mark_done", mark)
+    job = _Job()
+    assert _equal(run_chunked(store, "job", {}, 10, 4, job), _expected())
+    assert job.calls == [([(4, 8)], False), ([(8, 10)], False)]
+    assert seen and all(seen)
+    # a result whose write failed leaves no flag either
+    other = RunStore(tmp_path / "other")
+
+    def broken(self, name, tensors):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(RunStore, "save_tensors", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run_chunked(other, "job", {}, 10, 4, _Job())
+    assert ChunkedJob("job", {}, 10, 4).pending(other) == [0, 1, 2]
+    assert not any(k.startswith("job/") for k in other.manifest["stages"])
+
+
+def test_executor_path_gives_the_in_process_result_in_one_call(tmp_path):
+    from distdm.executors import LocalExecutor
+    from distdm.store import run_chunked
+
+    local = run_chunked(RunStore(tmp_path / "a"), "job", {}, 10, 4, _Job())
+    store = RunStore(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        run_chunked(store, "job", {}, 10, 4, _Job(fail_at=1))  # chunk 0 finished in-process
+    job = _Job()
+    got = run_chunked(store, "job", {}, 10, 4, job, executor=LocalExecutor())
+    assert _equal(got, local)
+    assert job.calls == [([(4, 8), (8, 10)], True)]  # every pending chunk in one call, with the executor
+    assert all(store.is_done(f"job/chunk{i}") for i in range(3))  # each one saved by the driver
+    assert _equal(run_chunked(RunStore(tmp_path / "b"), "job", {}, 10, 4, _Job()), local)
+    none = _Job()
+    assert _equal(run_chunked(None, "job", {}, 10, 4, none, executor=LocalExecutor()), local)
+    assert none.calls == [([(0, 4), (4, 8), (8, 10)], True)]
+
+
+def test_two_stores_on_one_run_share_finished_chunks(tmp_path):
+    from distdm.progress import StageProgress
+    from distdm.store import run_chunked
+
+    a, b = RunStore(tmp_path / "run"), RunStore(tmp_path / "run")
+    other = _Job()
+
+    class FinishesEverythingElsewhere(_Job):
+        def __call__(self, slices, executor):
+            out = super().__call__(slices, executor)
+            if len(self.calls) == 1:  # meanwhile another process runs the whole job
+                run_chunked(b, "job", {}, 10, 4, other)
+            return out
+
+    first = FinishesEverythingElsewhere()
+    bar = StageProgress("job", 30)
+    got = run_chunked(a, "job", {}, 10, 4, first, progress=bar, work_per_item=3)
+    assert _equal(got, _expected())
+    assert first.calls == [([(0, 4)], False)]  # chunks 1 and 2 were loaded, not computed again
+    assert bar.done == 6 * 3  # the loaded chunks count as done; compute reports its own
+    assert len(other.calls) == 3
+
+
+def test_flags_of_other_settings_do_not_count_and_reset_forgets_jobs(tmp_path):
+    from distdm.store import ChunkedJob, run_chunked
+
+    store = RunStore(tmp_path / "run")
+    run_chunked(store, "retrain/loo/seed0", {"masks": "m1"}, 10, 5, _Job())
+    assert ChunkedJob("retrain/loo/seed0", {"masks": "m1"}, 10, 5).complete(store)
+    assert not ChunkedJob("retrain/loo/seed0", {"masks": "m2"}, 10, 5).is_done(store, 0)
+    assert not ChunkedJob("retrain/loo/seed0", {"masks": "m1"}, 9, 5).is_done(store, 1)  # 4 rows, not 5
+    assert ChunkedJob.recorded(store, "retrain/loo/seed0", 10) == ChunkedJob(
+        "retrain/loo/seed0", {"masks": "m1"}, 10, 5
+    )
+    store.reset("retrain")  # the job's settings go with its chunks: other masks can be run now
+    assert store.config("retrain/loo/seed0") is None and not store.has("retrain/loo/seed0/chunk0.safetensors")
+    job = _Job()
+    run_chunked(store, "retrain/loo/seed0", {"masks": "m2"}, 10, 5, job)
+    assert len(job.calls) == 2
+
+
+def test_chunked_job_refuses_bad_arguments_and_bad_results(tmp_path):
+    from distdm.store import run_chunked
+
+    store = RunStore(tmp_path / "run")
+    for kwargs, match in (
+        ({"n_items": 0}, "at least one item"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"name": "../x"}, "relative name"),
+        ({"identity": {"chunk_size": 3}}, "identity"),
+    ):
+        args = {"name": "job", "identity": {}, "n_items": 10, "chunk_size": 4, **kwargs}
+        with pytest.raises(DistdmError, match=match):
+            run_chunked(store, args["name"], args["identity"], args["n_items"], args["chunk_size"], _Job())
+    with pytest.raises(DistdmError, match="4 rows leading"):
+        run_chunked(store, "job", {}, 10, 4, lambda slices, ex: {"a": torch.zeros(3)})
+
+
+def test_results_index_lists_results_by_kind_and_forgets_them_on_reset(tmp_path):
+    from distdm.store import CHUNKED_JOB, run_chunked
+
+    store = RunStore(tmp_path / "run")
+    run_chunked(store, "retrain/loo/seed0", {"masks": "m"}, 10, 4, _Job())
+    store.save_tensors("synset/kmeans-abc", {"x": torch.ones(2)})
+    store.save_json("synset/kmeans-abc", {"forgetting": 0.1})
+    store.record_result(
+        "synset/kmeans-abc", "synset", ["synset/kmeans-abc.safetensors", "synset/kmeans-abc.json"],
+        {"kind": "kmeans"}, seconds=2.0,
+    )  # fmt: skip
+    reopened = RunStore(tmp_path / "run")
+    (job,) = reopened.index(CHUNKED_JOB)
+    assert job.name == "retrain/loo/seed0" and job.identity == {"masks": "m", "chunk_size": 4}
+    assert job.files == tuple(f"retrain/loo/seed0/chunk{i}.safetensors" for i in range(3))
+    assert job.info["items"] == 10 and job.info["chunks"] == 3
+    (syn,) = reopened.index("synset")
+    assert syn.info == {"seconds": 2.0} and reopened.result("synset/kmeans-abc") == syn
+    assert [r.name for r in reopened.index()] == ["retrain/loo/seed0", "synset/kmeans-abc"]
+    with pytest.raises(DistdmError, match="save them first"):
+        reopened.record_result("x", "synset", ["nothing.json"])
+    (store.root / "synset/kmeans-abc.json").unlink()
+    assert reopened.index("synset") == []  # a result with a missing file is not listed
+    reopened.reset("retrain")
+    assert reopened.index(CHUNKED_JOB) == [] and "retrain/loo/seed0" not in reopened.manifest["results"]
+    assert reopened.index() == []  # the job was reset, the synset lost a file
+
+
+def test_a_run_without_an_index_still_opens_and_a_damaged_index_is_refused(tmp_path):
+    store = RunStore(tmp_path / "run")
+    m = json.loads((store.root / "manifest.json").read_text())
+    assert "results" not in m  # made before any result was indexed
+    assert RunStore(tmp_path / "run").index() == []
+    m["results"] = {"x": {"kind": "synset"}}
+    (store.root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DistdmError, match="results"):
+        RunStore(tmp_path / "run")
+
+
+def test_a_distilled_synset_is_indexed_and_loaded_instead_of_distilled_again(
+    mini_task, tmp_path, monkeypatch
+):
+    import dataclasses
+
+    import distdm.attribution.ddm as ddm_module
+    from distdm.config import DistillConfig
+
+    task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
+    cfg = DistillConfig(iterations=2, starts=1, step=1)
+    syn = ddm_module.load_or_distill(task, cfg, task.clusters, 0.1, 2)
+    key = ddm_module.synset_key(cfg, task.clusters, 0.1, 2)
+    (entry,) = RunStore(tmp_path / "run").index(ddm_module.SYNSET)
+    assert entry.name == key and set(entry.files) == {f"{key}.json", f"{key}.safetensors"}
+    assert entry.identity["steps"] == 2 and entry.identity["settings"]["iterations"] == 2
+
+    def no_distill(*args, **kwargs):
+        raise AssertionError("distilled although the synset was cached")
+
+    monkeypatch.setattr(ddm_module, "distill", no_distill)
+    again = ddm_module.load_or_distill(dataclasses.replace(task, store=RunStore(tmp_path / "run")), cfg,
+                                       task.clusters, 0.1, 2)  # fmt: skip
+    before, after = syn.to_tensors(), again.to_tensors()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # a synset cached before the index existed is indexed when it is next loaded
+    store = RunStore(tmp_path / "run")
+    with store._mutate("forget the index") as m:
+        m.pop("results")
+    ddm_module.load_or_distill(dataclasses.replace(task, store=store), cfg, task.clusters, 0.1, 2)
+    assert [r.name for r in store.index(ddm_module.SYNSET)] == [key]
+
+
+def test_a_cached_result_is_computed_once_per_identity_and_indexed(tmp_path):
+    from distdm.store import cached_tensors
+
+    store = RunStore(tmp_path / "run")
+    calls = []
+
+    def train():
+        calls.append(1)
+        return {"w": torch.full((3,), float(len(calls)))}
+
+    first = cached_tensors(store, "compare/mlp", {"lr": 0.1}, train, kind="compare-model", variant="mlp")
+    again = cached_tensors(
+        RunStore(tmp_path / "run"), "compare/mlp", {"lr": 0.1}, train, kind="compare-model"
+    )
+    assert len(calls) == 1 and torch.equal(first["w"], again["w"])
+    (entry,) = store.index("compare-model")
+    assert entry.identity == {"lr": 0.1} and entry.info["variant"] == "mlp" and entry.info["seconds"] >= 0
+    assert store.is_done("compare/mlp") and store.has("compare/mlp.safetensors")
+    other = cached_tensors(store, "compare/mlp", {"lr": 0.2}, train, kind="compare-model")
+    assert len(calls) == 2 and other["w"][0] == 2.0  # a flag of other settings does not count
+    assert cached_tensors(None, "compare/mlp", {"lr": 0.2}, train, kind="compare-model")["w"][0] == 3.0
+
+
+def test_retrain_chunks_flagged_before_the_runner_are_still_read(tmp_path):
+    from distdm.store import run_chunked
+
+    store = RunStore(tmp_path / "run")
+    store.check_config(
+        "retrain/loo/seed0", {"masks": "m", "variants": 10, "unit": "cluster", "chunk_size": 5}
+    )
+    for i in range(2):  # what retrain_masks wrote before: the states, then a flag with its row count
+        store.save_tensors(
+            f"retrain/loo/seed0/chunk{i}", {k: v[5 * i : 5 * i + 5] for k, v in _expected().items()}
+        )
+        store.mark_done(f"retrain/loo/seed0/chunk{i}", seconds=1.0, variants=5)
+    job = _Job()
+    identity = {"masks": "m", "variants": 10, "unit": "cluster"}
+    assert _equal(run_chunked(store, "retrain/loo/seed0", identity, 10, 5, job), _expected())
+    assert job.calls == []
+    store.mark_done("retrain/loo/seed0/chunk1", seconds=1.0, variants=4)  # another row count: not ours
+    assert _equal(run_chunked(store, "retrain/loo/seed0", identity, 10, 5, job), _expected())
+    assert job.calls == [([(5, 10)], False)]

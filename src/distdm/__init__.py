@@ -10,6 +10,7 @@ from .models import build_model
 from .pack import Pack, export_pack, load_pack
 from .presets import PRESETS, preset
 from .run import Run
+from .runtime import Runtime
 from .scores import SIGN_CONVENTION, Scores, TopUnits
 from .task import Task, train_target
 from .userdata import load_data_file, load_model_spec
@@ -29,6 +30,7 @@ __all__ = [
     "PRESETS",
     "Pack",
     "Run",
+    "Runtime",
     "Schedule",
     "Scores",
     "Task",

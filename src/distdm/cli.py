@@ -1,41 +1,144 @@
-"""The `distdm` command: train, cluster, distill, attribute, evaluate, report, demo."""
+"""The `distdm` command: train, cluster, distill, attribute, evaluate, report, demo.
+
+It parses options (typed; lists through one comma-separated option type), calls the pipeline
+(`distdm.run.Run` methods, `distdm.pack.Pack`) and prints; a DistdmError, raised while parsing or
+while running, is printed as one line with exit status 2."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .errors import DistdmError
+from .run import EXACT_METHODS, FURTHER_METHODS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
 
 
-def user_errors(fn: F) -> F:
-    """Print a DistdmError as one line and exit with status 2 (no traceback)."""
+class _BadOption(Exception):
+    """A DistdmError raised by an option's parser (typer would turn a ValueError into its own panel)."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+
+class _Commands(TyperGroup):
+    """The command group: a DistdmError from an option's parser or a command is one line, status 2."""
+
+    def invoke(self, ctx: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
-        except DistdmError as e:
+            return super().invoke(ctx)
+        except (DistdmError, _BadOption) as e:
             err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
 
-    return wrapper  # type: ignore[return-value]
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+class Listed(list):  # type: ignore[type-arg]
+    """The values of a comma-separated option, parsed and checked by `list_option`."""
+
+
+def list_option(
+    default: str | None,
+    flag: str,
+    item: Callable[[str], Any] = int,
+    *,
+    help: str,
+    check: Callable[[str, list[Any]], Any] | None = None,
+    empty: bool = False,
+    aliases: Sequence[str] = (),
+) -> Any:
+    """A typer option taking comma-separated values of one type (int, float or str), parsed before any
+    work: a value that does not parse, an empty list (unless `empty`) or one `check(flag, values)`
+    refuses is a DistdmError naming the flag. Annotate the parameter as `Listed`."""
+    noun = {int: "integers", float: "numbers"}.get(item, "names")  # type: ignore[call-overload]
+
+    def values(text: str) -> Listed:
+        try:
+            out = Listed(item(t.strip()) for t in text.split(",") if t.strip())
+        except ValueError:
+            raise DistdmError(f"{flag} must be comma-separated {noun}, got {text!r}") from None
+        if not out and not empty:
+            raise DistdmError(f"{flag} must list at least one {noun[:-1]}, got {text!r}")
+        if check is not None and out:
+            check(flag, out)
+        return out
+
+    def parse(text: Any) -> Listed:
+        if isinstance(text, list):
+            return Listed(text)
+        try:
+            return values(str(text))
+        except DistdmError as e:
+            raise _BadOption(str(e)) from None
+
+    return typer.Option(default, flag, *aliases, parser=parse, metavar="A,B,...", help=help)
+
+
+def _distinct_seeds(flag: str, seeds: list[int]) -> None:
+    """Distinct seeds >= 0."""
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise DistdmError(f"{flag} must be distinct seeds >= 0, got {seeds}")
+
+
+def _non_negative(flag: str, values: list[int]) -> None:
+    if min(values) < 0:
+        raise DistdmError(f"{flag} must be integers >= 0, got {values}")
+
+
+def _positive(flag: str, values: list[float]) -> None:
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise DistdmError(f"{flag} must be numbers > 0, got {','.join(map(str, values))!r}")
+
+
+def _fractions(flag: str, values: list[float]) -> None:
+    from .applications.diagnose import check_fractions
+
+    check_fractions(values)
+
+
+def _method_specs(ranking: bool = False) -> Callable[[str, list[str]], None]:
+    """Checks method specs (a registered name, or ddm:PRESET) against the registry; ranking: refuse
+    'random', which diagnose and transfer always run as the baseline."""
+
+    def check(flag: str, specs: list[str]) -> None:
+        from .attribution import ATTRIBUTORS
+
+        for spec in specs:
+            name, _, preset = spec.partition(":")
+            if ranking and name == "random":
+                raise DistdmError(f"random removal is always the baseline: leave 'random' out of {flag}")
+            if name not in ATTRIBUTORS:
+                known = ", ".join(sorted(ATTRIBUTORS))
+                raise DistdmError(f"unknown method {name!r} in {flag}; available: {known}")
+            if preset and name != "ddm":
+                raise DistdmError(f"only ddm takes a preset (ddm:paper), got {spec!r} in {flag}")
+            if name == "ddm":
+                _check_preset(preset or "default")
+
+    return check
+
+
+def _synsets(flag: str, names: list[str]) -> None:
+    """Synset variant names (paper, paper-match, default), each once."""
+    from .applications.unlearn import SYNSET_VARIANTS
+
+    bad = [n for n in names if n not in SYNSET_VARIANTS]
+    if bad:
+        raise DistdmError(f"{flag} takes synsets from {list(SYNSET_VARIANTS)}, got {','.join(names)!r}")
+    if len(set(names)) != len(names):
+        raise DistdmError(f"{flag} names a synset twice: {','.join(names)!r}")
 
 
 @app.callback()
@@ -72,6 +175,15 @@ def _refuse_changed(store: Any, stage: str, config: dict[str, Any]) -> None:
         store.check_config(stage, config)  # records nothing: the stage's settings exist
 
 
+def _print_lines(text: str, out: Console | None = None) -> None:
+    """Text printed as it is: no markup, no highlighting, never wrapped."""
+    (out or console).print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _written(paths: Sequence[Any], out: Console | None = None) -> None:
+    (out or console).print("written: " + ", ".join(str(p) for p in paths), soft_wrap=True, highlight=False)
+
+
 RUN = typer.Argument(..., help="Run directory (`distdm train` creates it).")
 TRAINING_METHODS = frozenset({"exact", "further-training", "ddm"})  # methods that retrain or fine-tune
 EXECUTOR = typer.Option(
@@ -93,6 +205,9 @@ VERIFY = typer.Option(
     help="Trust check: retrain M random clusters out (8 is a good start) with two seeds and say whether "
     "the scores agree with exact retraining and whether retraining agrees with itself; 0: no check.",
 )
+PACK = typer.Option(None, help="Answer from a synset pack (`distdm export`) instead of a run.")
+PACK_MODEL = typer.Option(None, help="With --pack: the trained target's weights (.safetensors).")
+PACK_ARCH = typer.Option(None, help="With --pack: your model's constructor, package.module:callable.")
 
 
 def _execution(
@@ -115,7 +230,6 @@ def _execution(
 
 
 @app.command()
-@user_errors
 def train(
     run: Path = RUN,
     dataset: str = typer.Option(
@@ -191,7 +305,6 @@ def _train_and_report(r: Any) -> None:
 
 
 @app.command()
-@user_errors
 def cluster(
     run: Path = RUN,
     per_class: int = typer.Option(10, help="Clusters per class (C)."),
@@ -215,7 +328,6 @@ def cluster(
 
 
 @app.command()
-@user_errors
 def distill(
     ctx: typer.Context,
     run: Path = RUN,
@@ -231,21 +343,12 @@ def distill(
 ) -> None:
     """Distil one synthetic set per cluster; prints matching diagnostics and saves a synset grid.
     --executor and --memory-budget apply to the fine-tunes on synsets (the forgetting check)."""
-    from .figures import bar_png, synset_grid_png
-
     _check_preset(preset)
     r = _open(run, device=device, **_execution(ctx, executor, address, memory_budget))
     syn = r.distill(preset)
     _print_synset(syn)
-    png = synset_grid_png(syn, r.data.x_train, r.clusters())
-    if png:
-        console.print(f"synset grid: {r.store.save_file(f'figures/synset-{preset}.png', png)}")
-    cos = syn.info["layer_cosine"]
-    path = r.store.save_file(
-        f"figures/matching-{preset}.png",
-        bar_png(list(cos), list(cos.values()), "matching cosine per layer", "cosine"),
-    )
-    console.print(f"matching cosines: {path}")
+    for what, path in r.save_synset_figures(syn, preset).items():
+        console.print(f"{what}: {path}")
 
 
 def _check_preset(name: str) -> None:
@@ -272,7 +375,6 @@ def _print_synset(syn: Any) -> None:
 
 
 @app.command()
-@user_errors
 def attribute(
     ctx: typer.Context,
     run: Path = typer.Argument(None, help="Run directory (or give --pack instead)."),
@@ -287,9 +389,9 @@ def attribute(
     address: str = ADDRESS,
     memory_budget: float = MEMORY_BUDGET,
     device: str = DEVICE,
-    pack: Path = typer.Option(None, help="Answer from a synset pack (`distdm export`) instead of a run."),
-    model: Path = typer.Option(None, help="With --pack: the trained target's weights (.safetensors)."),
-    arch: str = typer.Option(None, help="With --pack: your model's constructor, package.module:callable."),
+    pack: Path = PACK,
+    model: Path = PACK_MODEL,
+    arch: str = PACK_ARCH,
     queries_file: Path = typer.Option(
         None, help="With --pack: .npz/.safetensors of query inputs x and labels y (scores go beside it)."
     ),
@@ -297,29 +399,18 @@ def attribute(
     """Attribute test predictions to training clusters; prints the top clusters and saves a heatmap.
     --executor and --memory-budget apply to the methods that train models (exact, further-training, ddm).
     With --pack PACK --model WEIGHTS --queries-file Q: from the pack and the model alone (no run, no data)."""
-    import torch
-
-    from .figures import heatmap_png
     from .objectives import get_objective
 
     get_objective(objective)  # fail before any expensive fitting
-    if pack is not None or run is None:
-        if run is not None:
-            raise DistdmError("give either a run directory or --pack, not both")
-        if pack is None:
-            raise DistdmError("give a run directory, or --pack PACK --model WEIGHTS --queries-file FILE")
-        if verify:
-            raise DistdmError("--verify retrains the model and needs a run directory, not --pack")
+    if top < 1:
+        raise DistdmError(f"--top must be >= 1, got {top}")
+    if _pack_mode(run, pack, model, arch, queries_file, verify=verify):
         _attribute_pack(pack, model, arch, queries_file, objective, top)
         return
-    if model is not None or arch is not None or queries_file is not None:
-        raise DistdmError("--model, --arch and --queries-file go with --pack")
-    _check_methods("--method", [method])
+    _method_specs()("--method", [method])
     if method == "ddm":
         _check_preset(preset)
     _check_queries(queries)
-    if top < 1:
-        raise DistdmError(f"--top must be >= 1, got {top}")
     if method not in TRAINING_METHODS and (executor != "local" or address or memory_budget is not None):
         raise DistdmError(
             f"{method} trains no models: --executor, --address and --memory-budget apply to "
@@ -333,9 +424,7 @@ def attribute(
                       f"{clusters.n_clusters}", highlight=False)  # fmt: skip
         top = clusters.n_clusters
     _check_verify(verify, clusters.n_clusters)
-    settings = {"preset": preset} if method == "ddm" else {}
-    att = r.attributor(method, **settings)
-    s = att.scores(x, y, objective)
+    s = r.attributor(method, **({"preset": preset} if method == "ddm" else {})).scores(x, y, objective)
     pred = r.task().outputs(x).argmax(-1).cpu().numpy()
     t = Table(title=f"{method}: top clusters for '{objective}' (score = change when removed)")
     for col in ("query", "label", "pred", "rank", "cluster", "class", "size", "score"):
@@ -348,20 +437,36 @@ def attribute(
             about = (str(rank + 1), str(int(k)), str(int(clusters.cluster_class[k])), str(int(sizes[k])))
             t.add_row(*head, *about, f"{s.values[k, q]:+.3g}", end_section=rank == len(tops) - 1)
     console.print(t)
-    tag = f"{method}-{objective}-q{len(y)}s{seed}"
-    r.store.save_tensors(
-        f"attribution/{tag}", {"scores": torch.as_tensor(s.values), "queries": torch.as_tensor(idx)}
-    )
-    fig = r.store.save_file(
-        f"figures/{tag}.png", heatmap_png(s.values, clusters, y.numpy(), f"{method} / {objective}")
-    )
-    console.print(f"scores: {r.path}/attribution/{tag}.safetensors; heatmap: {fig}")
+    saved = r.save_scores(s, idx, method=method, seed=seed)
+    console.print(f"scores: {saved['scores']}; heatmap: {saved['heatmap']}")
     console.print(f"online time {s.seconds:.2f}s for {len(y)} queries x {s.n_units} clusters")
     if verify:
-        _print_verification([_verify(r, s, x, y, verify)], console)
+        _print_verification([r.verify(s, x, y, m=verify)], console)
 
 
-def _load_queries_file(path: Path) -> tuple[Any, Any]:
+def _pack_mode(
+    run: Path | None, pack: Path | None, model: Path | None, arch: str | None, data_file: Path | None,
+    *, verify: int = 0, data_flag: str = "--queries-file",
+) -> bool:  # fmt: skip
+    """Whether a command answers from a synset pack (--pack) rather than a run; refuses a mix of both,
+    and --pack without its --model WEIGHTS and data file."""
+    if pack is None and run is not None:
+        if model is not None or arch is not None or data_file is not None:
+            raise DistdmError(f"--model, --arch{' and ' + data_flag if data_flag else ''} go with --pack")
+        return False
+    if run is not None:
+        raise DistdmError("give either a run directory or --pack, not both")
+    if pack is None:
+        raise DistdmError(f"give a run directory, or --pack PACK --model WEIGHTS {data_flag} FILE")
+    if verify:
+        raise DistdmError("--verify retrains the model and needs a run directory, not --pack")
+    if model is None or (data_flag and data_file is None):
+        need = f" and {data_flag} FILE (x, y)" if data_flag else ""
+        raise DistdmError(f"--pack needs --model WEIGHTS.safetensors{need}")
+    return True
+
+
+def _load_queries_file(path: Path, flag: str = "--queries-file") -> tuple[Any, Any]:
     """Query inputs x and labels y from a .npz or .safetensors file."""
     import torch
 
@@ -375,7 +480,7 @@ def _load_queries_file(path: Path) -> tuple[Any, Any]:
 
         t = load_file(str(path))
     else:
-        raise DistdmError(f"--queries-file must be .npz or .safetensors holding x and y, got {path.name!r}")
+        raise DistdmError(f"{flag} must be .npz or .safetensors holding x and y, got {path.name!r}")
     if "x" not in t or "y" not in t:
         raise DistdmError(
             f"{path} must hold arrays 'x' (query inputs) and 'y' (their labels), has {sorted(t)}"
@@ -383,22 +488,36 @@ def _load_queries_file(path: Path) -> tuple[Any, Any]:
     return t["x"].float(), t["y"].long()
 
 
-def _attribute_pack(
-    pack: Path, model: Path | None, arch: str | None, queries_file: Path | None, objective: str, top: int
-) -> None:
-    """`distdm attribute --pack`: DDM scores from a synset pack and the target model alone."""
+def _open_pack(pack: Path, model: Path, arch: str | None) -> tuple[Any, Any]:
+    """The verified pack and the target model built from its architecture and the weights file,
+    refused here (before any work) when its fingerprint is not the pack's."""
+    from .pack import load_pack, model_from_pack
+
+    p = load_pack(pack)
+    net = model_from_pack(p, model, arch)
+    p.check_model(net)
+    return p, net
+
+
+def _save_beside(path: Path, suffix: str, tensors: dict[str, Any]) -> Path:
+    """Tensors written atomically as a .safetensors file beside `path` (its name with `suffix`)."""
     import torch
     from safetensors.torch import save as safetensors_bytes
 
-    from .pack import load_pack, model_from_pack
     from .store import atomic_write_bytes
 
-    if model is None or queries_file is None:
-        raise DistdmError("--pack needs --model WEIGHTS.safetensors and --queries-file FILE (x, y)")
-    if top < 1:
-        raise DistdmError(f"--top must be >= 1, got {top}")
-    p = load_pack(pack)
-    net = model_from_pack(p, model, arch)
+    out = path.with_suffix(suffix)
+    atomic_write_bytes(
+        out, safetensors_bytes({k: torch.as_tensor(v).contiguous() for k, v in tensors.items()})
+    )
+    return out
+
+
+def _attribute_pack(
+    pack: Path, model: Path, arch: str | None, queries_file: Path, objective: str, top: int
+) -> None:
+    """`distdm attribute --pack`: DDM scores from a synset pack and the target model alone."""
+    p, net = _open_pack(pack, model, arch)
     x, y = _load_queries_file(queries_file)
     s = p.attribute(net, x, y, objective)
     top = min(top, s.n_units)
@@ -412,13 +531,55 @@ def _attribute_pack(
             about = (str(rank + 1), str(int(k)), str(int(p.cluster_class[k])), str(int(p.cluster_size[k])))
             t.add_row(*head, *about, f"{s.values[k, q]:+.3g}", end_section=rank == len(tops) - 1)
     console.print(t)
-    out = queries_file.with_suffix(".scores.safetensors")
-    atomic_write_bytes(out, safetensors_bytes({"scores": torch.as_tensor(s.values)}))
+    out = _save_beside(queries_file, ".scores.safetensors", {"scores": s.values})
     console.print(f"scores: {out}", soft_wrap=True, highlight=False)
 
 
+def _cluster_about(p: Any, k: int) -> str:
+    label = p.cluster_labels[k]
+    return f"{k} (class {p.cluster_class[k]}, n={p.cluster_size[k]}" + (f", {label!r})" if label else ")")
+
+
+def _diagnose_pack(pack: Path, model: Path, arch: str | None, validation_file: Path, top: int) -> None:
+    """`distdm diagnose --pack`: each cluster's estimated effect on the validation loss (the global
+    objective) from a synset pack and the target model alone; the most harmful first."""
+    p, net = _open_pack(pack, model, arch)
+    x, y = _load_queries_file(validation_file, "--validation-file")
+    g = p.diagnose(net, x, y)
+    order = np.argsort(g, kind="stable")[: min(top, len(g))]
+    t = Table(title=f"pack {pack.name}: clusters by their effect on the validation loss ({len(y)} samples)")
+    for col in ("rank", "cluster", "class", "size", "label", "loss change when removed"):
+        t.add_column(col, justify="left" if col == "label" else "right")
+    for rank, k in enumerate(order):
+        label = p.cluster_labels[k] or ""
+        about = (str(int(k)), str(int(p.cluster_class[k])), str(int(p.cluster_size[k])), label)
+        t.add_row(str(rank + 1), *about, f"{g[k]:+.3g}")
+    console.print(t)
+    harmful = [_cluster_about(p, int(k)) for k in order if g[k] < 0]
+    console.print("most harmful clusters (removing them lowers the validation loss): "
+                  + (", ".join(harmful) if harmful else "none"), highlight=False, soft_wrap=True)  # fmt: skip
+    out = _save_beside(validation_file, ".diagnose.safetensors", {"scores": g})
+    console.print(f"scores: {out}", soft_wrap=True, highlight=False)
+
+
+def _unlearn_pack(pack: Path, model: Path, arch: str | None, clusters: list[int], out: Path | None) -> None:
+    """`distdm unlearn --pack`: the target model with clusters' effect removed by fine-tuning on their
+    synsets from the pack, written as .safetensors (default beside --model)."""
+    from .applications.unlearn import save_state
+
+    p, net = _open_pack(pack, model, arch)
+    state = p.unlearn(net, clusters)
+    tag = "-".join(str(k) for k in clusters)
+    dest = out if out is not None else model.with_name(f"{model.stem}-unlearned-{tag}.safetensors")
+    meta = {"removed_clusters": list(clusters), "pack": str(pack), "preset": p.manifest["preset"],
+            "target_fingerprint": p.manifest["model"]["fingerprint"]}  # fmt: skip
+    written = save_state(dest, state, meta)
+    console.print("removed clusters: " + ", ".join(_cluster_about(p, k) for k in clusters)
+                  + f"; pack {pack.name}", highlight=False, soft_wrap=True)  # fmt: skip
+    _written([written])
+
+
 @app.command()
-@user_errors
 def export(
     run: Path = RUN,
     out: Path = typer.Option(..., help="Directory to write the synset pack into (new or empty)."),
@@ -430,8 +591,6 @@ def export(
     preset and online settings, no training data; `distdm attribute --pack` answers from it."""
     import json
 
-    from .pack import export_pack
-
     _check_preset(preset)
     names = None
     if labels is not None:
@@ -441,7 +600,7 @@ def export(
         except (OSError, ValueError, AttributeError) as e:
             raise DistdmError(f"--labels must be a JSON file {{cluster id: label}}: {e}") from None
     r = _open(run, device=device)
-    path = export_pack(r, out, preset, labels=names)
+    path = r.export_pack(out, preset, labels=names)
     console.print(f"pack: {path} ({r.clusters().n_clusters} clusters, preset {preset})", highlight=False)
 
 
@@ -454,13 +613,6 @@ def _check_verify(m: int, n_clusters: int | None = None) -> None:
     if m < 0:
         raise DistdmError(f"--verify must be 0 (no check) or a number of clusters >= 3, got {m}")
     choose_clusters(n_clusters if n_clusters is not None else m, m)
-
-
-def _verify(r: Any, scores: Any, x: Any, y: Any, m: int, seeds: list[int] | None = None) -> Any:
-    """`distdm.verify.verify` on the run's task (stored in the run under verify/)."""
-    from .verify import verify
-
-    return verify(r.task(), scores, x, y, m=m, seeds=seeds, progress=True)
 
 
 def _print_verification(checks: list[Any], out: Console) -> None:
@@ -487,94 +639,9 @@ def _queries(r: Any, n: int, seed: int = 0) -> tuple[Any, Any, np.ndarray]:
     return x, y, idx
 
 
-def _check_methods(flag: str, specs: list[str]) -> None:
-    """Refuse unknown method names (and presets of ddm:PRESET) before any work."""
-    from .attribution import ATTRIBUTORS
-
-    if not specs:
-        raise DistdmError(f"{flag} must name at least one method, e.g. ddm,grad-dot")
-    for spec in specs:
-        name, _, preset = spec.partition(":")
-        if name not in ATTRIBUTORS:
-            known = ", ".join(sorted(ATTRIBUTORS))
-            raise DistdmError(f"unknown method {name!r} in {flag}; available: {known}")
-        if preset and name != "ddm":
-            raise DistdmError(f"only ddm takes a preset (ddm:paper), got {spec!r} in {flag}")
-        if name == "ddm":
-            _check_preset(preset or "default")
-
-
-def _method(run: Any, spec: str, **settings: Any) -> Any:
-    """'ddm' / 'ddm:paper' (a DDM preset) or any registered method name, fitted on the run."""
-    name, _, preset_name = spec.partition(":")
-    if name == "ddm":
-        return run.attributor("ddm", preset=preset_name or "default")
-    if preset_name:
-        raise DistdmError(f"only ddm takes a preset (ddm:paper), got {spec!r}")
-    return run.attributor(name, **settings)
-
-
-def _int_list(flag: str, text: str) -> list[int]:
-    """Comma-separated integers of a flag, or a DistdmError naming the flag."""
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise DistdmError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise DistdmError(f"{flag} must list at least one integer, got {text!r}")
-    return values
-
-
-EXACT_METHODS = "ddm,ddm:paper,grad-dot,if-cg,random"
-FURTHER_METHODS = "grad-dot,grad-cos,tracin,if-cg,if-lissa,if-arnoldi"
-
-
-def _evaluate_further(
-    r: Any,
-    specs: list[str],
-    queries: int,
-    seeds: list[int],
-    *,
-    epochs: list[int],
-    unit: str,
-    optimizer: str,
-    lr: float | None,
-    left_out: int | None,
-    objective: str,
-) -> None:
-    """`evaluate --gold further-training`: agreement of each method with the final-model-only gold
-    standard against further-training epochs and seeds averaged; table, CSV and figures."""
-    import tempfile
-
-    from .attribution.further import agreement_to_markdown, further_agreement, left_out_units, write_agreement
-
-    x, y, _ = _queries(r, queries)
-    task = r.task()
-    n = task.clusters.n_clusters if unit == "cluster" else task.data.n_train
-    left = left_out_units(n, left_out if left_out is not None else (None if unit == "cluster" else 50))
-    settings = {"unit": unit} if unit == "sample" else {}
-    scores = {spec: _method(r, spec, **settings).scores(x, y, objective) for spec in specs}
-    rows = further_agreement(
-        task, scores, x, y, objective, epochs=epochs, seeds=seeds, optimizer=optimizer, lr=lr,
-        unit=unit, left_out=None if len(left) == n else left, progress=True,
-    )  # fmt: skip
-    stem = f"further-agreement-{optimizer}-{unit}-{objective}"
-    with tempfile.TemporaryDirectory() as tmp:
-        written = write_agreement(rows, tmp, stem=stem)
-        paths = [r.store.save_file(f"evaluation/{p.name}", p.read_bytes()) for p in written.values()]
-    console.print(
-        f"agreement with further training ({optimizer}) from the final model: {len(left)} left-out "
-        f"{unit}s, {len(y)} queries, objective {objective}; mean over queries [95% interval]",
-        highlight=False,
-    )
-    console.print(agreement_to_markdown(rows), markup=False, highlight=False, soft_wrap=True)
-    console.print("written: " + ", ".join(str(p) for p in paths), soft_wrap=True)
-
-
 def _check_further(
-    specs: list[str], epochs: list[int], unit: str, optimizer: str, lr: float | None, left_out: int | None,
-    objective: str,
-) -> None:  # fmt: skip
+    specs: list[str], unit: str, optimizer: str, lr: float | None, left_out: int | None, objective: str
+) -> None:
     """Options of `evaluate --gold further-training`, checked before any work."""
     from .objectives import get_objective
 
@@ -583,32 +650,12 @@ def _check_further(
         raise DistdmError(f"--unit must be cluster or sample, got {unit!r}")
     if optimizer not in ("sgd", "adam"):
         raise DistdmError(f"--optimizer must be sgd or adam, got {optimizer!r}")
-    if min(epochs) < 0:
-        raise DistdmError(f"--epochs must be integers >= 0, got {epochs}")
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise DistdmError(f"--lr must be a finite number > 0, got {lr}")
     if left_out is not None and left_out < 1:
         raise DistdmError(f"--left-out must be >= 1, got {left_out}")
     if unit == "sample" and any(s.partition(":")[0] == "ddm" for s in specs):
         raise DistdmError("ddm attributes clusters only: leave it out of --methods or use --unit cluster")
-
-
-def _check_seeds(flag: str, seeds: list[int]) -> None:
-    """Distinct seeds >= 0, or a DistdmError naming the flag."""
-    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise DistdmError(f"{flag} must be distinct seeds >= 0, got {seeds}")
-
-
-def _check_lds_cache(r: Any, lds_subsets: int) -> None:
-    """Refuse, before any fitting, an LDS subset count other than the one this run's LDS retrains used."""
-    job = f"retrain/lds/seed{r.train_config.seed}"
-    stored = r.store.config(job)
-    if lds_subsets and stored is not None and stored.get("variants") != lds_subsets:
-        n = stored.get("variants")
-        raise DistdmError(
-            f"run {r.path} retrained its LDS subsets with --lds-subsets {n}: pass --lds-subsets {n}, or "
-            f"redo them with {lds_subsets}: distdm reset {r.path} {job}"
-        )
 
 
 OUTPUT_FORMATS = ("auto", "table", "markdown", "csv")
@@ -665,18 +712,17 @@ def _evaluation_tables(rows: list[dict[str, Any]], width: int) -> list[Table]:
 
 
 @app.command()
-@user_errors
 def evaluate(
     ctx: typer.Context,
     run: Path = RUN,
-    methods: str = typer.Option(
-        None,
-        help=f"Comma-separated methods (default {EXACT_METHODS}; with --gold further-training "
-        f"{FURTHER_METHODS}).",
+    methods: Listed | None = list_option(
+        None, "--methods", str, check=_method_specs(),
+        help=f"Comma-separated methods (default {','.join(EXACT_METHODS)}; with --gold further-training "
+        f"{','.join(FURTHER_METHODS)}).",
     ),
     queries: int = typer.Option(20, help="Number of random test queries."),
-    seeds: str = typer.Option(
-        "0,1,2",
+    seeds: Listed = list_option(
+        "0,1,2", "--seeds", int, check=_distinct_seeds,
         help="Seeds of the gold standard: exact retraining's (noise ceiling needs 2+) or further training's "
         "shuffle seeds.",
     ),
@@ -685,8 +731,9 @@ def evaluate(
     gold: str = typer.Option(
         "exact", help="exact (leave-cluster-out retraining) or further-training (final-model-only)."
     ),
-    epochs: str = typer.Option(
-        "1,2,20", help="Further-training epochs to compare (--gold further-training)."
+    epochs: Listed = list_option(
+        "1,2,20", "--epochs", int, check=_non_negative,
+        help="Further-training epochs to compare (--gold further-training).",
     ),
     unit: str = typer.Option("cluster", help="cluster or sample units (--gold further-training)."),
     optimizer: str = typer.Option("sgd", help="Further-training optimizer: sgd or adam."),
@@ -711,71 +758,65 @@ def evaluate(
     address: str = ADDRESS,
     memory_budget: float = MEMORY_BUDGET,
     device: str = DEVICE,
-) -> None:
+) -> None:  # fmt: skip
     """Compare methods with exact leave-cluster-out retraining (Dist1-3, Spearman, LDS, timings), or
     with the final-model-only further-training gold standard (--gold further-training), or one
     method's attributions across architectures and initialisations (--compare)."""
-    import tempfile
-
-    from .evaluate import evaluate as run_evaluation
-
     # every option is checked before the run is opened and anything is fitted
     _check_queries(queries)
     if output not in OUTPUT_FORMATS:
         raise DistdmError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {output!r}")
     if compare is not None:
-        _check_methods("--compare-method", [compare_method])
-        return _evaluate_compare(_open(run, device=device), compare, compare_method, queries)
+        _method_specs()("--compare-method", [compare_method])
+        r = _open(run, device=device)
+        x, y, _ = _queries(r, queries)
+        comp = r.compare(compare, compare_method, (x, y))
+        c = comp.value
+        first = next(iter(c.matrices.values()))
+        console.print(
+            f"{compare_method} attribution matrices (margin) under {len(c.matrices)} variants, {len(y)} "
+            f"queries, {r.clusters().n_clusters} clusters / {len(first['class'])} classes:",
+            highlight=False,
+        )
+        _print_lines(c.to_markdown())
+        _written(comp.paths)
+        return
     if gold not in ("exact", "further-training"):
         raise DistdmError(f"--gold must be exact or further-training, got {gold!r}")
-    seed_list = _int_list("--seeds", seeds)
-    _check_seeds("--seeds", seed_list)
     if gold == "further-training":
-        specs = [s.strip() for s in (methods or FURTHER_METHODS).split(",") if s.strip()]
-        _check_methods("--methods", specs)
-        epoch_list = _int_list("--epochs", epochs)
-        _check_further(specs, epoch_list, unit, optimizer, lr, left_out, objective)
-        return _evaluate_further(
-            _open(run, device=device, **_execution(ctx, executor, address, memory_budget)), specs, queries,
-            seed_list,
-            epochs=epoch_list, unit=unit, optimizer=optimizer, lr=lr, left_out=left_out, objective=objective,
+        specs = list(methods or FURTHER_METHODS)
+        _check_further(specs, unit, optimizer, lr, left_out, objective)
+        r = _open(run, device=device, **_execution(ctx, executor, address, memory_budget))
+        x, y, _ = _queries(r, queries)
+        res = r.evaluate_further(
+            specs, (x, y), seeds=seeds, epochs=epochs, unit=unit, optimizer=optimizer, lr=lr,
+            left_out=left_out, objective=objective,
         )  # fmt: skip
-    specs = [s.strip() for s in (methods or EXACT_METHODS).split(",") if s.strip()]
-    _check_methods("--methods", specs)
+        console.print(
+            f"agreement with further training ({optimizer}) from the final model: {res.info['left_out']} "
+            f"left-out {unit}s, {len(y)} queries, objective {objective}; mean over queries [95% interval]",
+            highlight=False,
+        )
+        from .attribution.further import agreement_to_markdown
+
+        _print_lines(agreement_to_markdown(res.value))
+        console.print("written: " + ", ".join(res.paths), soft_wrap=True)
+        return
+    specs = list(methods or EXACT_METHODS)
     if lds_subsets < 0 or lds_subsets == 1:
         raise DistdmError(f"--lds-subsets must be 0 (no LDS) or >= 2, got {lds_subsets}")
     _check_verify(verify)
     r = _open(run, device=device, **_execution(ctx, executor, address, memory_budget))
-    _check_lds_cache(r, lds_subsets)
-    _check_verify(verify, r.clusters().n_clusters)
     x, y, _ = _queries(r, queries)
-    fitted = {spec: _method(r, spec) for spec in specs}
-    ev = run_evaluation(
-        r.task(), fitted, (x, y), truth_seeds=seed_list, lds_subsets=lds_subsets, progress=True
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        written = ev.save(tmp)
-        paths = [r.store.save_file(f"evaluation/{p.name}", p.read_bytes()) for p in written.values()]
-    _print_evaluation(ev.rows, output)
-    if verify:
-        from .scores import Scores
-
-        # the truth's leave-one-out retrains of the first two seeds are in the run: the check reuses them
-        vseeds = seed_list[:2] if len(seed_list) >= 2 else None
-        checks = [
-            _verify(r, Scores(by_obj["margin"], "cluster", "margin", name), x, y, verify, vseeds)
-            for name, by_obj in ev.scores.items()
-        ]
-        _print_verification(checks, err_console if output == "csv" else console)
-    written_to = "written: " + ", ".join(str(p) for p in paths)
-    if output == "csv":
-        err_console.print(written_to, soft_wrap=True, highlight=False)
-    else:
-        console.print(written_to, soft_wrap=True, highlight=False)
+    res = r.evaluate(specs, (x, y), seeds=seeds, lds_subsets=lds_subsets, verify=verify)
+    _print_evaluation(res.value.rows, output)
+    out = err_console if output == "csv" else console  # csv: stdout holds the table alone
+    if res.checks:
+        _print_verification(res.checks, out)
+    _written(res.paths, out)
 
 
 @app.command()
-@user_errors
 def report(
     run: Path = RUN,
     out: Path = typer.Option(None, help="Where to write the HTML file (default RUN/report.html)."),
@@ -788,7 +829,6 @@ def report(
 
 
 @app.command()
-@user_errors
 def reset(
     run: Path = RUN,
     stage: str = typer.Argument(..., help="Stage to forget: train, cluster, distill-default, retrain, ..."),
@@ -814,7 +854,6 @@ def methods() -> None:
 
 
 @app.command()
-@user_errors
 def demo(
     ctx: typer.Context,
     out: Path = typer.Option(Path("runs/demo"), help="Run directory for the demo."),
@@ -825,100 +864,46 @@ def demo(
     device: str = DEVICE,
 ) -> None:
     """Every stage on the embedded digits data with defaults, checked against exact retraining."""
-    from . import metrics
-    from .config import ClusterConfig
-    from .figures import bar_png, heatmaps_png, synset_grid_png
     from .run import Run
 
     _check_queries(queries)
     t0 = time.perf_counter()
-    execution = _execution(ctx, executor, address, memory_budget)
-    r = Run(out, "digits", "mlp", progress=True, device=device, **execution)
-    timings: dict[str, float] = {}
+    r = Run(
+        out,
+        "digits",
+        "mlp",
+        progress=True,
+        device=device,
+        **_execution(ctx, executor, address, memory_budget),
+    )
 
-    def stage(name: str, fn: Callable[[], Any]) -> Any:
-        t = time.perf_counter()
-        console.print(f"[bold]{name}[/] ...")
-        res = fn()
-        timings[name] = time.perf_counter() - t
-        return res
+    def done(stage: str, result: Any) -> None:
+        if stage == "train":
+            acc = r.store.stage_info("train")["accuracy"]
+            console.print(f"  target test accuracy {acc:.3f}", highlight=False)
+        elif stage == "distill":
+            _print_synset(result)
+            if len(r.data.y_test) < queries:
+                _queries(r, queries)  # says how many test queries there are
 
-    stage("train", r.train)
-    console.print(f"  target test accuracy {r.store.stage_info('train')['accuracy']:.3f}", highlight=False)
-    clusters = stage("cluster", lambda: r.cluster(ClusterConfig(per_class=10)))
-    syn = stage("distill", lambda: r.distill("default"))
-    _print_synset(syn)
-    x, y, _ = _queries(r, queries)
-    ddm = r.attributor("ddm")
-    s = stage("attribute (DDM)", lambda: ddm.scores(x, y, "margin"))
-    exact = stage("exact leave-cluster-out retraining", lambda: r.attributor("exact").scores(x, y, "margin"))
-    # the same per-query rules as `distdm evaluate`: a constant side counts 0, < 3 clusters is left out
-    rho = metrics.spearman(s, exact)
-    within = metrics.spearman_within_class(s, exact, clusters.cluster_class, y)
-    figs = {
-        "heatmaps": r.store.save_file(
-            "figures/demo-heatmaps.png",
-            heatmaps_png(
-                [(s.values, "DDM (default preset)"), (exact.values, "exact leave-cluster-out retraining")],
-                clusters,
-                y.numpy(),
-                title="margin scores on one colour scale",
-            ),
-        ),  # fmt: skip
-        "matching": r.store.save_file(
-            "figures/demo-matching.png",
-            bar_png(
-                list(syn.info["layer_cosine"]),
-                list(syn.info["layer_cosine"].values()),
-                "matching cosine",
-                "cosine",
-            ),
-        ),
-    }
-    grid = synset_grid_png(syn, r.data.x_train, clusters)
-    if grid:
-        figs["synsets"] = r.store.save_file("figures/demo-synsets.png", grid)
+    d = r.demo(queries, on_start=lambda stage: console.print(f"[bold]{stage}[/] ..."), on_done=done)
+    rho, within = d.spearman, d.within_class
     t = Table(title="DDM (default preset) vs exact leave-cluster-out retraining, margin objective")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    t.caption = f"Spearman: mean over the {len(y)} queries [95% interval], as `distdm evaluate` reports it"
+    t.caption = (
+        f"Spearman: mean over the {d.n_queries} queries [95% interval], as `distdm evaluate` reports it"
+    )
     t.add_row("Spearman, all clusters", str(rho) if rho.n else "-")
     t.add_row("Spearman, within the query's class", str(within) if within.n else "- (< 3 clusters per class)")
-    t.add_row("DDM online time", f"{s.seconds:.2f}s")
-    t.add_row("exact retraining time", f"{timings['exact leave-cluster-out retraining']:.1f}s")
+    t.add_row("DDM online time", f"{d.ddm.seconds:.2f}s")
+    t.add_row("exact retraining time", f"{d.timings['exact leave-cluster-out retraining']:.1f}s")
     console.print(t)
-    for k, v in timings.items():
+    for k, v in d.timings.items():
         console.print(f"  {k:40s} {v:6.1f}s")
     console.print(f"total {time.perf_counter() - t0:.1f}s; run directory {r.path}")
-    for k, p in figs.items():
+    for k, p in d.figures.items():
         console.print(f"  figure {k}: {p}")
-
-
-def _float_list(flag: str, text: str) -> list[float]:
-    """Comma-separated numbers of a flag, or a DistdmError naming the flag."""
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise DistdmError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise DistdmError(f"{flag} must list at least one number, got {text!r}")
-    return values
-
-
-def _ranking_methods(text: str) -> list[str]:
-    """Method specs of --methods, checked against the registry before any expensive work."""
-    from .attribution import ATTRIBUTORS
-
-    specs = [s.strip() for s in text.split(",") if s.strip()]
-    if not specs:
-        raise DistdmError("--methods must name at least one method, e.g. ddm,if-cg")
-    for spec in specs:
-        name = spec.partition(":")[0]
-        if name == "random":
-            raise DistdmError("random removal is always the baseline: leave 'random' out of --methods")
-        if name not in ATTRIBUTORS:
-            raise DistdmError(f"unknown method {name!r} in --methods; available: {sorted(ATTRIBUTORS)}")
-    return specs
 
 
 def _check_share(flag: str, share: float) -> None:
@@ -927,30 +912,26 @@ def _check_share(flag: str, share: float) -> None:
         raise DistdmError(f"{flag} must lie in (0, 1) (e.g. 0.5 for half), got {share}")
 
 
-def _seed_list(flag: str, text: str) -> list[int | None]:
-    """'' -> [None] (the target's own seed); else comma-separated integers."""
-    return [None] if not text.strip() else list(_int_list(flag, text))
-
-
-def _save_outputs(r: Any, prefix: str, files: dict[str, Any]) -> None:
-    from .applications.diagnose import save_outputs
-
-    paths = save_outputs(r.store, prefix, files)
-    console.print("written: " + ", ".join(paths.values()), soft_wrap=True, highlight=False)
+def _check_count(flag: str, n: int) -> None:
+    if n < 1:
+        raise DistdmError(f"{flag} must be >= 1, got {n}")
 
 
 @app.command()
-@user_errors
 def diagnose(
-    run: Path = RUN,
-    methods: str = typer.Option(
-        "ddm,if-cg", help="Comma-separated ranking methods (random is the baseline)."
+    run: Path = typer.Argument(None, help="Run directory (or give --pack instead)."),
+    methods: Listed = list_option(
+        "ddm,if-cg", "--methods", str, check=_method_specs(ranking=True),
+        help="Comma-separated ranking methods (random is the baseline).",
     ),
-    fractions: str = typer.Option(
-        None, help="Shares of training data to remove (default 0.01,0.1,0.2,0.5; with corruption 0.1-0.4)."
+    fractions: Listed | None = list_option(
+        None, "--fractions", float, check=_fractions,
+        help="Shares of training data to remove (default 0.01,0.1,0.2,0.5; with corruption 0.1-0.4).",
     ),
     random_seeds: int = typer.Option(5, help="Random-removal draws."),
-    retrain_seeds: str = typer.Option("", help="Retrain seeds (default: the target's init and order)."),
+    retrain_seeds: Listed = list_option(
+        "", "--retrain-seeds", int, empty=True, help="Retrain seeds (default: the target's init and order)."
+    ),
     inject_noise: float = typer.Option(
         None, help="Add Gaussian noise (norm --noise-norm) to this share of training images first."
     ),
@@ -960,262 +941,184 @@ def diagnose(
     validation_fraction: float = typer.Option(0.5, help="Share of the test set held out as validation."),
     balanced: bool = typer.Option(False, help="Remove the same share from every class."),
     device: str = DEVICE,
-) -> None:
+    pack: Path = PACK,
+    model: Path = PACK_MODEL,
+    arch: str = PACK_ARCH,
+    validation_file: Path = typer.Option(
+        None, "--validation-file", "--queries-file",
+        help="With --pack: .npz/.safetensors of validation inputs x and labels y (scores go beside it).",
+    ),
+    top: int = typer.Option(10, help="With --pack: clusters to list, the most harmful first."),
+) -> None:  # fmt: skip
     """Rank clusters by validation loss, remove the most harmful data, retrain, compare with random
-    removal (DDM Table 3); with --inject-noise / --flip-labels also detect the corrupted data (Table 6)."""
-    import json
-
-    from .applications.diagnose import DEFAULT_FRACTIONS, check_fractions, diagnose, diagnosis_files
-    from .applications.noise import NOISE_FRACTIONS, corrupt, noisy_diagnosis
-
-    specs = _ranking_methods(methods)
+    removal (DDM Table 3); with --inject-noise / --flip-labels also detect the corrupted data (Table 6).
+    With --pack PACK --model WEIGHTS --validation-file V: rank the pack's clusters by their effect on
+    the validation loss from the pack and the model alone (no run, no training data, no retraining)."""
+    if _pack_mode(run, pack, model, arch, validation_file, data_flag="--validation-file"):
+        _check_count("--top", top)
+        _diagnose_pack(pack, model, arch, validation_file, top)
+        return
     if inject_noise is not None and flip_labels is not None:
         raise DistdmError("use either --inject-noise or --flip-labels, not both")
-    corrupting = inject_noise is not None or flip_labels is not None
     for flag, share in (("--inject-noise", inject_noise), ("--flip-labels", flip_labels)):
         if share is not None and not 0 < share < 1:
             raise DistdmError(f"{flag} must lie in (0, 1) (e.g. 0.2 for 20%), got {share}")
-    default = NOISE_FRACTIONS if corrupting else DEFAULT_FRACTIONS
-    fr = check_fractions(_float_list("--fractions", fractions) if fractions else default)
-    if random_seeds < 1:
-        raise DistdmError(f"--random-seeds must be >= 1, got {random_seeds}")
+    _check_count("--random-seeds", random_seeds)
     _check_share("--validation-fraction", validation_fraction)
     if not (math.isfinite(noise_norm) and noise_norm > 0):
         raise DistdmError(f"--noise-norm must be a finite number > 0, got {noise_norm}")
     if noise_seed < 0:
         raise DistdmError(f"--noise-seed must be >= 0, got {noise_seed}")
-    seeds = _seed_list("--retrain-seeds", retrain_seeds)
     r = _open(run, device=device)
-    settings = dict(fractions=fr, random_seeds=list(range(random_seeds)), retrain_seeds=seeds,
-                    validation_fraction=validation_fraction, balanced=balanced, progress=True)  # fmt: skip
-    if not corrupting:
-        fitted = {spec: _method(r, spec) for spec in specs}
-        console.print(f"ranking {r.task().clusters.n_clusters} clusters by validation loss ...")
-        d = diagnose(r.task(), fitted, **settings)
-        console.print(d.to_markdown(), markup=False, highlight=False, soft_wrap=True)
+    settings = dict(fractions=fractions, random_seeds=random_seeds, retrain_seeds=retrain_seeds or [None],
+                    validation_fraction=validation_fraction, balanced=balanced)  # fmt: skip
+    if inject_noise is None and flip_labels is None:
+        console.print(f"ranking {r.clusters().n_clusters} clusters by validation loss ...")
+        res = r.diagnose(methods, **settings)
+        d = res.value
+        _print_lines(d.to_markdown())
         for spec in d.scores:
-            top = [f"{c['cluster']} (class {c['class']}, n={c['size']}, {c['score']:+.3g})"
-                   for c in d.ranking(spec, 10)]  # fmt: skip
+            top_k = [f"{c['cluster']} (class {c['class']}, n={c['size']}, {c['score']:+.3g})"
+                     for c in d.ranking(spec, 10)]  # fmt: skip
             console.print(
-                f"most harmful clusters by {spec}: " + ", ".join(top), highlight=False, soft_wrap=True
+                f"most harmful clusters by {spec}: " + ", ".join(top_k), highlight=False, soft_wrap=True
             )
-        _save_outputs(r, "applications/diagnose", diagnosis_files(d, r.data.x_train))
+        _written(res.paths)
         return
     kind, share = ("noise", inject_noise) if inject_noise is not None else ("labels", flip_labels)
-    c = corrupt(r.data, kind, share, seed=noise_seed, norm=noise_norm)  # type: ignore[arg-type]
+    c = r.corruption(kind, share, seed=noise_seed, norm=noise_norm)
     console.print(f"corrupted {len(c.indices)} of {c.data.n_train} training samples ({c.tag}); training "
                   f"and clustering the corrupted copy ...")  # fmt: skip
-    sub = r.corrupted(c)
-    from .applications.diagnose import validation_split
-    from .objectives import accuracy
-
-    split = validation_split(r.data, validation_fraction)
-    xt, yt = split.xy(r.data, "test")
-    clean = float(accuracy(r.task().outputs(xt), yt))
-    settings.pop("validation_fraction")
-    fitted = {spec: _method(sub, spec) for spec in specs}
-    rep = noisy_diagnosis(sub.task(), c, fitted, clean_accuracy=clean, split=split, **settings)
-    console.print(rep.to_markdown(), markup=False, highlight=False, soft_wrap=True)
-    files = diagnosis_files(rep.diagnosis, c.data.x_train, stem="diagnose")
-    files["detection.csv"] = rep.to_csv()
-    files["corruption.json"] = json.dumps(rep.to_json(), indent=2)
-    files["report.md"] = rep.to_markdown()
-    _save_outputs(r, f"applications/diagnose-{c.tag}", files)
+    res = r.diagnose(methods, corruption=c, **settings)
+    _print_lines(res.value.to_markdown())
+    _written(res.paths)
 
 
 @app.command()
-@user_errors
 def transfer(
     run: Path = RUN,
-    methods: str = typer.Option("ddm", help="Comma-separated ranking methods (random is the baseline)."),
-    fractions: str = typer.Option("0.1,0.2,0.5", help="Shares of training data to delete."),
+    methods: Listed = list_option(
+        "ddm", "--methods", str, check=_method_specs(ranking=True),
+        help="Comma-separated ranking methods (random is the baseline).",
+    ),
+    fractions: Listed = list_option(
+        "0.1,0.2,0.5", "--fractions", float, check=_fractions, help="Shares of training data to delete."
+    ),
     alpha: float = typer.Option(0.5, help="Weight a of the KL term: (1 - a) CE + a KL(teacher || student)."),
     temperature: float = typer.Option(1.0, help="Distillation temperature."),
     random_seeds: int = typer.Option(3, help="Random-deletion draws."),
-    student_seeds: str = typer.Option("", help="Student seeds (default: the target's init and order)."),
+    student_seeds: Listed = list_option(
+        "", "--student-seeds", int, empty=True, help="Student seeds (default: the target's init and order)."
+    ),
     validation_fraction: float = typer.Option(0.5, help="Share of the test set the KL is ranked on."),
     balanced: bool = typer.Option(False, help="Delete the same share from every class."),
     device: str = DEVICE,
-) -> None:
+) -> None:  # fmt: skip
     """Delete the data the teacher (the target model) rests on least by the KL objective, train a
     student with (1 - a) CE + a KL on the rest, compare with random deletion (DDM Table 7)."""
-    from .applications.diagnose import check_fractions
     from .applications.transfer import kd_loss
-    from .applications.transfer import transfer as run_transfer
 
-    specs = _ranking_methods(methods)
-    fr = check_fractions(_float_list("--fractions", fractions))
     kd_loss(alpha, temperature)
-    if random_seeds < 1:
-        raise DistdmError(f"--random-seeds must be >= 1, got {random_seeds}")
+    _check_count("--random-seeds", random_seeds)
     _check_share("--validation-fraction", validation_fraction)
-    seeds = _seed_list("--student-seeds", student_seeds)
     r = _open(run, device=device)
-    fitted = {spec: _method(r, spec) for spec in specs}
-    res = run_transfer(
-        r.task(), fitted, fractions=fr, alpha=alpha, temperature=temperature,
-        random_seeds=list(range(random_seeds)), student_seeds=seeds,
-        validation_fraction=validation_fraction, balanced=balanced, progress=True,
+    res = r.transfer(
+        methods, fractions=fractions, alpha=alpha, temperature=temperature, random_seeds=random_seeds,
+        student_seeds=student_seeds or [None], validation_fraction=validation_fraction, balanced=balanced,
     )  # fmt: skip
-    console.print(res.to_markdown(), markup=False, highlight=False, soft_wrap=True)
-    _save_outputs(r, "applications/transfer", res.files())
-
-
-def _synset_names(flag: str, text: str) -> list[str]:
-    """Synset variant names of a flag (paper, paper-match, default), checked before any work."""
-    from .applications.unlearn import SYNSET_VARIANTS
-
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in SYNSET_VARIANTS]
-    if not names or bad:
-        raise DistdmError(f"{flag} takes synsets from {list(SYNSET_VARIANTS)}, got {text!r}")
-    if len(set(names)) != len(names):
-        raise DistdmError(f"{flag} names a synset twice: {text!r}")
-    return names
+    _print_lines(res.value.to_markdown())
+    _written(res.paths)
 
 
 @app.command()
-@user_errors
 def unlearn(
-    run: Path = RUN,
-    clusters: str = typer.Option(None, help="Comma-separated cluster ids to remove, e.g. 3,17."),
+    run: Path = typer.Argument(None, help="Run directory (or give --pack instead)."),
+    clusters: Listed | None = list_option(
+        None, "--clusters", int, aliases=("--cluster",),
+        help="Comma-separated cluster ids to remove, e.g. 3,17.",
+    ),
     all_synset: bool = typer.Option(
         False, "--all", help="Table 4: fine-tune on the whole synset of each of --presets instead."
     ),
     out: Path = typer.Option(None, help="Write the unlearned model here (.safetensors; with --clusters)."),
     preset: str = typer.Option("default", help="Synset to unlearn with: default, paper or paper-match."),
-    presets: str = typer.Option("paper,paper-match,default", help="Synsets compared by --all."),
-    lr_scales: str = typer.Option("0.01,0.1,1", help="With --all: multiples of each synset's online lr."),
+    presets: Listed = list_option(
+        "paper,paper-match,default", "--presets", str, check=_synsets, help="Synsets compared by --all."
+    ),
+    lr_scales: Listed = list_option(
+        "0.01,0.1,1", "--lr-scales", float, check=_positive,
+        help="With --all: multiples of each synset's online lr.",
+    ),
     retrain: bool = typer.Option(
         True, "--retrain/--no-retrain", help="Also retrain exactly without the clusters."
     ),
     device: str = DEVICE,
-) -> None:
+    pack: Path = PACK,
+    model: Path = PACK_MODEL,
+    arch: str = PACK_ARCH,
+) -> None:  # fmt: skip
     """Remove clusters' effect by fine-tuning on their synsets; compare with the original model and
     exact retraining without them (accuracy and margin on removed / kept / test samples). --all:
-    accuracy after fine-tuning on the whole synset, reverse vs standard matching (DDM Table 4)."""
-    from .applications.unlearn import (
-        forgetting_table,
-        parse_clusters,
-        rows_to_markdown,
-        save_state,
-        synset_variant,
-        unlearn_report,
-    )
-
+    accuracy after fine-tuning on the whole synset, reverse vs standard matching (DDM Table 4).
+    With --pack PACK --model WEIGHTS --cluster K: fine-tune the target on the pack's synsets of K and
+    write the unlearned weights (default beside WEIGHTS), from the pack and the model alone."""
     if all_synset == (clusters is not None):
         raise DistdmError("give either --clusters (e.g. --clusters 3,17) or --all")
     if out is not None and (all_synset or out.suffix != ".safetensors"):
         raise DistdmError(f"--out must be a .safetensors file and goes with --clusters, got {str(out)!r}")
+    if _pack_mode(run, pack, model, arch, None, data_flag=""):
+        if all_synset:
+            raise DistdmError("--all compares synset variants of a run: give a run directory, not --pack")
+        assert clusters is not None
+        _unlearn_pack(pack, model, arch, clusters, out)
+        return
     if all_synset:
-        names = _synset_names("--presets", presets)
-        scales = _float_list("--lr-scales", lr_scales)
-        if not all(math.isfinite(s) and s > 0 for s in scales):
-            raise DistdmError(f"--lr-scales must be numbers > 0, got {lr_scales!r}")
         r = _open(run, device=device)
-        task = r.task()
-        syns = {n: synset_variant(task, n, progress=True) for n in names}
-        rows = forgetting_table(task, syns, lr_scales=scales)
-        table = rows_to_markdown(rows)
+        res = r.forgetting(presets, lr_scales)
         console.print("test accuracy after fine-tuning theta_tau on the whole synset (DDM Table 4; "
                       "'forgotten' 1 = back to theta_0's accuracy):", highlight=False)  # fmt: skip
-        console.print(table, markup=False, highlight=False, soft_wrap=True)
-        path = r.store.save_file("applications/unlearn/forgetting.md", (table + "\n").encode())
-        console.print(f"written: {path}", soft_wrap=True, highlight=False)
+        _print_lines(res.value)
+        _written(res.paths)
         return
-    name = _synset_names("--preset", preset)[0]
+    _synsets("--preset", [preset])
     r = _open(run, device=device)
-    ids = parse_clusters(clusters, r.clusters().n_clusters)
-    task = r.task()
-    rep = unlearn_report(task, synset_variant(task, name, progress=True), ids, retrain=retrain)
-    sizes = task.clusters.sizes()
+    assert clusters is not None
+    res = r.unlearn(clusters, preset, retrain=retrain, out=out)
+    sizes, cls = r.clusters().sizes(), r.clusters().cluster_class
     console.print(
-        "removed clusters: " + ", ".join(f"{k} (class {task.clusters.cluster_class[k]}, n={sizes[k]})"
-                                         for k in ids) + f"; synset '{name}'",
+        "removed clusters: " + ", ".join(f"{k} (class {cls[k]}, n={sizes[k]})" for k in res.info["clusters"])
+        + f"; synset '{preset}'",
         highlight=False, soft_wrap=True,
     )  # fmt: skip
-    table = rep.to_markdown()
-    console.print(table, markup=False, highlight=False, soft_wrap=True)
-    tag = "-".join(str(k) for k in ids)
-    written = [r.store.save_file(f"applications/unlearn/clusters-{tag}-{name}.md", (table + "\n").encode())]
-    if out is not None:
-        meta = {"removed_clusters": ids, "synset": name, "run": str(r.path), "model": r.model_name}
-        written.append(save_state(out, rep.state, meta))
-    console.print("written: " + ", ".join(str(p) for p in written), soft_wrap=True, highlight=False)
+    _print_lines(res.value.to_markdown())
+    _written(res.paths)
 
 
 @app.command()
-@user_errors
 def privacy(
     run: Path = RUN,
-    presets: str = typer.Option("paper,paper-match,default", help="Synsets to measure and draw."),
+    presets: Listed = list_option(
+        "paper,paper-match,default", "--presets", str, check=_synsets, help="Synsets to measure and draw."
+    ),
     rows: int = typer.Option(10, help="Clusters drawn in the figure (one per class first)."),
     device: str = DEVICE,
 ) -> None:
     """How close synthetic samples are to real training images (cosine, L2 in standardised input space)
     and a nearest-synthetic-distance membership-inference AUC; figure of synsets beside their nearest
     real images."""
-    import json
+    from .applications.unlearn import rows_to_markdown
 
-    from .applications.privacy import privacy_figure_png, privacy_table
-    from .applications.unlearn import rows_to_markdown, synset_variant
-
-    names = _synset_names("--presets", presets)
-    if rows < 1:
-        raise DistdmError(f"--rows must be >= 1, got {rows}")
+    _check_count("--rows", rows)
     r = _open(run, device=device)
-    task = r.task()
-    syns = {n: synset_variant(task, n, progress=True) for n in names}
-    table = privacy_table(syns, r.data)
+    res = r.privacy(presets, rows)
     console.print(
         "per synset: nearest real training image of each synthetic sample (standardised inputs); "
         "membership-inference AUC of the nearest-synthetic-distance attack (members: training images, "
         "non-members: test images; 0.5 = nothing revealed)",
         highlight=False, soft_wrap=True,
     )  # fmt: skip
-    console.print(rows_to_markdown(table), markup=False, highlight=False, soft_wrap=True)
-    written = [r.store.save_file("applications/privacy/metrics.json", json.dumps(table, indent=2).encode())]
-    png = privacy_figure_png(syns, r.data, task.clusters.cluster_class, n_rows=rows)
-    if png is not None:
-        written.append(r.store.save_file("applications/privacy/nearest-real.png", png))
-    console.print("written: " + ", ".join(str(p) for p in written), soft_wrap=True, highlight=False)
-
-
-def _evaluate_compare(r: Any, spec: str, method: str, queries: int) -> None:
-    """`evaluate --compare`: class-wise and cluster-wise attribution matrices of one method under
-    several architectures / initialisations, their pairwise agreement and a side-by-side heatmap."""
-    import json
-
-    import torch
-
-    from .applications.compare import compare_heatmaps_png, compare_study, parse_variants
-    from .attribution import ATTRIBUTORS
-
-    variants = parse_variants(spec, r.model_name)
-    if method not in ATTRIBUTORS:
-        raise DistdmError(f"unknown --compare-method {method!r}; available: {sorted(ATTRIBUTORS)}")
-    x, y, _ = _queries(r, queries)
-    clusters = r.clusters()
-    kwargs = {r.model_name: r.store.config("model").get("kwargs", {})}
-    comp = compare_study(
-        r.data, variants, r.schedule, clusters, (x, y), method=method, seed=r.train_config.seed,
-        model_kwargs=kwargs, store=r.store, progress=True,
-    )  # fmt: skip
-    console.print(
-        f"{method} attribution matrices (margin) under {len(variants)} variants, {len(y)} queries, "
-        f"{clusters.n_clusters} clusters / {len(comp.matrices[variants[0].name]['class'])} classes:",
-        highlight=False,
-    )
-    console.print(comp.to_markdown(), markup=False, highlight=False, soft_wrap=True)
-    tag = f"compare-{method}-" + "-".join(v.name.replace(":", "_").replace("@", "s") for v in variants)
-    mats = {f"{v}/{lvl}": torch.as_tensor(m) for v, d in comp.matrices.items() for lvl, m in d.items()}
-    r.store.save_tensors(f"evaluation/{tag}", mats)
-    written = [
-        r.store.save_file(f"evaluation/{tag}.json", json.dumps({"accuracy": comp.accuracy,
-                                                                "rows": comp.rows}, indent=2).encode()),
-        r.store.save_file(f"figures/{tag}.png", compare_heatmaps_png(comp, clusters, y.numpy())),
-    ]  # fmt: skip
-    console.print("written: " + ", ".join(str(p) for p in written), soft_wrap=True, highlight=False)
+    _print_lines(rows_to_markdown(res.value))
+    _written(res.paths)
 
 
 def run_cli() -> None:

@@ -1,34 +1,60 @@
-"""Frozen, validated settings for each stage, serialisable to and from plain dicts (JSON)."""
+"""Frozen, validated settings for each stage, serialisable to and from plain dicts (JSON).
+
+A setting's type and range are its annotation (e.g. `Annotated[float, Field(gt=0)]`, a `Literal` of
+choices, `int | None`), checked by pydantic in strict mode; rules that tie settings together live in
+`validate()`. Every refusal is a DistdmError naming the setting and what it must be."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
-from typing import Any, TypeVar
+import types
+import typing
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+
+import pydantic
 
 from .errors import DistdmError
 
 T = TypeVar("T", bound="_Config")
 
+# strict: no silent coercion ('yes' is not true, 2.5 is not an integer); floats must be finite
+_STRICT = pydantic.ConfigDict(strict=True, allow_inf_nan=False)
+# field metadata of a setting added after runs were first recorded: `to_dict` writes it only when it is
+# not at its default, so the settings (and cache keys) of runs recorded before it keep their identity
+ADDED_LATER = {"omit_default": True}
+
+Seed = Annotated[int, pydantic.Field(ge=0)]
+Positive = Annotated[float, pydantic.Field(gt=0)]
+NonNegative = Annotated[float, pydantic.Field(ge=0)]
+
 
 class _Config:
-    """Mixin: validation hook plus dict round-trip for frozen dataclasses."""
+    """Mixin: type check, validation hook and dict round-trip for frozen dataclasses."""
+
+    # a message per setting that replaces the generic "<setting> must be <type>" (see Schedule)
+    _messages: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         _check_types(self)
         self.validate()
 
     def validate(self) -> None:
-        """Raise DistdmError on a nonsense setting."""
+        """Raise DistdmError on settings that do not fit together (types and ranges are checked first)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the settings (JSON-serialisable)."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        out = dataclasses.asdict(self)  # type: ignore[call-overload]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.metadata.get("omit_default") and out[f.name] == f.default:
+                del out[f.name]
+        return out
 
     @classmethod
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:
-        """Build from a dict, rejecting unknown keys with a clear message."""
+        """Build from a dict, rejecting unknown keys with a clear message (missing keys: defaults)."""
         if not isinstance(d, dict):
             raise DistdmError(f"{cls.__name__} settings must be a dict, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -49,32 +75,50 @@ class _Config:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+@functools.cache
+def _adapters(cls: type) -> tuple[tuple[str, Any, pydantic.TypeAdapter[Any]], ...]:
+    """(name, annotation, validator) per field of a settings class, built once per class."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return tuple(
+        (f.name, hints[f.name], pydantic.TypeAdapter(hints[f.name], config=_STRICT))
+        for f in dataclasses.fields(cls)
+    )
+
+
 def _check_types(cfg: Any) -> None:
-    """Reject settings of the wrong type (by the field's annotation) and normalise numbers to int/float."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        kinds = str(f.type).replace(" ", "").split("|")
-        if value is None and "None" in kinds:
-            continue
-        if "bool" in kinds:
-            ok = isinstance(value, bool)
-        elif "int" in kinds:
-            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-            value = int(value) if ok else value
-        elif "float" in kinds:
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        elif "str" in kinds:
-            ok = isinstance(value, str)
-        else:  # another annotation: left to validate()
-            continue
-        if not ok:
-            words = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
-            want = " or ".join(words.get(k, "None") for k in kinds)
-            raise DistdmError(f"{type(cfg).__name__}.{f.name} must be {want}, got {value!r}")
-        if f.name == "seed" and value < 0:
-            raise DistdmError(f"{type(cfg).__name__}.seed must be an integer >= 0, got {value!r}")
-        object.__setattr__(cfg, f.name, value)
+    """Reject settings of the wrong type or range (by the field's annotation) and normalise numbers
+    (numpy ones included) to Python int/float, as JSON holds them."""
+    for name, hint, adapter in _adapters(type(cfg)):
+        value = getattr(cfg, name)
+        plain = value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            plain = int(value)  # numpy integers: strict mode takes Python ints only
+        try:
+            checked = adapter.validate_python(plain)
+        except pydantic.ValidationError:
+            say = type(cfg)._messages.get(name) or f"{name} must be {describe_type(hint)}"
+            raise DistdmError(f"{type(cfg).__name__}.{say}, got {value!r}") from None
+        object.__setattr__(cfg, name, checked)
+
+
+def describe_type(hint: Any) -> str:
+    """A type annotation in words, e.g. `int | None` -> 'an integer or None'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        bounds = [
+            f"{op} {getattr(m, attr)}"
+            for item in args[1:]
+            for m in getattr(item, "metadata", [item])
+            for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+            if getattr(m, attr, None) is not None
+        ]
+        return " ".join([describe_type(args[0]), *bounds])
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(describe_type(a) for a in args)
+    words = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+    return words.get(hint, "None" if hint is type(None) else getattr(hint, "__name__", str(hint)))
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -84,30 +128,42 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
         raise DistdmError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise DistdmError(f"{name} must be one of {list(options)}, got {value!r}")
+@dataclasses.dataclass(frozen=True)
+class Schedule(_Config):
+    """How a model is trained (one schedule shared by every variant the engine trains): SGD by default.
+
+    `TrainConfig`, the target model's schedule, is this with at least one epoch; the engine also takes
+    zero epochs (further training by 0 epochs is the identity) and full-batch, unshuffled schedules."""
+
+    epochs: Annotated[int, pydantic.Field(ge=0)] = 30
+    lr: Positive = 0.1
+    batch_size: Annotated[int, pydantic.Field(gt=0)] | None = 64  # None: full batch
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: NonNegative = 0.0
+    weight_decay: NonNegative = 0.0
+    seed: Seed = 0  # shuffle order (and, for a target model, the initialisation)
+    shuffle: bool = dataclasses.field(default=True, metadata=ADDED_LATER)  # False: samples in order
+
+    # the engine's wording of two refusals, which its callers match
+    _messages: ClassVar[dict[str, str]] = {
+        "lr": "lr: the learning rate must be a finite number > 0",
+        "optimizer": "optimizer must be 'sgd' or 'adam'",
+    }
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig(_Config):
-    """How the target model (and every retrain) is trained: plain SGD by default."""
+class TrainConfig(Schedule):
+    """How the target model (and every retrain) is trained: a Schedule of at least one epoch."""
 
-    epochs: int = 30
-    lr: float = 0.1
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    seed: int = 0
+    _messages: ClassVar[dict[str, str]] = {}
 
     def validate(self) -> None:
-        _positive("epochs", self.epochs)
-        _positive("lr", self.lr)
-        _positive("batch_size", self.batch_size)
-        _positive("momentum", self.momentum, allow_zero=True)
-        _positive("weight_decay", self.weight_decay, allow_zero=True)
-        _choice("optimizer", self.optimizer, ("sgd", "adam"))
+        super().validate()
+        if self.epochs < 1:
+            raise DistdmError(
+                f"TrainConfig.epochs must be a finite number > 0 (a target model is trained for at least "
+                f"one epoch), got {self.epochs!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,15 +171,13 @@ class ClusterConfig(_Config):
     """How training data is partitioned into attribution units."""
 
     per_class: int = 10
-    features: str = "penultimate"  # penultimate | inputs
-    kind: str = "kmeans"  # kmeans | classwise | index
-    seed: int = 0
+    features: Literal["penultimate", "inputs"] = "penultimate"
+    kind: Literal["kmeans", "classwise", "index"] = "kmeans"
+    seed: Seed = 0
     n_init: int = 10
 
     def validate(self) -> None:
         _positive("per_class", self.per_class)
-        _choice("features", self.features, ("penultimate", "inputs"))
-        _choice("kind", self.kind, ("kmeans", "classwise", "index"))
         _positive("n_init", self.n_init)
 
 
@@ -131,76 +185,68 @@ class ClusterConfig(_Config):
 class DistillConfig(_Config):
     """How one synthetic set per cluster is distilled (SPEC.md section 1.3 and 6)."""
 
-    target: str = "trajectory"  # trajectory (reverse gradient matching) | influence | oracle (exact removal)
+    # trajectory: reverse gradient matching; oracle: exact removal
+    target: Literal["trajectory", "influence", "oracle"] = "trajectory"
     ipc: int = 1
     iterations: int = 50  # image-update steps per sampled start (trajectory) or in total
     starts: int = 10  # sampled trajectory starts t
     step: int = 4  # s
-    pairing: str = "alg1"  # alg1 | eq6 | same
-    distance: str = "cosine"  # cosine | mse
-    reduction: str = "sum"  # sum | mean
-    direction: str = "reverse"  # reverse | match
+    pairing: Literal["alg1", "eq6", "same"] = "alg1"
+    distance: Literal["cosine", "mse"] = "cosine"
+    reduction: Literal["sum", "mean"] = "sum"
+    direction: Literal["reverse", "match"] = "reverse"
     lr_img: float = 0.1
     momentum_img: float = 0.5
     soft_labels: bool = False
     lr_label: float = 0.1
     real_batch: int = 256
-    calibration: str = "none"  # none | mass | norm
+    calibration: Literal["none", "mass", "norm"] = "none"
     damping: float = 0.01  # influence target: lambda in (H + lambda I)
-    metric: str = "hessian"  # influence target: hessian | euclidean
+    metric: Literal["hessian", "euclidean"] = "hessian"  # influence target
     cg_iterations: int = 50  # influence target: CG steps for d_k = (H + lambda I)^-1 g_k / N
     hessian_batch: int | None = 256  # influence target: samples per stochastic HVP of the metric (None: all)
     hessian_rank: int | None = None  # influence target: metric from the top-r eigenpairs (Arnoldi) + damping
-    curvature: str = "hessian"  # influence target: hessian | ggn (Gauss-Newton, positive semi-definite)
-    hessian_target: str = "metric"  # influence target: metric (A^-1 g / N in the metric A) | solve (CG)
+    # influence target: ggn is the Gauss-Newton matrix (positive semi-definite)
+    curvature: Literal["hessian", "ggn", "ekfac"] = "hessian"
+    # influence target: metric (A^-1 g / N in the metric A) | solve (CG)
+    hessian_target: Literal["metric", "solve"] = "metric"
     # influence target: Arnoldi (hessian_rank) or EK-FAC (curvature 'ekfac') fitted on a fixed random
     # subsample of this many samples (None: all)
     hessian_subsample: int | None = None
     # influence target: adam (inputs and labels by gradient steps, all clusters at once) | closed-form
     # (labels by least squares for fixed inputs, optionally alternated with input_steps; clusters in
     # chunks that fit the task's memory budget; the target is always A^-1 g / N, hessian_target unused)
-    solver: str = "adam"
+    solver: Literal["adam", "closed-form"] = "adam"
     input_steps: int = 0  # closed-form: Adam steps on the inputs (lr_img), split between label solves
     label_solves: int = 1  # closed-form: label solves; input steps run between consecutive solves
-    init: str = "members"  # closed-form: inputs from random cluster members | means of member groups
+    # closed-form: inputs from random cluster members | means of member groups
+    init: Literal["members", "means", "cluster-mean", "gaussian", "noise"] = "members"
     # closed-form: auto (nn.Linear models with a low-rank or Euclidean metric: normal equations from the
     # per-sample gradient factors, M never formed; else as 'materialise') | materialise (the label
     # columns M, ipc x C x P per cluster: the `fast` preset's path)
-    label_solver: str = "auto"
+    label_solver: Literal["auto", "materialise"] = "auto"
     input_box: bool = False  # closed-form: keep the synthetic inputs within the training inputs' range
-    seed: int = 0
+    seed: Seed = 0
 
     def validate(self) -> None:
-        _choice("target", self.target, ("trajectory", "influence", "oracle"))
         _positive("ipc", self.ipc)
         _positive("iterations", self.iterations)
         _positive("starts", self.starts)
         _positive("step", self.step)
-        _choice("pairing", self.pairing, ("alg1", "eq6", "same"))
-        _choice("distance", self.distance, ("cosine", "mse"))
-        _choice("reduction", self.reduction, ("sum", "mean"))
-        _choice("direction", self.direction, ("reverse", "match"))
         _positive("lr_img", self.lr_img)
         _positive("momentum_img", self.momentum_img, allow_zero=True)
         _positive("lr_label", self.lr_label)
         _positive("real_batch", self.real_batch)
-        _choice("calibration", self.calibration, ("none", "mass", "norm"))
         _positive("damping", self.damping, allow_zero=True)
-        _choice("metric", self.metric, ("hessian", "euclidean"))
         _positive("cg_iterations", self.cg_iterations)
         if self.hessian_batch is not None:
             _positive("hessian_batch", self.hessian_batch)
-        _choice("curvature", self.curvature, ("hessian", "ggn", "ekfac"))
-        _choice("hessian_target", self.hessian_target, ("metric", "solve"))
         if self.hessian_rank is not None:
             _positive("hessian_rank", self.hessian_rank)
         if self.hessian_subsample is not None:
             _positive("hessian_subsample", self.hessian_subsample)
-        _choice("solver", self.solver, ("adam", "closed-form"))
         _positive("input_steps", self.input_steps, allow_zero=True)
         _positive("label_solves", self.label_solves)
-        _choice("init", self.init, ("members", "means", "cluster-mean", "gaussian", "noise"))
-        _choice("label_solver", self.label_solver, ("auto", "materialise"))
         if self.curvature == "ekfac" and self.solver != "closed-form":
             raise DistdmError("curvature 'ekfac' needs solver='closed-form' (the adam solver uses HVPs)")
 
@@ -212,17 +258,16 @@ class OnlineConfig(_Config):
     perturbations_per_cluster: float = 4.0  # |P| = this * K (SPEC 6: |P| = K is not enough)
     steps: int = 1  # T fine-tune steps per mask
     lr: float | None = None  # None: the training lr
-    weighting: str = "exp"  # exp | kernelshap | uniform
+    weighting: Literal["exp", "kernelshap", "uniform"] = "exp"
     ridge: float = 1e-3
     holdout: float = 0.2  # fraction of perturbations held out to report the fit error
-    seed: int = 0
+    seed: Seed = 0
 
     def validate(self) -> None:
         _positive("perturbations_per_cluster", self.perturbations_per_cluster)
         _positive("steps", self.steps)
         if self.lr is not None:
             _positive("lr", self.lr)
-        _choice("weighting", self.weighting, ("exp", "kernelshap", "uniform"))
         _positive("ridge", self.ridge, allow_zero=True)
         if not 0 <= self.holdout < 1:
             raise DistdmError(f"holdout must be in [0, 1), got {self.holdout!r}")

@@ -101,18 +101,49 @@ def top_eigenpairs(
     fm = flat_model(task)
     h = hashlib.sha1(fm.theta.detach().cpu().numpy().tobytes())
     h.update(task.data.x_train.detach().cpu().numpy().tobytes())
-    key = (h.hexdigest(), rank, curvature, subsample)
+    key = (h.hexdigest(), rank, curvature, subsample, task.memory_budget_bytes)
     if key not in _EIGEN_CACHE:
         _EIGEN_CACHE.clear()  # one task at a time: the basis is rank x P floats; free it before solving
         hv = hvp(task, curvature=curvature, subsample=subsample)
+        blocks = getattr(hv, "prefers_blocks", False)  # stored Jacobians: a block costs about one vector
+        block = eigen.DEFAULT_BLOCK if blocks else eigen.default_block(task.model, fm.theta.device)
         pairs = eigen.block_krylov(
-            hv, fm.n_params, rank, block=eigen.default_block(task.model, fm.theta.device),
-            krylov_dim=2 * rank, dtype=fm.theta.dtype, device=fm.theta.device,
+            hv, fm.n_params, rank, block=block, krylov_dim=2 * rank, dtype=fm.theta.dtype,
+            device=fm.theta.device, batched=True if blocks else None,
             memory_budget_bytes=task.memory_budget_bytes,
         )  # fmt: skip
         eigen.note_solve(pairs, curvature)
         _EIGEN_CACHE[key] = (pairs.values.clamp_min(0.0), pairs.vectors)
     return _EIGEN_CACHE[key]
+
+
+BASIS_SHARE = 0.75  # of a task's memory budget, the most the eigenpairs' Krylov basis may take
+MIN_RANK = 10  # below this the curvature part carries too little: refuse rather than shrink further
+
+
+def rank_within_budget(rank: int, n_params: int, block: int, dtype: torch.dtype, budget: int | None) -> int:
+    """`rank`, or the largest rank whose Krylov basis (2 x rank vectors, distdm.eigen) fits
+    BASIS_SHARE of the memory budget, with a logged warning; never below MIN_RANK (the solver then
+    refuses, naming the memory it needs)."""
+    from . import eigen
+
+    if budget is None:
+        return rank
+
+    def need(r: int) -> int:
+        return eigen.block_krylov_bytes(n_params, r, block, 2 * r, dtype)
+
+    if need(rank) <= BASIS_SHARE * budget:
+        return rank
+    fits = [r for r in range(MIN_RANK, rank) if need(r) <= BASIS_SHARE * budget]
+    if not fits:
+        return rank
+    log.warning(
+        "the top-%d curvature eigenpairs need %.0f MiB, over %.0f%% of the memory budget (%.0f MiB): "
+        "using the top %d (raise memory_budget_bytes to keep %d)",
+        rank, need(rank) / 2**20, 100 * BASIS_SHARE, budget / 2**20, fits[-1], rank,
+    )  # fmt: skip
+    return fits[-1]
 
 
 def metric_hvp(task: Task, cfg: DistillConfig) -> Any:
@@ -373,7 +404,9 @@ class ScaledIdentity:
 
 def make_curvature(task: Task, cfg: DistillConfig) -> Curvature:
     """The curvature of the influence target: EK-FAC (curvature 'ekfac') or the top `hessian_rank`
-    eigenpairs of the Hessian / GGN (Arnoldi, on `hessian_subsample` samples), plus damping."""
+    eigenpairs of the Hessian / GGN (block Krylov, on `hessian_subsample` samples), plus damping;
+    where their basis would take more than BASIS_SHARE of the task's memory budget, fewer of them
+    (`rank_within_budget`, with a warning)."""
     if cfg.curvature == "ekfac":
         return _ekfac_curvature(task, cfg)
     if cfg.hessian_rank is None:
@@ -381,7 +414,13 @@ def make_curvature(task: Task, cfg: DistillConfig) -> Curvature:
             "the closed-form solver needs a curvature with a cheap inverse: set hessian_rank (low-rank "
             "Arnoldi) or curvature='ekfac'"
         )
-    vals, vecs = top_eigenpairs(task, cfg.hessian_rank, cfg.curvature, cfg.hessian_subsample)
+    from . import eigen
+
+    fm = flat_model(task)
+    rank = rank_within_budget(
+        cfg.hessian_rank, fm.n_params, eigen.DEFAULT_BLOCK, fm.theta.dtype, task.memory_budget_bytes
+    )
+    vals, vecs = top_eigenpairs(task, rank, cfg.curvature, cfg.hessian_subsample)
     return LowRankCurvature(vals, vecs, cfg.damping)
 
 

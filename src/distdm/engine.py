@@ -26,7 +26,6 @@ import copy
 import dataclasses
 import logging
 import math
-import numbers
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .config import Schedule
 from .errors import DistdmError
 from .progress import Progress, progress_bar
 
@@ -110,48 +110,6 @@ def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
 def state_to(state: State, device: torch.device | str) -> State:
     """The state with every tensor on `device` (the same tensors where they are there already)."""
     return {k: v.to(device) for k, v in state.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """One training schedule shared by all variants."""
-
-    epochs: int = 30
-    lr: float = 0.1
-    batch_size: int | None = 64  # None: full batch
-    optimizer: str = "sgd"  # sgd | adam
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    seed: int = 0  # shuffle order
-    shuffle: bool = True
-
-    def __post_init__(self) -> None:
-        def integer(v: Any) -> bool:
-            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-        def number(v: Any) -> bool:
-            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not integer(self.epochs) or self.epochs < 0:
-            raise DistdmError(f"epochs must be an integer >= 0, got {self.epochs!r}")
-        if self.batch_size is not None and (not integer(self.batch_size) or self.batch_size <= 0):
-            raise DistdmError(
-                f"batch_size must be an integer > 0 or None (full batch), got {self.batch_size!r}"
-            )
-        if not number(self.lr) or not self.lr > 0:
-            raise DistdmError(f"learning rate must be a finite number > 0, got {self.lr!r}")
-        for name in ("momentum", "weight_decay"):
-            if not number(getattr(self, name)) or getattr(self, name) < 0:
-                raise DistdmError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
-        if not integer(self.seed) or self.seed < 0:
-            raise DistdmError(f"seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("epochs", "batch_size", "seed"):  # numpy numbers -> Python ones (JSON settings)
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, int(getattr(self, name)))
-        for name in ("lr", "momentum", "weight_decay"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-        if self.optimizer not in ("sgd", "adam"):
-            raise DistdmError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
 
 @dataclasses.dataclass

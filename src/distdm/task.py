@@ -29,10 +29,14 @@ from .engine import (
     variants_per_chunk,
 )
 from .errors import DistdmError
+from .progress import Progress
+from .runtime import Runtime, check_memory_budget
 from .store import RunStore
 
+_UNSET: Any = object()  # a Runtime entry not given as a keyword: the runtime's own is kept
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(init=False)
 class Task:
     """The trained target model and its context; `trajectory[0]` is theta_0, `[-1]` theta_tau.
 
@@ -43,9 +47,12 @@ class Task:
     the module's own weights are neither theta_0 nor theta_tau, a UserWarning says that the answers
     are about trajectory[-1] (they may not be the model you trained).
 
-    device ('cpu', 'cuda', 'cuda:N', 'mps' or 'auto': cuda if available, else mps, else cpu) is where
-    every method computes: the model is moved there (in place), and the Task holds copies of the data
-    and the trajectory there; tensors reach the CPU only where scores and stored results are made."""
+    `runtime` (a distdm.Runtime: device, executor, memory budget, progress) says how the work runs;
+    results do not depend on it. The keywords executor, memory_budget_bytes and device set those
+    entries of it (over the given runtime's), and `task.device` etc. read them. The runtime's device
+    is where every method computes: the model is moved there (in place), and the Task holds copies of
+    the data and the trajectory there; tensors reach the CPU only where scores and stored results are
+    made."""
 
     model: nn.Module
     data: TensorData
@@ -56,11 +63,37 @@ class Task:
     reduction: str = "mean"
     strategy: str = "auto"
     store: RunStore | None = None  # where attributors cache expensive work (retrains), if given
-    # how training jobs run (results do not depend on them): the default executor (distdm.executors;
-    # None: in-process) and memory budget in bytes of every retrain, further training and fine-tune
-    executor: Any = None
-    memory_budget_bytes: int | None = None
-    device: str | torch.device = "cpu"  # a torch.device once the Task is made
+    runtime: Runtime = Runtime()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: TensorData,
+        clusters: Clusters,
+        schedule: Schedule,
+        trajectory: list[State],
+        loss: str | LossFn = "ce",
+        reduction: str = "mean",
+        strategy: str = "auto",
+        store: RunStore | None = None,
+        *,
+        runtime: Runtime | None = None,
+        executor: Any = _UNSET,
+        memory_budget_bytes: int | None = _UNSET,
+        device: str | torch.device = _UNSET,
+    ) -> None:
+        if runtime is not None and not isinstance(runtime, Runtime):
+            raise DistdmError(f"runtime must be a distdm.Runtime, got {type(runtime).__name__}")
+        given = {"executor": executor, "memory_budget_bytes": memory_budget_bytes, "device": device}
+        changes = {k: v for k, v in given.items() if v is not _UNSET}
+        # dataclasses.replace(task, device=...) passes the task's runtime and the changed keyword
+        base = runtime or Runtime()
+        self.runtime = base.replace(**changes) if changes else base
+        self.model, self.data, self.clusters, self.schedule = model, data, clusters, schedule
+        self.trajectory, self.loss, self.reduction, self.strategy, self.store = (
+            trajectory, loss, reduction, strategy, store
+        )  # fmt: skip
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         if not isinstance(self.clusters, Clusters):
@@ -70,12 +103,15 @@ class Task:
             )
         if not isinstance(self.model, nn.Module):
             raise DistdmError(f"model must be an nn.Module, got {type(self.model).__name__}")
+        if not isinstance(self.schedule, Schedule):
+            raise DistdmError(
+                f"schedule must be a distdm.Schedule (or TrainConfig), got {type(self.schedule).__name__}"
+            )
         if self.data.is_regression and self.loss == "ce":
             raise DistdmError(
                 "regression targets need loss='mse' (or a callable loss), not cross-entropy 'ce'"
             )
         self.trajectory = _check_trajectory(self.trajectory, self.model, self.schedule)
-        self.device = resolve_device(self.device)
         # on the CPU each of these is the same object again: no copy, no cost
         self.model.to(self.device)
         self.data = data_to(self.data, self.device)
@@ -85,7 +121,6 @@ class Task:
                 f"clusters cover {len(self.clusters.assignment)} samples, the training set has "
                 f"{self.data.n_train}: were they made for another dataset?"
             )
-        check_memory_budget(self.memory_budget_bytes)
         own = model_state(self.model)
         if not (_same_state(own, self.trajectory[0]) or _same_state(own, self.trajectory[-1])):
             warnings.warn(
@@ -94,6 +129,21 @@ class Task:
                 UserWarning,
                 stacklevel=3,
             )
+
+    @property
+    def device(self) -> torch.device:
+        """Where every method computes (the runtime's device)."""
+        return self.runtime.device  # type: ignore[return-value]
+
+    @property
+    def executor(self) -> Any:
+        """The default executor of retrains, further training and fine-tunes (None: in-process)."""
+        return self.runtime.executor
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """The default memory budget of every engine call, in bytes (None: no limit)."""
+        return self.runtime.memory_budget_bytes
 
     @property
     def init(self) -> State:
@@ -117,7 +167,7 @@ class Task:
         *,
         seed: int | None = None,
         unit: str = "cluster",
-        progress: bool = False,
+        progress: Progress = None,
         chunk_size: int | None = None,
         executor: object = None,
         memory_budget_bytes: int | None = None,
@@ -126,7 +176,8 @@ class Task:
         same data order, dropped units masked out of every batch. Returns stacked final states.
         `seed` changes both the initialisation and the shuffle order (None: the target's own).
         chunk_size: variants trained at once (default all), lowered to fit memory_budget_bytes;
-        executor and memory_budget_bytes default to the task's own (results do not depend on them)."""
+        executor, memory_budget_bytes and progress (None) default to the task's runtime (results do not
+        depend on them)."""
         keep = torch.as_tensor(keep, dtype=torch.float32)
         weights = self.clusters.keep_weights(keep) if unit == "cluster" else keep
         schedule, init = self.schedule, self.init
@@ -138,7 +189,8 @@ class Task:
             self.model, self.data.x_train, self.data.y_train, schedule,
             weights=weights, init=init, loss=self.loss, reduction=self.reduction,
             strategy=self.strategy, chunk_size=size,
-            executor=self.executor if executor is None else executor, progress=progress,
+            executor=self.executor if executor is None else executor,
+            progress=self.runtime.progress if progress is None else progress,
         ).states  # fmt: skip
 
     def variants_per_chunk(
@@ -161,14 +213,6 @@ class Task:
             schedule or self.schedule, n_variants, chunk_size=chunk_size, memory_budget_bytes=budget,
             loss=self.loss if loss is None else loss,
         )  # fmt: skip
-
-
-def check_memory_budget(budget: int | None) -> None:
-    """Raise a DistdmError unless the memory budget is None or a positive integer number of bytes."""
-    if budget is None:
-        return
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
-        raise DistdmError(f"memory_budget_bytes must be a positive integer or None, got {budget!r}")
 
 
 def reinitialise(model: nn.Module, seed: int) -> State:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .attribution.retrain import (
+    job_name,
     leave_one_out_masks,
     objective_values,
     recorded_seconds,
@@ -47,7 +48,7 @@ from .metrics import MIN_UNITS, spearman_per_query
 from .objectives import Objective, objective_name
 from .progress import Progress, progress_bar
 from .scores import Scores
-from .store import digest
+from .store import ChunkedJob, digest
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -234,19 +235,11 @@ def _loo_cached(task: Task, seed: int) -> int | None:
     store = task.store
     if store is None:
         return None
-    job = f"retrain/loo/seed{seed}"
-    cfg = store.config(job)
     k = task.clusters.n_clusters
-    if not cfg or cfg.get("variants") != k + 1 or cfg.get("unit") != "cluster":
+    job = ChunkedJob.recorded(store, job_name("loo", seed), k + 1)
+    if job is None or job.identity.get("unit") != "cluster" or not job.complete(store):
         return None
-    size = int(cfg.get("chunk_size", 0))
-    if size < 1:
-        return None
-    n_chunks = -(-(k + 1) // size)
-    done = (
-        store.is_done(f"{job}/chunk{i}") and store.has(f"{job}/chunk{i}.safetensors") for i in range(n_chunks)
-    )
-    return size if all(done) else None
+    return job.chunk_size
 
 
 def _states(

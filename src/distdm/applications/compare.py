@@ -15,7 +15,6 @@ Variants are written 'ARCH', 'INIT' (the reference architecture with that initia
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -127,10 +126,6 @@ def train_variant(
     return Task(model, data, clusters, schedule, [init, final])
 
 
-def _takes_unit(method: str) -> bool:
-    return "unit" in inspect.signature(ATTRIBUTORS[method]).parameters
-
-
 def attribution_matrices(
     task: Task,
     method: str,
@@ -147,8 +142,9 @@ def attribution_matrices(
         raise DistdmError("class-wise attribution needs class labels")
     settings = dict(settings or {})
     cw = classwise(task.data.y_train)
-    if _takes_unit(method) and "unit" not in settings:
-        if "chunk" not in settings and "chunk" in inspect.signature(ATTRIBUTORS[method]).parameters:
+    cls = ATTRIBUTORS[method]
+    if "sample" in cls.units and "unit" not in settings:
+        if "chunk" not in settings and "chunk" in cls.Args.names():
             n_params = sum(v.numel() for v in task.final.values())
             settings["chunk"] = int(max(1, min(256, 2e8 // max(n_params, 1))))  # ~800 MB of gradients
         s = make_attributor(method, unit="sample", **settings).fit(task).scores(x, y, objective)

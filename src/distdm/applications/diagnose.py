@@ -92,27 +92,15 @@ def validation_split(
     return Split(np.sort(val), np.sort(test))
 
 
-def _linear_in_queries(att: Attributor) -> bool:
-    """Methods whose scores are linear in the query rows (a class capability: Grad-Dot, TracIn and
-    the influence functions except FastIF, whose neighbour pick depends on the queries)."""
-    return bool(getattr(att, "linear_in_queries", False)) and getattr(att, "expansion", None) != "outputs"
-
-
 def validation_scores(att: Attributor, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """Per cluster (K,), the attributor's predicted change of the mean validation loss on (x, y)
-    when the cluster is removed (negative: the model would do better without it)."""
-    task = att.task_  # type: ignore[attr-defined]
-    clusters = task.clusters
-    if _linear_in_queries(att):
-        # the mean loss's gradient is the mean of the per-query gradients: one (inverse) product
-        per_sample = att.mean_query_products(x, y, dist2).double().cpu().numpy()  # type: ignore[attr-defined]
-        out = np.zeros(clusters.n_clusters)
-        np.add.at(out, clusters.assignment, per_sample)
-        return out
-    s = att.scores(x, y, "loss")
+    when the cluster is removed (negative: the model would do better without it); one solve for
+    the methods that are linear in the queries."""
+    clusters = att.task_.clusters
+    s = att.mean_scores(x, y, "loss")
     if s.unit == "sample":
         s = s.to_clusters(clusters.assignment, clusters.n_clusters)
-    return s.values.mean(1)
+    return s.values[:, 0]
 
 
 def fit_methods(task: Task, methods: Sequence[str] | Mapping[str, Attributor]) -> dict[str, Attributor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -20,12 +22,15 @@ from ..presets import PRESETS
 from ..presets import preset as preset_settings
 from ..progress import Progress, check_progress
 from ..scores import Scores
-from ..store import digest
+from ..store import ReadOnlyRunError, digest
 from ..synset import Synset
 from ..task import Task
-from .base import Attributor, register
+from .base import Attributor, Settings, frozen_value, register
 
 log = logging.getLogger(__name__)
+
+
+SYNSET = "synset"  # the kind under which a distilled synset is listed in the run's results index
 
 
 def synset_key(cfg: DistillConfig, clusters: Clusters, lr: float, steps: int) -> str:
@@ -39,14 +44,22 @@ def load_or_distill(
     """The synset for these settings: from the task's run directory if cached, else distilled (and cached)."""
     key = synset_key(cfg, clusters, lr, steps)
     store = task.store
-    if store is not None and store.has(key + ".safetensors") and store.has(key + ".json"):
+    files = [key + ".json", key + ".safetensors"]
+    identity = {"kind": clusters.kind, "settings": cfg.to_dict(), "lr": lr, "steps": steps,
+                "clusters": digest(clusters.assignment)}  # fmt: skip
+    if store is not None and all(store.has(f) for f in files):
         stored = store.load_tensors(key)  # on the CPU, wherever it was distilled
         on_device = {k: v if k == "lr_steps" else v.to(task.device) for k, v in stored.items()}
-        return Synset.from_tensors(on_device, store.load_json(key))
+        syn = Synset.from_tensors(on_device, store.load_json(key))
+        if store.result(key) is None:  # cached before the results index: list it (unless read-only)
+            with contextlib.suppress(ReadOnlyRunError):
+                store.record_result(key, SYNSET, files, identity, seconds=syn.info.get("seconds"))
+        return syn
     syn = distill(task, cfg, clusters=clusters, lr=lr, steps=steps, progress=progress)
     if store is not None:
         store.save_json(key, syn.info)  # info first: the tensors file marks the synset complete
         store.save_tensors(key, syn.to_tensors())
+        store.record_result(key, SYNSET, files, identity, seconds=syn.info.get("seconds"))
     return syn
 
 
@@ -81,6 +94,39 @@ def _apply(value: Any, base: Any) -> Any:
     return value
 
 
+def _canonical(value: Any, kind: type[DistillConfig] | type[OnlineConfig]) -> Any:
+    """A `distill` / `online` setting in one form: a dict naming every setting is the full config."""
+    if not isinstance(value, Mapping):
+        return value
+    d = {k: frozen_value(v) for k, v in value.items()}
+    if set(d) == {f.name for f in dataclasses.fields(kind)}:
+        return kind.from_dict(d)
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class DDMArgs(Settings):
+    """ddm's settings: the preset, overrides of its distillation / online settings, the units."""
+
+    preset: str = "default"
+    distill: DistillConfig | Mapping[str, Any] | None = None
+    online: OnlineConfig | Mapping[str, Any] | None = None
+    clusters: str = "task"
+
+    def validate(self) -> None:
+        if not isinstance(self.preset, str) or self.preset not in PRESETS:
+            raise DistdmError(f"unknown preset {self.preset!r} for ddm; known presets: {', '.join(PRESETS)}")
+        if self.clusters not in ("task", "index"):
+            raise DistdmError(f"clusters must be 'task' or 'index', got {self.clusters!r}")
+        # overrides are checked against the preset now, not at fit; the epochs only set the paper
+        # preset's online steps, which a change of other settings does not depend on
+        d, o = preset_settings(self.preset, epochs=1)
+        _settings_arg("distill", self.distill, DistillConfig, d)
+        _settings_arg("online", self.online, OnlineConfig, o)
+        object.__setattr__(self, "distill", _canonical(self.distill, DistillConfig))
+        object.__setattr__(self, "online", _canonical(self.online, OnlineConfig))
+
+
 @register("ddm")
 class DDM(Attributor):
     """Distilled Datamodel (Ye et al., CVPR 2024): W[k, q] = change of the objective on query q when
@@ -94,6 +140,10 @@ class DDM(Attributor):
     callable (stage, done, total) -> None, told about the distillation.
     """
 
+    Args = DDMArgs
+    execution = ("synset", "progress")  # a ready synset is an input, not a setting
+    trains_models = True
+
     def __init__(
         self,
         preset: str = "default",
@@ -104,22 +154,24 @@ class DDM(Attributor):
         clusters: str = "task",
         progress: Progress = False,
     ):
-        if not isinstance(preset, str) or preset not in PRESETS:
-            raise DistdmError(f"unknown preset {preset!r} for ddm; known presets: {', '.join(PRESETS)}")
-        if clusters not in ("task", "index"):
-            raise DistdmError(f"clusters must be 'task' or 'index', got {clusters!r}")
+        super().__init__(preset=preset, distill=distill, online=online, clusters=clusters)
         check_progress(progress)
-        # overrides are checked against the preset now, not at fit; the epochs only set the paper
-        # preset's online steps, which a change of other settings does not depend on
-        d, o = preset_settings(preset, epochs=1)
-        _settings_arg("distill", distill, DistillConfig, d)
-        _settings_arg("online", online, OnlineConfig, o)
-        self.preset = preset
-        self.clusters = clusters
-        self.distill = distill
-        self.online = online
         self.synset = synset
         self.progress = progress
+
+    @property
+    def unit(self) -> str:
+        """'cluster', or 'sample' for the 'w/o cluster' ablation (clusters='index')."""
+        return "sample" if self.clusters == "index" else "cluster"
+
+    def to_dict(self) -> dict[str, Any]:
+        """{'method': 'ddm', 'settings': {...}}; a DDM given a ready synset has no such dict."""
+        if self.synset is not None:
+            raise DistdmError(
+                "a ddm made from a ready synset cannot be written as settings: the synset is data "
+                "(save it with Synset.to_tensors, or make the ddm from a preset)"
+            )
+        return super().to_dict()
 
     def _settings(self, task: Task) -> tuple[DistillConfig, OnlineConfig]:
         d, o = preset_settings(self.preset, epochs=task.schedule.epochs)

@@ -27,9 +27,9 @@ from ..intervals import t_interval
 from ..objectives import Objective, get_objective, objective_name
 from ..progress import Progress, StageProgress, check_progress, progress_bar
 from ..scores import Scores
-from ..store import digest
+from ..store import digest, run_chunked
 from ..task import Task, check_memory_budget
-from .base import Attributor, register
+from .base import UNITS, Attributor, Settings, check_choice, check_int, check_number, check_unit, register
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,61 @@ log = logging.getLogger(__name__)
 def state_digest(state: State) -> str:
     """A short SHA-256 of a state's names, shapes and values (identifies the final model)."""
     return digest(state)
+
+
+@dataclasses.dataclass(frozen=True)
+class FurtherArgs(Settings):
+    """further-training's settings (see FurtherTraining), as given: `seeds` may be a count."""
+
+    epochs: int = 10
+    record: tuple[int, ...] | None = None
+    optimizer: str = "sgd"
+    lr: float | None = None
+    batch_size: int | str | None = "task"
+    momentum: float = 0.0
+    seeds: int | tuple[int, ...] = 5
+    unit: str = "cluster"
+    left_out: tuple[int, ...] | None = None
+    centre: bool = False
+    chunk_size: int | None = None
+    stage: str = "further"
+
+    def validate(self) -> None:
+        check_int("epochs", self.epochs)
+        rec = self.record
+        if rec is not None and (
+            not isinstance(rec, tuple)
+            or not rec
+            or any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e <= self.epochs for e in rec)
+        ):
+            raise DistdmError(f"record must list epochs between 0 and {self.epochs}, got {rec!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise DistdmError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        check_number("lr", self.lr, strict=True, none=True)
+        bs = self.batch_size
+        if not (bs is None or bs == "task" or (isinstance(bs, int) and not isinstance(bs, bool) and bs > 0)):
+            raise DistdmError(f"batch_size must be 'task', None (full batch) or > 0, got {bs!r}")
+        check_number("momentum", self.momentum)
+        seeds = self.seeds
+        count = isinstance(seeds, int) and not isinstance(seeds, bool) and seeds > 0
+        listed = (
+            isinstance(seeds, tuple)
+            and bool(seeds)
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+            and len(set(seeds)) == len(seeds)
+        )
+        if not (count or listed):
+            raise DistdmError(f"seeds must be a positive count or a list of distinct seeds, got {seeds!r}")
+        check_unit(self.unit)
+        if self.left_out is not None:  # any shape of indices, e.g. a NumPy array, as a flat list
+            flat = np.asarray(self.left_out).reshape(-1)
+            if flat.size and not np.issubdtype(flat.dtype, np.integer):
+                raise DistdmError(f"left_out must list {self.unit} indices, got {self.left_out!r}")
+            object.__setattr__(self, "left_out", tuple(int(i) for i in flat))
+        check_choice("centre", self.centre, (True, False))
+        check_int("chunk_size", self.chunk_size, 1, none=True)
+        if not isinstance(self.stage, str) or not self.stage:
+            raise DistdmError(f"stage must be a non-empty name, got {self.stage!r}")
 
 
 @register("further-training")
@@ -56,6 +111,11 @@ class FurtherTraining(Attributor):
     on the executor or the budget. progress (distdm.progress: False, True or a callable): one stage
     'further training' over every seed and chunk.
     """
+
+    Args = FurtherArgs
+    execution = ("progress", "executor", "memory_budget_bytes")
+    trains_models = True
+    units = UNITS
 
     def __init__(
         self,
@@ -78,41 +138,31 @@ class FurtherTraining(Attributor):
     ):
         check_memory_budget(memory_budget_bytes)
         check_progress(progress)
-        if not isinstance(epochs, int) or epochs < 0:
-            raise DistdmError(f"epochs must be an integer >= 0, got {epochs!r}")
-        rec = sorted({int(e) for e in record}) if record is not None else [epochs]
-        if not rec or rec[0] < 0 or rec[-1] > epochs:
-            raise DistdmError(f"record must list epochs between 0 and {epochs}, got {record}")
-        if optimizer not in ("sgd", "adam"):
-            raise DistdmError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        if lr is not None and not lr > 0:
-            raise DistdmError(f"lr must be > 0, got {lr}")
-        if not (
-            batch_size is None or batch_size == "task" or (isinstance(batch_size, int) and batch_size > 0)
-        ):
-            raise DistdmError(f"batch_size must be 'task', None (full batch) or > 0, got {batch_size!r}")
-        seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-        if not seed_list or len(set(seed_list)) != len(seed_list):
-            raise DistdmError(f"seeds must be a positive count or a list of distinct seeds, got {seeds!r}")
-        if unit not in ("cluster", "sample"):
-            raise DistdmError(f"unit must be 'cluster' or 'sample', got {unit!r}")
-        if chunk_size is not None and chunk_size < 1:
-            raise DistdmError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-        self.epochs = epochs
-        self.record = rec
-        self.optimizer = optimizer
-        self.lr = lr
-        self.batch_size = batch_size
-        self.momentum = momentum
-        self.seeds = seed_list
-        self.unit = unit
-        self.left_out = None if left_out is None else [int(i) for i in np.asarray(left_out).reshape(-1)]
-        self.centre = centre
-        self.chunk_size = chunk_size
-        self.stage = stage
+        super().__init__(
+            epochs=epochs, record=record, optimizer=optimizer, lr=lr, batch_size=batch_size,
+            momentum=momentum, seeds=seeds, unit=unit, left_out=left_out, centre=centre,
+            chunk_size=chunk_size, stage=stage,
+        )  # fmt: skip
         self.progress = progress
         self.executor = executor
         self.memory_budget_bytes = memory_budget_bytes
+
+    # the settings resolved: a seed count as the seeds 0..n-1, the recorded epochs sorted
+    @property
+    def seeds(self) -> list[int]:
+        """The shuffle seeds (0..n-1 for a count)."""
+        s = self.args.seeds
+        return list(range(s)) if isinstance(s, int) else list(s)
+
+    @property
+    def record(self) -> list[int]:
+        """The recorded epochs, sorted (default [epochs])."""
+        return sorted(set(self.args.record)) if self.args.record is not None else [self.epochs]
+
+    @property
+    def left_out(self) -> list[int] | None:
+        """The units to evaluate (None: all)."""
+        return None if self.args.left_out is None else list(self.args.left_out)
 
     # offline ------------------------------------------------------------------------------
     def schedule_for(self, task: Task, seed: int) -> Schedule:
@@ -145,8 +195,7 @@ class FurtherTraining(Attributor):
         keep = torch.ones(len(left) + 1, n_units)
         keep[torch.arange(1, len(left) + 1), torch.as_tensor(left)] = 0.0  # row 0: all data
         weights = task.clusters.keep_weights(keep) if self.unit == "cluster" else keep
-        size = self.chunk_size or weights.shape[0]
-        chunks = [slice(i, min(i + size, weights.shape[0])) for i in range(0, weights.shape[0], size)]
+        size = self.chunk_size or int(weights.shape[0])
         store = task.store
         if store is not None:
             store.check_config(self.stage, self._config(task))
@@ -157,50 +206,16 @@ class FurtherTraining(Attributor):
         total = len(self.seeds) * int(weights.shape[0]) * self.epochs
         with progress_bar(total, "further training", self.progress) as bar:
             for seed in self.seeds:
-                self._fit_seed(task, weights, chunks, size, seed, executor, bar)
+                self._fit_seed(task, weights, size, seed, executor, bar)
         if store is not None:
             store.mark_done(self.stage, seeds=len(self.seeds), variants=int(weights.shape[0]))
 
     def _fit_seed(
-        self, task: Task, weights: torch.Tensor, chunks: list[slice], size: int, seed: int,
-        executor: object, bar: StageProgress,
-    ) -> None:  # fmt: skip
+        self, task: Task, weights: torch.Tensor, size: int, seed: int, executor: object, bar: StageProgress
+    ) -> None:
         """Further-train (or load) every chunk of one shuffle seed and append its states."""
-        store = task.store
-
-        def cached(c: int) -> tuple[str, str, bool]:
-            key = f"{self.stage}/seed{seed}/chunk{c}"
-            name = f"{self.stage}/seed{seed}_chunk{c}.safetensors"
-            return key, name, store is not None and store.is_done(key) and store.has(name)
-
-        trained: dict[int, list[State]] = {}
-        todo = [c for c in range(len(chunks)) if not cached(c)[2]]
-        if executor is not None and todo:  # every unfinished chunk in one engine call
-            rows = torch.cat([weights[chunks[c]] for c in todo])
-            together = self._train(task, rows, seed, bar, size, executor)
-            at = 0
-            for c in todo:
-                n = chunks[c].stop - chunks[c].start
-                trained[c] = [{k: v[at : at + n].contiguous() for k, v in st.items()} for st in together]
-                at += n
-        parts: list[list[State]] = [[] for _ in self.record]
-        for c, sl in enumerate(chunks):
-            key, name, done = cached(c)
-            if done:
-                loaded = {k: v.to(task.device) for k, v in store.load_tensors(name).items()}  # type: ignore[union-attr]
-                per_epoch = _split_epochs(loaded, self.record)
-                bar.advance((sl.stop - sl.start) * self.epochs)
-            else:
-                per_epoch = trained[c] if c in trained else self._train(task, weights[sl], seed, bar)
-                if store is not None:
-                    flat = {f"epoch{e}:{k}": v for e, st in zip(self.record, per_epoch, strict=True)
-                            for k, v in st.items()}  # fmt: skip
-                    store.save_tensors(name, flat)
-                    store.mark_done(key)
-            for i, st in enumerate(per_epoch):
-                parts[i].append(st)
-        for i in range(len(self.record)):
-            self.states_[i].append({k: torch.cat([p[k] for p in parts[i]]) for k in parts[i][0]})
+        for i, st in enumerate(further_train_seed(self, task, weights, size, seed, executor, bar)):
+            self.states_[i].append(st)
 
     def _train(
         self,
@@ -296,6 +311,37 @@ class FurtherTraining(Attributor):
 
     def _scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
         return self.gold(x, y, objective)
+
+
+def further_train_seed(
+    ft: FurtherTraining, task: Task, weights: torch.Tensor, chunk_size: int, seed: int, executor: object,
+    progress: StageProgress,
+) -> list[State]:  # fmt: skip
+    """One shuffle seed's further-trained states, one stacked state (rows of `weights` leading) per
+    recorded epoch, through the store's chunked-job runner: with task.store, chunk c is cached as
+    '<stage>/seed<s>/chunk<c>' and a killed fit resumes at the first unfinished chunk. Without an
+    executor every chunk is one engine call; with one, a seed's unfinished chunks go out together."""
+
+    def compute(slices: list[slice], ex: object) -> dict[str, torch.Tensor]:
+        rows = weights[slices[0]] if len(slices) == 1 else torch.cat([weights[sl] for sl in slices])
+        if ex is None:
+            per_epoch = ft._train(task, rows, seed, progress)
+        else:
+            per_epoch = ft._train(task, rows, seed, progress, chunk_size, ex)
+        return _flat_epochs(per_epoch, ft.record)
+
+    # the stage's settings (checked against configs[stage] by `fit`) and the seed identify a chunk
+    identity = {"settings": digest(ft._config(task)), "seed": seed} if task.store is not None else {}
+    flat = run_chunked(
+        task.store, f"{ft.stage}/seed{seed}", identity, int(weights.shape[0]), chunk_size, compute,
+        executor=executor, device=task.device, progress=progress, work_per_item=ft.epochs,
+    )  # fmt: skip
+    return _split_epochs(flat, ft.record)
+
+
+def _flat_epochs(per_epoch: Sequence[State], record: list[int]) -> dict[str, torch.Tensor]:
+    """One tensors dict for the states of every recorded epoch ('epoch<e>:<name>')."""
+    return {f"epoch{e}:{k}": v for e, st in zip(record, per_epoch, strict=True) for k, v in st.items()}
 
 
 def _split_epochs(flat: dict[str, torch.Tensor], record: list[int]) -> list[State]:

@@ -19,7 +19,8 @@ directions times the mean gradient norm, TracIn lr / batch_size per checkpoint).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator
 
 import torch
 
@@ -39,7 +40,7 @@ from ..hessian import (
 from ..objectives import Objective, get_objective, objective_name
 from ..scores import Scores
 from ..task import Task
-from .base import Attributor, register
+from .base import UNITS, Attributor, Settings, check_choice, check_unit, register
 
 EXPANSIONS = ("auto", "linear", "outputs")
 CACHE_LIMIT_BYTES = 1 << 30  # cache_grads='auto' keeps training gradients up to this size
@@ -132,6 +133,32 @@ def dot_chunks(rows: torch.Tensor, chunks: Iterator[tuple[slice, torch.Tensor]],
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class GradientArgs(Settings):
+    """Settings of every gradient-based method (see GradientAttributor)."""
+
+    unit: str = "cluster"
+    params: str | tuple[str, ...] = "all"
+    expansion: str = "auto"
+    chunk: int = 256
+    cache_grads: bool | str = "auto"
+
+    def validate(self) -> None:
+        check_unit(self.unit)
+        names = (
+            isinstance(self.params, tuple) and self.params and all(isinstance(p, str) for p in self.params)
+        )
+        if not (names or self.params in ("all", "last")):
+            raise DistdmError(
+                f"params must be 'all', 'last' or a list of parameter names, got {self.params!r}"
+            )
+        check_choice("expansion", self.expansion, EXPANSIONS)
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk <= 0:
+            raise DistdmError(f"chunk must be a positive integer, got {self.chunk!r}")
+        if self.cache_grads not in (True, False, "auto") or not isinstance(self.cache_grads, (bool, str)):
+            raise DistdmError(f"cache_grads must be True, False or 'auto', got {self.cache_grads!r}")
+
+
 class GradientAttributor(Attributor):
     """Shared settings and machinery of the gradient-based methods.
 
@@ -146,33 +173,9 @@ class GradientAttributor(Attributor):
     never formed: products with them are small matrix products per layer.
     """
 
-    # whether the score of the queries' mean objective is the mean of their scores (a capability:
-    # one solve answers a whole validation set); Grad-Cos normalises each query row, so it is not
-    linear_in_queries = False
+    Args = GradientArgs
+    units = UNITS
     _mean_queries = False
-
-    def __init__(
-        self,
-        *,
-        unit: str = "cluster",
-        params: str | Sequence[str] = "all",
-        expansion: str = "auto",
-        chunk: int = 256,
-        cache_grads: bool | str = "auto",
-    ):
-        if unit not in ("cluster", "sample"):
-            raise DistdmError(f"unit must be 'cluster' or 'sample', got {unit!r}")
-        if expansion not in EXPANSIONS:
-            raise DistdmError(f"expansion must be one of {list(EXPANSIONS)}, got {expansion!r}")
-        if not isinstance(chunk, int) or chunk <= 0:
-            raise DistdmError(f"chunk must be a positive integer, got {chunk!r}")
-        if cache_grads not in (True, False, "auto"):
-            raise DistdmError(f"cache_grads must be True, False or 'auto', got {cache_grads!r}")
-        self.unit = unit
-        self.params = params
-        self.expansion = expansion
-        self.chunk = chunk
-        self.cache_grads = cache_grads
 
     # offline ------------------------------------------------------------------------------
     def _fit(self, task: Task) -> None:
@@ -297,6 +300,18 @@ class GradientAttributor(Attributor):
             self._mean_queries = False
         return products[0]
 
+    def _mean_scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
+        obj = get_objective(objective)
+        ref = self.task_.outputs(x)
+        expansion = self.expansion if self.expansion != "auto" else expansion_for(obj, ref, y)
+        if not self.linear_in_queries or expansion != "linear":
+            return super()._mean_scores(x, y, objective)
+        # the mean objective's gradient is the mean of the per-query gradients: one (inverse) product
+        products = self.mean_query_products(x, y, obj)[None, :]
+        return finish_scores(
+            products, self.task_, obj, ref, y, "linear", self.unit, self.name, objective_name(objective)
+        )
+
     def _rows(
         self,
         fm: FlatModel,
@@ -350,6 +365,8 @@ class GradDot(GradientAttributor):
 class GradCos(GradientAttributor):
     """Grad-Cos: cosine between grad f(query) and grad L(z_i) at the final model."""
 
+    linear_in_queries = False  # each query row is normalised: the mean query's score is not the mean
+
     def _prepare(self, task: Task) -> None:
         norms = self.train_norms()
         self.grad_norms_ = norms
@@ -367,6 +384,21 @@ class GradCos(GradientAttributor):
         return d if expansion == "linear" else d * self._sgd_step() * self.mean_norm_
 
 
+@dataclasses.dataclass(frozen=True)
+class TracInArgs(GradientArgs):
+    """TracIn's settings: the gradient settings and the checkpoints (None: 1..tau)."""
+
+    checkpoints: tuple[int, ...] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        cps = self.checkpoints
+        if cps is not None and (
+            not isinstance(cps, tuple) or any(isinstance(c, bool) or not isinstance(c, int) for c in cps)
+        ):
+            raise DistdmError(f"checkpoints must be a list of integers or None, got {cps!r}")
+
+
 @register("tracin")
 class TracIn(GradientAttributor):
     """TracIn-CP: sum over stored checkpoints c of lr * grad f(query; theta_c)^T grad L(z_i; theta_c).
@@ -375,24 +407,12 @@ class TracIn(GradientAttributor):
     epoch, 1..tau). The objective's reference outputs are the final model's.
     """
 
+    Args = TracInArgs
     linear_in_queries = True
-
-    def __init__(
-        self,
-        *,
-        checkpoints: Sequence[int] | None = None,
-        unit: str = "cluster",
-        params: str | Sequence[str] = "all",
-        expansion: str = "auto",
-        chunk: int = 256,
-        cache_grads: bool | str = "auto",
-    ):
-        super().__init__(unit=unit, params=params, expansion=expansion, chunk=chunk, cache_grads=cache_grads)
-        self.checkpoints = None if checkpoints is None else [int(c) for c in checkpoints]
 
     def _fit(self, task: Task) -> None:
         t = len(task.trajectory)
-        cps = self.checkpoints if self.checkpoints is not None else list(range(1, t)) or [0]
+        cps = list(self.checkpoints) if self.checkpoints is not None else list(range(1, t)) or [0]
         bad = [c for c in cps if not -t <= c < t]
         if bad or not cps:
             raise DistdmError(f"checkpoints {bad or cps} do not exist: the trajectory has {t} (0..{t - 1})")

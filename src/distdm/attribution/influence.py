@@ -20,9 +20,10 @@ eigenbases.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
-from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -46,12 +47,130 @@ from ..hessian import (
 )
 from ..objectives import Objective
 from ..task import Task
-from .base import register
-from .gradients import GradientAttributor, dot_chunks
+from .base import check_choice, check_int, check_number, register
+from .gradients import GradientArgs, GradientAttributor, dot_chunks
 
 log = logging.getLogger(__name__)
 
 SOLVE_MEMO = 4  # inverse-HVP solves kept per fitted method (a few query sets x objectives)
+
+
+@dataclasses.dataclass(frozen=True)
+class InfluenceArgs(GradientArgs):
+    """Settings every influence function shares (see InfluenceFunction)."""
+
+    damping: float | str = "auto"
+    hessian_samples: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        object.__setattr__(self, "damping", damping_rule.check_damping(self.damping))
+        if self.hessian_samples is not None and (
+            isinstance(self.hessian_samples, bool)
+            or not isinstance(self.hessian_samples, int)
+            or self.hessian_samples <= 0
+        ):
+            raise DistdmError(f"hessian_samples must be > 0 or None, got {self.hessian_samples!r}")
+        check_int("seed", self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianArgs(InfluenceArgs):
+    """Settings of the influence functions that solve with HVPs: the curvature as well."""
+
+    curvature: str = "hessian"
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("curvature", self.curvature, CURVATURES)
+
+
+@dataclasses.dataclass(frozen=True)
+class IFExactArgs(HessianArgs):
+    """if-exact: refuse models with more than max_params parameters (the dense Hessian)."""
+
+    max_params: int = 10_000
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("max_params", self.max_params, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class IFCGArgs(HessianArgs):
+    """if-cg: at most max_iter HVPs per solve, relative tolerance tol."""
+
+    max_iter: int = 100
+    tol: float = 1e-4
+
+    def validate(self) -> None:
+        super().validate()
+        ok = isinstance(self.max_iter, int) and not isinstance(self.max_iter, bool) and self.max_iter >= 1
+        if not ok or not isinstance(self.tol, (int, float)) or not self.tol > 0:
+            raise DistdmError(f"CG needs max_iter >= 1 and tol > 0, got {self.max_iter!r}, {self.tol!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class IFLiSSAArgs(HessianArgs):
+    """if-lissa: recursion depth, samples per stochastic HVP, scale, independent repeats."""
+
+    depth: int = 500
+    batch_size: int | None = 128
+    scale: float | None = None
+    repeat: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        ints = [self.depth, self.repeat] + ([] if self.batch_size is None else [self.batch_size])
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ints):
+            raise DistdmError(
+                f"LiSSA needs depth, repeat, batch_size >= 1; got {self.depth!r}, {self.repeat!r}, "
+                f"{self.batch_size!r}"
+            )
+        check_number("LiSSA scale", self.scale, strict=True, none=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class IFArnoldiArgs(HessianArgs):
+    """if-arnoldi: Krylov steps n_iters, eigenpairs kept top_p; no gradient cache by default."""
+
+    n_iters: int = 100
+    top_p: int = 20
+    cache_grads: bool | str = False  # only the projected gradients (N x top_p) are needed
+
+    def validate(self) -> None:
+        super().validate()
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (self.n_iters, self.top_p)):
+            raise DistdmError(
+                f"Arnoldi needs n_iters >= 1 and top_p >= 1, got {self.n_iters!r}, {self.top_p!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class IFEKFACArgs(InfluenceArgs):
+    """if-ekfac: the Fisher ('sampled' or 'empirical'); damping None means 'auto'."""
+
+    damping: float | str | None = "auto"
+    fisher: str = "sampled"
+
+    def validate(self) -> None:
+        if self.damping is None:
+            object.__setattr__(self, "damping", damping_rule.AUTO)
+        super().validate()
+        check_choice("fisher", self.fisher, FISHERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class FastIFArgs(IFLiSSAArgs):
+    """fastif: LiSSA's settings and the number k of neighbours scored per query."""
+
+    k: int = 100
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise DistdmError(f"k (neighbours) must be >= 1, got {self.k!r}")
 
 
 class InfluenceFunction(GradientAttributor):
@@ -68,31 +187,8 @@ class InfluenceFunction(GradientAttributor):
     settings as in GradientAttributor (unit, params, expansion, chunk, cache_grads).
     """
 
+    Args = HessianArgs
     linear_in_queries = True
-
-    def __init__(
-        self,
-        *,
-        damping: float | str = "auto",
-        hessian_samples: int | None = None,
-        curvature: str = "hessian",
-        seed: int = 0,
-        unit: str = "cluster",
-        params: str | Sequence[str] = "all",
-        expansion: str = "auto",
-        chunk: int = 256,
-        cache_grads: bool | str = "auto",
-    ):
-        super().__init__(unit=unit, params=params, expansion=expansion, chunk=chunk, cache_grads=cache_grads)
-        damping = damping_rule.check_damping(damping)
-        if hessian_samples is not None and hessian_samples <= 0:
-            raise DistdmError(f"hessian_samples must be > 0 or None, got {hessian_samples}")
-        if curvature not in CURVATURES:
-            raise DistdmError(f"curvature must be one of {list(CURVATURES)}, got {curvature!r}")
-        self.damping = damping
-        self.curvature = curvature
-        self.hessian_samples = hessian_samples
-        self.seed = seed
 
     def _hessian_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.task_.data
@@ -138,11 +234,10 @@ class InfluenceFunction(GradientAttributor):
         cached (no new Hessian, eigenpairs or training gradients); the original is unchanged."""
         if not hasattr(self, "task_"):
             raise DistdmError(f"{self.name}: call fit(task) before with_damping(...)")
-        damping = damping_rule.check_damping(damping)
         other = copy.copy(self)
-        other.damping = damping
+        other.args = dataclasses.replace(self.args, damping=damping)  # checked again
         other.solves_ = {}
-        other._set_damping(damping)
+        other._set_damping(other.damping)
         other._resolve()
         return other
 
@@ -179,32 +274,7 @@ class IFExact(InfluenceFunction):
 
     max_params: refuse models with more parameters (memory P^2 floats); use params='last'."""
 
-    def __init__(
-        self,
-        *,
-        max_params: int = 10_000,
-        damping: float | str = "auto",
-        hessian_samples: int | None = None,
-        curvature: str = "hessian",
-        seed: int = 0,
-        unit: str = "cluster",
-        params: str | Sequence[str] = "all",
-        expansion: str = "auto",
-        chunk: int = 256,
-        cache_grads: bool | str = "auto",
-    ):
-        super().__init__(
-            damping=damping,
-            hessian_samples=hessian_samples,
-            curvature=curvature,
-            seed=seed,
-            unit=unit,
-            params=params,
-            expansion=expansion,
-            chunk=chunk,
-            cache_grads=cache_grads,
-        )
-        self.max_params = max_params
+    Args = IFExactArgs
 
     def _prepare_curvature(self, task: Task) -> None:
         self.hessian_ = dense(
@@ -282,36 +352,7 @@ class IFExact(InfluenceFunction):
 class IFCG(InfluenceFunction):
     """Influence function, conjugate gradient per query (max_iter HVPs, relative tolerance tol)."""
 
-    def __init__(
-        self,
-        *,
-        max_iter: int = 100,
-        tol: float = 1e-4,
-        damping: float | str = "auto",
-        hessian_samples: int | None = None,
-        curvature: str = "hessian",
-        seed: int = 0,
-        unit: str = "cluster",
-        params: str | Sequence[str] = "all",
-        expansion: str = "auto",
-        chunk: int = 256,
-        cache_grads: bool | str = "auto",
-    ):
-        super().__init__(
-            damping=damping,
-            hessian_samples=hessian_samples,
-            curvature=curvature,
-            seed=seed,
-            unit=unit,
-            params=params,
-            expansion=expansion,
-            chunk=chunk,
-            cache_grads=cache_grads,
-        )
-        if max_iter < 1 or not tol > 0:
-            raise DistdmError(f"CG needs max_iter >= 1 and tol > 0, got {max_iter}, {tol}")
-        self.max_iter = max_iter
-        self.tol = tol
+    Args = IFCGArgs
 
     def ihvp(self, b: torch.Tensor) -> torch.Tensor:
         """(H + damping I)^-1 b by batched conjugate gradient."""
@@ -327,44 +368,7 @@ class IFLiSSA(InfluenceFunction):
     steps of damping='auto', else 30 steps of power iteration in fit); repeat: independent runs averaged.
     """
 
-    def __init__(
-        self,
-        *,
-        depth: int = 500,
-        batch_size: int | None = 128,
-        scale: float | None = None,
-        repeat: int = 1,
-        damping: float | str = "auto",
-        hessian_samples: int | None = None,
-        curvature: str = "hessian",
-        seed: int = 0,
-        unit: str = "cluster",
-        params: str | Sequence[str] = "all",
-        expansion: str = "auto",
-        chunk: int = 256,
-        cache_grads: bool | str = "auto",
-    ):
-        super().__init__(
-            damping=damping,
-            hessian_samples=hessian_samples,
-            curvature=curvature,
-            seed=seed,
-            unit=unit,
-            params=params,
-            expansion=expansion,
-            chunk=chunk,
-            cache_grads=cache_grads,
-        )
-        if depth < 1 or repeat < 1 or (batch_size is not None and batch_size < 1):
-            raise DistdmError(
-                f"LiSSA needs depth, repeat, batch_size >= 1; got {depth}, {repeat}, {batch_size}"
-            )
-        if scale is not None and not scale > 0:
-            raise DistdmError(f"LiSSA scale must be > 0, got {scale}")
-        self.depth = depth
-        self.batch_size = batch_size
-        self.scale = scale
-        self.repeat = repeat
+    Args = IFLiSSAArgs
 
     def _prepare_solver(self, task: Task) -> None:
         if self.scale is not None:
@@ -404,36 +408,7 @@ class IFArnoldi(InfluenceFunction):
     with L = eigenvalues + damping. Only the projected training gradients (N x p) are kept.
     Eigenpairs with eigenvalue + damping <= 0 are dropped."""
 
-    def __init__(
-        self,
-        *,
-        n_iters: int = 100,
-        top_p: int = 20,
-        damping: float | str = "auto",
-        hessian_samples: int | None = None,
-        curvature: str = "hessian",
-        seed: int = 0,
-        unit: str = "cluster",
-        params: str | Sequence[str] = "all",
-        expansion: str = "auto",
-        chunk: int = 256,
-        cache_grads: bool | str = False,
-    ):
-        super().__init__(
-            damping=damping,
-            hessian_samples=hessian_samples,
-            curvature=curvature,
-            seed=seed,
-            unit=unit,
-            params=params,
-            expansion=expansion,
-            chunk=chunk,
-            cache_grads=cache_grads,
-        )
-        if n_iters < 1 or top_p < 1:
-            raise DistdmError(f"Arnoldi needs n_iters >= 1 and top_p >= 1, got {n_iters}, {top_p}")
-        self.n_iters = n_iters
-        self.top_p = top_p
+    Args = IFArnoldiArgs
 
     def _prepare_solver(self, task: Task) -> None:
         vals, vecs = arnoldi(
@@ -486,34 +461,8 @@ class IFEKFAC(InfluenceFunction):
     fisher: 'sampled' (labels drawn from the model, kronfluence's default) or 'empirical'.
     hessian_samples: fit the factors on a fixed random subsample of that many training samples."""
 
-    def __init__(
-        self,
-        *,
-        damping: float | str | None = "auto",
-        fisher: str = "sampled",
-        hessian_samples: int | None = None,
-        seed: int = 0,
-        unit: str = "cluster",
-        params: str | Sequence[str] = "all",
-        expansion: str = "auto",
-        chunk: int = 256,
-        cache_grads: bool | str = "auto",
-    ):
-        damping = damping_rule.AUTO if damping is None else damping
-        super().__init__(
-            damping=damping,
-            hessian_samples=hessian_samples,
-            curvature="ggn",  # the Fisher: the Gauss-Newton matrix in expectation
-            seed=seed,
-            unit=unit,
-            params=params,
-            expansion=expansion,
-            chunk=chunk,
-            cache_grads=cache_grads,
-        )
-        if fisher not in FISHERS:
-            raise DistdmError(f"fisher must be one of {list(FISHERS)}, got {fisher!r}")
-        self.fisher = fisher
+    Args = IFEKFACArgs
+    curvature: ClassVar[str] = "ggn"  # the Fisher: the Gauss-Newton matrix in expectation
 
     def _prepare(self, task: Task) -> None:
         self.solves_ = {}
@@ -542,11 +491,10 @@ class IFEKFAC(InfluenceFunction):
         from the cached eigenbases and eigenvalues (no pass over the data)."""
         if not hasattr(self, "task_"):
             raise DistdmError(f"{self.name}: call fit(task) before with_damping(...)")
-        damping = damping_rule.AUTO if damping is None else damping_rule.check_damping(damping)
         other = copy.copy(self)
-        other.damping = damping
+        other.args = dataclasses.replace(self.args, damping=damping)  # checked again (None: 'auto')
         other.solves_ = {}
-        other.ekfac_ = self.ekfac_.with_damping(damping)
+        other.ekfac_ = self.ekfac_.with_damping(other.damping)
         other._record_damping()
         return other
 
@@ -563,42 +511,7 @@ class FastIF(IFLiSSA):
 
     linear_in_queries = False  # the neighbour pick depends on the queries
 
-    def __init__(
-        self,
-        *,
-        k: int = 100,
-        depth: int = 500,
-        batch_size: int | None = 128,
-        scale: float | None = None,
-        repeat: int = 1,
-        damping: float | str = "auto",
-        hessian_samples: int | None = None,
-        curvature: str = "hessian",
-        seed: int = 0,
-        unit: str = "cluster",
-        params: str | Sequence[str] = "all",
-        expansion: str = "auto",
-        chunk: int = 256,
-        cache_grads: bool | str = "auto",
-    ):
-        super().__init__(
-            depth=depth,
-            batch_size=batch_size,
-            scale=scale,
-            repeat=repeat,
-            damping=damping,
-            hessian_samples=hessian_samples,
-            curvature=curvature,
-            seed=seed,
-            unit=unit,
-            params=params,
-            expansion=expansion,
-            chunk=chunk,
-            cache_grads=cache_grads,
-        )
-        if k < 1:
-            raise DistdmError(f"k (neighbours) must be >= 1, got {k}")
-        self.k = k
+    Args = FastIFArgs
 
     def _prepare_solver(self, task: Task) -> None:
         super()._prepare_solver(task)

@@ -7,18 +7,17 @@ second call does not recompute and a killed sweep resumes at the first unfinishe
 `ExactRetrain` ("exact") is the leave-one-cluster-out attributor built on it.
 
 Store layout (when `task.store` is set): stage 'retrain' holds the identity of what is retrained
-(clusters, schedule, loss, reduction, a hash of theta_0); each job 'retrain/<tag>/seed<s>' records
-its masks' hash and chunk size; chunk i of a job is the artifact 'retrain/<tag>/seed<s>/chunk<i>'
-(a safetensors file of stacked states) with its own completion flag.
+(clusters, schedule, loss, reduction, a hash of theta_0); each seed's job 'retrain/<tag>/seed<s>' is
+a `store.run_chunked` job whose identity is its masks' hash, count and unit: chunk i is the artifact
+'retrain/<tag>/seed<s>/chunk<i>' (a safetensors file of stacked states) with a completion flag of
+the same name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,12 +27,9 @@ from ..errors import DistdmError
 from ..objectives import Objective, get_objective, objective_name
 from ..progress import Progress, StageProgress, check_progress, progress_bar
 from ..scores import Scores
-from ..store import digest
+from ..store import ChunkedJob, digest, run_chunked
 from ..task import Task, check_memory_budget
-from .base import Attributor, register
-
-if TYPE_CHECKING:
-    from ..store import RunStore
+from .base import UNITS, Attributor, Settings, check_int, check_unit, register
 
 log = logging.getLogger(__name__)
 
@@ -127,79 +123,34 @@ def _retrain_chunks(
     store = task.store
     executor = task.executor if executor is None else executor
     budget = task.memory_budget_bytes if memory_budget_bytes is None else memory_budget_bytes
-    if store is None and executor is not None:
+
+    def compute(slices: list[slice], ex: object) -> State:
+        rows = keep_t[slices[0]] if len(slices) == 1 else torch.cat([keep_t[sl] for sl in slices])
+        if ex is None:
+            return task.retrain(rows, seed=s, unit=unit, progress=progress, memory_budget_bytes=budget)
+        # the engine splits the rows into chunks of chunk_size again and maps them onto the executor
         return task.retrain(
-            keep_t, seed=s, unit=unit, progress=progress, chunk_size=chunk_size, executor=executor,
+            rows, seed=s, unit=unit, progress=progress, chunk_size=chunk_size, executor=ex,
             memory_budget_bytes=budget,
         )  # fmt: skip
-    if store is None:
-        return _concat_states(
-            [
-                task.retrain(keep_t[sl], seed=s, unit=unit, progress=progress, memory_budget_bytes=budget)
-                for sl in _chunks(len(keep_t), chunk_size)
-            ]
-        )
 
-    masks_hash = digest(keep_t.to(torch.uint8), length=64)
-    tag = tag or f"masks-{masks_hash[:12]}"
-    if "/" in tag or not tag:
-        raise DistdmError(f"retrain tag must be a non-empty name without '/', got {tag!r}")
-    store.check_config("retrain", task_identity(task))
-    job = f"retrain/{tag}/seed{s}"
-    store.check_config(
-        job, {"masks": masks_hash, "variants": len(keep_t), "unit": unit, "chunk_size": chunk_size}
-    )
-    chunks = _chunks(len(keep_t), chunk_size)
-    cached = [sl for i, sl in enumerate(chunks) if _chunk_done(store, job, i)]
-    progress.advance(sum(sl.stop - sl.start for sl in cached) * task.schedule.epochs)
-    parts: list[State] = []
-    if executor is not None:
-        _run_pending(task, keep_t, s, unit, job, chunk_size, progress, executor, budget)
-    for i, sl in enumerate(chunks):
-        name = f"{job}/chunk{i}"
-        if _chunk_done(store, job, i):
-            stored = store.load_tensors(name)  # on the CPU, wherever it was computed
-            parts.append({k: v.to(task.device) for k, v in stored.items()})
-            continue
-        t = time.perf_counter()
-        states = task.retrain(keep_t[sl], seed=s, unit=unit, progress=progress, memory_budget_bytes=budget)
-        store.save_tensors(name, states)
-        store.mark_done(name, seconds=time.perf_counter() - t, variants=sl.stop - sl.start)
-        log.info("retrained %s (%d variants) in %.1f s", name, sl.stop - sl.start, time.perf_counter() - t)
-        parts.append(states)
-    return _concat_states(parts)
-
-
-def _chunk_done(store: RunStore, job: str, i: int) -> bool:
-    return store.is_done(f"{job}/chunk{i}") and store.has(f"{job}/chunk{i}.safetensors")
-
-
-def _run_pending(
-    task: Task, keep: torch.Tensor, seed: int, unit: str, job: str, chunk_size: int,
-    progress: StageProgress, executor: object, memory_budget_bytes: int | None,
-) -> None:  # fmt: skip
-    """Retrain every unfinished chunk of a job in one engine call through the executor; save each."""
-    store = task.store
-    assert store is not None
-    todo = [(i, sl) for i, sl in enumerate(_chunks(len(keep), chunk_size)) if not _chunk_done(store, job, i)]
-    if not todo:
-        return
-    t = time.perf_counter()
-    rows = torch.cat([keep[sl] for _, sl in todo])
-    states = task.retrain(
-        rows, seed=seed, unit=unit, progress=progress, chunk_size=chunk_size, executor=executor,
-        memory_budget_bytes=memory_budget_bytes,
+    name, identity = "retrain", {}  # without a store nothing is recorded: the name is not used
+    if store is not None:
+        masks_hash = digest(keep_t.to(torch.uint8), length=64)
+        tag = tag or f"masks-{masks_hash[:12]}"
+        if "/" in tag or not tag:
+            raise DistdmError(f"retrain tag must be a non-empty name without '/', got {tag!r}")
+        store.check_config("retrain", task_identity(task))
+        name, identity = job_name(tag, s), {"masks": masks_hash, "variants": len(keep_t), "unit": unit}
+    return run_chunked(
+        store, name, identity, len(keep_t), chunk_size, compute, executor=executor, device=task.device,
+        progress=progress, work_per_item=task.schedule.epochs,
     )  # fmt: skip
-    seconds = (time.perf_counter() - t) / len(todo)
-    at = 0
-    for i, sl in todo:
-        n = sl.stop - sl.start
-        store.save_tensors(f"{job}/chunk{i}", {k: v[at : at + n].contiguous() for k, v in states.items()})
-        store.mark_done(f"{job}/chunk{i}", seconds=seconds, variants=n)
-        at += n
-    log.info(
-        "retrained %d chunks of %s through %r in %.1f s", len(todo), job, executor, time.perf_counter() - t
-    )
+
+
+def job_name(tag: str, seed: int) -> str:
+    """The store's name of the retrain job of masks `tag` and one seed; its chunks lie under it."""
+    return f"retrain/{tag}/seed{seed}"
 
 
 def recorded_seconds(task: Task, tag: str, seed: int | None = None) -> float | None:
@@ -208,19 +159,11 @@ def recorded_seconds(task: Task, tag: str, seed: int | None = None) -> float | N
     if task.store is None:
         return None
     s = task.schedule.seed if seed is None else int(seed)
-    prefix = f"retrain/{tag}/seed{s}/chunk"
-    done = [v for k, v in task.store.manifest["stages"].items() if k.startswith(prefix) and v.get("done")]
-    return float(sum(v.get("seconds", 0.0) for v in done)) if done else None
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _concat_states(parts: Sequence[State]) -> State:
-    if len(parts) == 1:
-        return parts[0]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    name = job_name(tag, s)
+    cfg = task.store.config(name)
+    n = cfg.get("variants") if isinstance(cfg, dict) else None
+    job = ChunkedJob.recorded(task.store, name, n) if isinstance(n, int) else None
+    return None if job is None else job.recorded_seconds(task.store)
 
 
 def objective_values(
@@ -240,6 +183,27 @@ def objective_values(
         return f(out, ref, torch.as_tensor(y, device=out.device)).double().cpu().numpy()
 
 
+@dataclasses.dataclass(frozen=True)
+class ExactArgs(Settings):
+    """exact: the retraining seeds (None: the task's), the unit, the variants per cached chunk."""
+
+    seeds: tuple[int, ...] | None = None
+    unit: str = "cluster"
+    chunk_size: int = DEFAULT_CHUNK
+
+    def validate(self) -> None:
+        seeds = self.seeds
+        if seeds is not None and (
+            not isinstance(seeds, tuple)
+            or len(seeds) == 0
+            or len(set(seeds)) != len(seeds)
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds)
+        ):
+            raise DistdmError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
+        check_unit(self.unit)
+        check_int("chunk_size", self.chunk_size, 1)
+
+
 @register("exact")
 class ExactRetrain(Attributor):
     """Exact leave-one-unit-out retraining, averaged over seeds: score[k, q] = f(without k)(q) - f(all)(q).
@@ -252,6 +216,11 @@ class ExactRetrain(Attributor):
     outputs an objective sees are those of the all-kept model of the same seed.
     """
 
+    Args = ExactArgs
+    execution = ("progress", "executor", "memory_budget_bytes")
+    trains_models = True
+    units = UNITS
+
     def __init__(
         self,
         seeds: Sequence[int] | None = None,
@@ -263,13 +232,7 @@ class ExactRetrain(Attributor):
     ):
         check_memory_budget(memory_budget_bytes)
         check_progress(progress)
-        if seeds is not None and (len(seeds) == 0 or len(set(seeds)) != len(seeds)):
-            raise DistdmError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
-        if unit not in ("cluster", "sample"):
-            raise DistdmError(f"unit must be 'cluster' or 'sample', got {unit!r}")
-        self.seeds = None if seeds is None else tuple(int(s) for s in seeds)
-        self.unit = unit  # type: ignore[misc]  # instance setting shadows the class default
-        self.chunk_size = chunk_size
+        super().__init__(seeds=seeds, unit=unit, chunk_size=chunk_size)
         self.progress = progress
         self.executor = executor
         self.memory_budget_bytes = memory_budget_bytes

@@ -9,6 +9,8 @@ lowers dist3 (-). Objectives not listed (user functions) get +1: the score is th
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -17,7 +19,7 @@ from ..errors import DistdmError
 from ..objectives import Objective, objective_name
 from ..scores import Scores
 from ..task import Task
-from .base import Attributor, register
+from .base import Attributor, Settings, check_choice, check_int, register
 
 DIRECTION: dict[str, float] = {
     "margin": -1.0,
@@ -42,12 +44,34 @@ def cluster_means(values: np.ndarray, assignment: np.ndarray, n_clusters: int) -
     return out / np.maximum(sizes, 1)[:, None]
 
 
+@dataclasses.dataclass(frozen=True)
+class RandomArgs(Settings):
+    """random: the seed of the scores."""
+
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_int("seed", self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusteringArgs(Settings):
+    """clustering: the feature space ('penultimate' or 'input')."""
+
+    features: str = "penultimate"
+
+    def validate(self) -> None:
+        check_choice("features", self.features, ("penultimate", "input"))
+
+
 @register("random")
 class RandomAttributor(Attributor):
     """Random scores (standard normal per cluster and query), reproducible from `seed`."""
 
+    Args = RandomArgs
+
     def __init__(self, seed: int = 0):
-        self.seed = seed
+        super().__init__(seed=seed)
 
     def _scores(self, x: torch.Tensor, y: torch.Tensor, objective: str | Objective) -> Scores:
         rng = np.random.default_rng(self.seed)
@@ -80,10 +104,10 @@ class ClusteringAttributor(Attributor):
     """Clustering-based: minus the Euclidean distance from the query to each cluster's centroid in
     feature space ('penultimate': the target model's penultimate features; 'input': raw inputs)."""
 
+    Args = ClusteringArgs
+
     def __init__(self, features: str = "penultimate"):
-        if features not in ("penultimate", "input"):
-            raise DistdmError(f"features must be 'penultimate' or 'input', got {features!r}")
-        self.features = features
+        super().__init__(features=features)
 
     def _embed(self, task: Task, x: torch.Tensor) -> np.ndarray:
         if self.features == "input":
