@@ -81,3 +81,20 @@ def diabetes_task():
     data = load_diabetes()
     model = build_model("mlp", data.input_shape, 1, seed=0, hidden=(16,))
     return train_target(model, data, Schedule(epochs=60, lr=0.01, batch_size=32, seed=0), loss="mse")
+
+
+class MapSpy:
+    """Passes map calls on to an executor and records how many items each carried."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def map(self, fn, items):
+        self.calls.append(len(items))
+        return self.inner.map(fn, items)
+
+
+@pytest.fixture
+def map_spy():
+    """MapSpy(executor): an executor wrapper that records the size of every map call."""
+    return MapSpy

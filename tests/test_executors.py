@@ -55,17 +55,6 @@ def ray_executor():
     ex.shutdown()
 
 
-class _Spy:
-    """Passes map calls on to an executor and records how many items each carried."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def map(self, fn, items):
-        self.calls.append(len(items))
-        return self.inner.map(fn, items)
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_ray_runs_tasks_in_worker_processes_in_order(ray_executor):
@@ -99,11 +88,11 @@ def test_ray_and_local_train_the_same_states(ray_executor):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_ray_exact_retraining_gives_the_same_scores_and_caches_on_the_driver(
-    ray_executor, mini_task, queries, tmp_path
+    ray_executor, mini_task, queries, tmp_path, map_spy
 ):
     local = ExactRetrain(chunk_size=6).fit(mini_task).scores(*queries)
     task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
-    spy = _Spy(ray_executor)
+    spy = map_spy(ray_executor)
     remote = ExactRetrain(chunk_size=6, executor=spy).fit(task).scores(*queries)
     assert spy.calls == [4]  # 21 models (all kept + 20 left out): 4 chunks of 6 in one call
     # workers run with their own torch thread count, so float32 reductions may round differently
@@ -114,20 +103,20 @@ def test_ray_exact_retraining_gives_the_same_scores_and_caches_on_the_driver(
     np.testing.assert_array_equal(again.scores(*queries).values, remote.values)
 
 
-def test_memory_budget_through_exact_retrain_and_the_task(mini_task, queries):
+def test_memory_budget_through_exact_retrain_and_the_task(mini_task, queries, map_spy):
     x, y = queries
     t = mini_task
     per = estimate_variant_bytes(t.model, t.data.x_train, t.data.y_train, t.schedule, loss=t.loss)
     full = ExactRetrain().fit(t).scores(x, y).values  # 21 models (all kept + 20 left out) at once
     counts = []
     for budget in (per * 100, per * 7, per * 3):
-        spy = _Spy(LocalExecutor())
+        spy = map_spy(LocalExecutor())
         got = ExactRetrain(executor=spy, memory_budget_bytes=budget).fit(t).scores(x, y).values
         counts.append(spy.calls)
         np.testing.assert_allclose(got, full, atol=1e-6)
     assert counts == [[1], [3], [7]]  # chunks of 21, 7 and 3 models
     # the task's own settings are the default of every retrain (what Run and the CLI set)
-    spy = _Spy(LocalExecutor())
+    spy = map_spy(LocalExecutor())
     task = dataclasses.replace(t, executor=spy, memory_budget_bytes=per * 3)
     np.testing.assert_allclose(ExactRetrain().fit(task).scores(x, y).values, full, atol=1e-6)
     assert spy.calls == [7]
@@ -137,26 +126,26 @@ def test_memory_budget_through_exact_retrain_and_the_task(mini_task, queries):
         ExactRetrain(memory_budget_bytes=0)
 
 
-def test_further_training_runs_its_chunks_on_the_executor(mini_task, queries, tmp_path):
+def test_further_training_runs_its_chunks_on_the_executor(mini_task, queries, tmp_path, map_spy):
     from distdm.attribution.further import FurtherTraining
 
     x, y = queries
     settings = dict(epochs=2, seeds=2, chunk_size=8)  # 21 models per seed: 3 chunks
     local = FurtherTraining(**settings).fit(mini_task).scores(x, y).values
-    spy = _Spy(LocalExecutor())
+    spy = map_spy(LocalExecutor())
     task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
     got = FurtherTraining(**settings, executor=spy).fit(task).scores(x, y).values
     assert spy.calls == [3, 3]  # one engine call per seed, one item per chunk
     np.testing.assert_allclose(got, local, atol=1e-6)
     assert task.store.is_done("further/seed1/chunk2")  # the driver cached every chunk
-    spy = _Spy(LocalExecutor())
+    spy = map_spy(LocalExecutor())
     again = FurtherTraining(**settings, executor=spy).fit(task).scores(x, y).values
     assert spy.calls == [] and np.array_equal(again, got)
     # a budget for 4 models at once splits every seed's 21 models into 6 engine chunks
     ft = FurtherTraining(**settings)
     d = mini_task.data
     per = estimate_variant_bytes(mini_task.model, d.x_train, d.y_train, ft.schedule_for(mini_task, 0))
-    spy = _Spy(LocalExecutor())
+    spy = map_spy(LocalExecutor())
     small = FurtherTraining(**settings, executor=spy, memory_budget_bytes=4 * per)
     np.testing.assert_allclose(small.fit(mini_task).scores(x, y).values, local, atol=1e-6)
     assert spy.calls == [6, 6]

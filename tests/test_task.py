@@ -16,23 +16,12 @@ from distdm.runtime import Runtime
 from distdm.task import Task
 
 
-class _Spy:
-    """Passes map calls on to an executor and records how many items each carried."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def map(self, fn, items):
-        self.calls.append(len(items))
-        return self.inner.map(fn, items)
-
-
 def _parts(task: Task) -> tuple:
     return task.model, task.data, task.clusters, task.schedule, task.trajectory
 
 
-def test_a_task_built_with_a_runtime_equals_one_built_with_the_old_keywords(mini_task):
-    spy = _Spy(LocalExecutor())
+def test_a_task_built_with_a_runtime_equals_one_built_with_the_old_keywords(mini_task, map_spy):
+    spy = map_spy(LocalExecutor())
     old = Task(*_parts(mini_task), executor=spy, memory_budget_bytes=10**6, device="cpu")
     new = Task(*_parts(mini_task), runtime=Runtime(device="cpu", executor=spy, memory_budget_bytes=10**6))
     assert old.runtime == new.runtime == Runtime("cpu", spy, 10**6)
@@ -44,8 +33,8 @@ def test_a_task_built_with_a_runtime_equals_one_built_with_the_old_keywords(mini
     assert Task(*_parts(mini_task)).runtime == Runtime()
 
 
-def test_replace_keeps_the_runtime_and_changes_only_what_it_is_given(mini_task):
-    spy = _Spy(LocalExecutor())
+def test_replace_keeps_the_runtime_and_changes_only_what_it_is_given(mini_task, map_spy):
+    spy = map_spy(LocalExecutor())
     task = Task(*_parts(mini_task), runtime=Runtime(executor=spy, memory_budget_bytes=10**6))
     other = kmeans_per_class(task.data.x_train, task.data.y_train, 3, seed=1, n_init=1)
     moved = dataclasses.replace(task, clusters=other)
@@ -83,13 +72,13 @@ def test_a_runtime_refuses_what_cannot_run_and_normalises_what_can(mini_task):
     assert type(r.memory_budget_bytes) is int and r.memory_budget_bytes == 4096
 
 
-def test_retrain_runs_on_the_runtime_and_gives_the_same_states(mini_task):
+def test_retrain_runs_on_the_runtime_and_gives_the_same_states(mini_task, map_spy):
     t = mini_task
     keep = torch.ones(6, t.clusters.n_clusters)
     keep[torch.arange(6), torch.arange(6)] = 0  # leave out one of the first six clusters each
     plain = t.retrain(keep)
     per = estimate_variant_bytes(t.model, t.data.x_train, t.data.y_train, t.schedule, loss=t.loss)
-    spy, seen = _Spy(LocalExecutor()), []
+    spy, seen = map_spy(LocalExecutor()), []
     task = dataclasses.replace(
         t,
         runtime=Runtime(
