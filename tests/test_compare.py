@@ -100,6 +100,37 @@ def test_compare_study_and_cache(small, tmp_path):
     assert max(diff.values()) == 0.0, diff
 
 
+def test_the_study_caches_each_variant_once_through_the_store_and_gives_the_same_numbers(
+    small, tmp_path, monkeypatch
+):
+    import distdm.applications.compare as compare
+    from distdm.store import COMPARE_VARIANT
+
+    data, clusters, q, sched = small
+    variants = [Variant("mlp", "xavier"), Variant("logreg")]
+    kw = {"model_kwargs": {"mlp": {"hidden": (16,)}}}
+    uncached = compare_study(data, variants, sched, clusters, q, **kw)
+    store = RunStore(tmp_path / "run")
+    first = compare_study(data, variants, sched, clusters, q, store=store, **kw)
+    entries = store.index(COMPARE_VARIANT)  # one cached result per variant, named after it
+    assert [r.info["variant"] for r in entries] == ["logreg", "mlp:xavier"]
+    assert [r.name.split("/")[1].rsplit("-", 1)[0] for r in entries] == ["logreg", "mlp-xavier"]
+    assert entries[1].identity["kwargs"] == {"hidden": [16]} and entries[1].identity["seed"] == 0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached variant was trained again")
+
+    monkeypatch.setattr(compare, "train_variants", no_training)
+    second = compare_study(data, variants, sched, clusters, q, store=store, **kw)
+    for comp in (first, second):
+        assert comp.accuracy == uncached.accuracy and comp.rows == uncached.rows
+        for v in uncached.matrices:
+            for level, m in uncached.matrices[v].items():
+                assert np.array_equal(comp.matrices[v][level], m), (v, level)
+    with pytest.raises(AssertionError, match="trained again"):  # other settings are not the cached ones
+        compare_study(data, variants[:1] + [Variant("logreg", seed=3)], sched, clusters, q, store=store, **kw)
+
+
 runner = CliRunner()
 
 

@@ -199,3 +199,35 @@ def test_run_records_the_settings_beside_stored_scores(tmp_path, digits):
     on_disk = json.loads((tmp_path / "r" / "manifest.json").read_text())
     rebuilt = Attributor.from_dict(on_disk["results"][entry.name]["identity"])
     assert rebuilt.args == att.args
+
+
+@pytest.mark.parametrize("name", sorted(ATTRIBUTORS))
+def test_attributors_are_equal_by_method_and_settings_and_unhashable(name):
+    cls = ATTRIBUTORS[name]
+    a, b = make_attributor(name), make_attributor(name)
+    assert a == b and not (a != b)
+    assert a == Attributor.from_dict(a.to_dict())
+    changed = CHANGED.get(name)
+    if changed:
+        assert make_attributor(name, **changed) != a
+        assert make_attributor(name, **changed) == Attributor.from_dict(
+            make_attributor(name, **changed).to_dict()
+        )
+    if "progress" in cls.execution:  # how it runs does not count
+        assert make_attributor(name, progress=True) == a
+    other = next(n for n in sorted(ATTRIBUTORS) if n != name)
+    assert a != make_attributor(other) and a != a.to_dict() and a is not None
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(a)
+    # a setting changed afterwards changes the value
+    if "seed" in cls.Args.names():
+        b.seed = 12345
+        assert a != b
+
+
+def test_a_fitted_attributor_equals_an_unfitted_one_and_a_ready_synset_only_itself(tiny_task):
+    fitted = make_attributor("grad-dot").fit(tiny_task)
+    assert fitted == make_attributor("grad-dot")  # fitted state does not count
+    with_synset = make_attributor("ddm", synset=object())  # data, not settings: no dict to compare
+    assert with_synset == with_synset and with_synset != make_attributor("ddm", synset=object())
+    assert with_synset != make_attributor("ddm")

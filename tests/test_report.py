@@ -224,6 +224,76 @@ def test_report_names_a_tampered_artifact_instead_of_showing_it(full_run, small,
     assert 'alt="synset grid"' in text  # the rest of the report is still there
 
 
+def _without_index(root: Path) -> None:
+    """The manifest as a run made before the results index wrote it (no 'results' section)."""
+    path = root / "manifest.json"
+    m = json.loads(path.read_text())
+    del m["results"]
+    path.write_text(json.dumps(m, indent=2, sort_keys=True))
+
+
+def _headings(body: str) -> list[str]:
+    return re.findall(r"<h[34][^>]*>(.*?)</h[34]>", body)
+
+
+def test_report_reads_the_results_index_and_renders_a_run_made_before_it(full_run, small, tmp_path):
+    from distdm.store import APPLICATION, DISTILLATION, run_chunked
+
+    copy = tmp_path / "indexed"
+    shutil.copytree(full_run.store.root, copy)
+    run = Run.open(copy, data=small)
+    # a second custom synset: each one is named by its own stage (the index, not matched diagnostics)
+    other = DistillConfig(target="trajectory", starts=2, iterations=3, step=1, soft_labels=True)
+    syn = run.distill(config=other)
+    assert run.attributor("ddm", distill=other, synset=syn).synset_ is syn  # given: nothing new to index
+    stages = {r.name: r for r in run.store.index(DISTILLATION)}
+    assert len(stages) == 2 and all(n.startswith("distill-custom-") for n in stages)
+    assert len({r.identity["synset"] for r in stages.values()}) == 2
+    x, y, idx = run.queries(4)
+    run.save_scores(run.attributor("grad-dot").scores(x, y, "loss"), idx, seed=1)  # indexed without settings
+    assert run.store.result("attribution/grad-dot-loss-q4s1").identity == {"method": "grad-dot"}
+    out = run.diagnose(
+        ("grad-dot",), fractions=[0.2], random_seeds=1
+    )  # Run's applications index their outputs
+    entry = run.store.result("applications/diagnose")
+    assert entry.kind == APPLICATION and entry.info["application"] == "diagnose"
+    assert sorted(str(run.store.root / f) for f in entry.files) == sorted(out.paths)
+    assert entry.identity["methods"] == ["grad-dot"] and entry.identity["fractions"] == [0.2]
+    # a file in the folder that no indexed result lists (say, of an earlier diagnosis) is not shown
+    run.store.save_file("applications/diagnose/diagnose-flagged-stale.png", bar_png(["a"], [1.0], "t", "x"))
+    # a chunked job: its chunks are grouped by the job the index names, whatever the chunks' names
+    run_chunked(
+        run.store, "probe", {"v": 1}, 4, 2, lambda sl, ex: {"t": torch.zeros(sl[0].stop - sl[0].start)}
+    )
+
+    text = write_report(run, tmp_path / "indexed.html").read_text()
+    _assert_self_contained(text)
+    assert 'class="error"' not in text
+    dist = _section(text, "distillation")
+    for stage, r in stages.items():  # each synset under its own heading, labelled with its own stage
+        label = stage.removeprefix("distill-")
+        assert f"synset {r.identity['synset'].split('/', 1)[1]} (preset {label})</h3>" in dist
+    assert 'alt="heatmap grad-dot-loss-q4s1"' in text and 'alt="heatmap grad-dot-margin-q8s0"' in text
+    diag = _section(text, "diagnose")
+    assert "Members of the most harmful clusters by grad-dot" in diag and "stale" not in diag
+    assert "<td>probe</td><td>done (2 cached chunks)</td>" in _section(text, "timings")
+    assert _section(text, "noise").count('<h3 class="corruption">') == 1  # saved as before the index
+
+    # the same run as a distdm made before the index wrote it: every part is still found by its name
+    old = tmp_path / "old"
+    shutil.copytree(copy, old)
+    _without_index(old)
+    run_old = Run.open(old, data=small)
+    assert run_old.store.index() == []
+    before = write_report(run_old, tmp_path / "old.html").read_text()
+    _assert_self_contained(before)
+    assert 'class="error"' not in before and "not computed yet" not in before
+    for sid in ("distillation", "attribution", "noise", "transfer", "unlearn", "privacy"):
+        assert _headings(_section(before, sid)) == _headings(_section(text, sid)), sid
+    assert "Members of the most harmful clusters by grad-dot" in _section(before, "diagnose")
+    assert "probe/chunk0" in _section(before, "timings")  # unindexed: one row per chunk
+
+
 def test_markdown_and_csv_tables():
     html = markdown_to_html("# Head\nsetting x\n\n| a | b |\n|---|---|\n| 1 | <2> |\n")
     assert "<p>setting x</p>" in html and "<th>a</th>" in html and "&lt;2&gt;" in html and "---" not in html

@@ -407,3 +407,32 @@ def test_pipeline_methods_store_what_they_compute_and_return_the_paths(tmp_path,
     truth = run.attributor("exact", seeds=[0]).scores(x, y, "margin")
     got = [r for r in out.value.rows if r["method"] == "grad-dot"][0]
     assert np.isclose(got["spearman"], metrics.spearman(out.value.scores["grad-dot"]["margin"], truth).mean)
+
+
+def test_a_run_takes_one_runtime_and_the_separate_keywords_set_entries_of_it(tmp_path, small):
+    from distdm.runtime import Runtime
+
+    def report(stage, done, total):
+        pass
+
+    rt = Runtime(memory_budget_bytes=2**24, progress=report)
+    run = Run(tmp_path / "r", small, "mlp", train=TC, model_kwargs={"hidden": (8,)}, runtime=rt)
+    assert run.runtime is rt and run.memory_budget_bytes == 2**24 and run.progress is report
+    assert run.device == torch.device("cpu") and run.executor is None
+    run.train()
+    run.cluster(ClusterConfig(per_class=2, n_init=1))
+    task = run.task()  # the task runs as the run does; the stages report their own progress
+    assert task.runtime == rt.replace(progress=False)
+    # the older keywords still work, one entry each, over the given runtime's
+    old = Run.open(tmp_path / "r", data=small, memory_budget_bytes=2**20, progress=True)
+    assert old.runtime == Runtime(memory_budget_bytes=2**20, progress=True)
+    mixed = Run.open(tmp_path / "r", data=small, runtime=rt, memory_budget_bytes=2**20)
+    assert mixed.runtime == rt.replace(memory_budget_bytes=2**20) and mixed.progress is report
+    assert Run.open(tmp_path / "r", data=small, runtime=rt).task().memory_budget_bytes == 2**24
+    for bad, match in [
+        ({"runtime": "cpu"}, "runtime must be a distdm.Runtime"),
+        ({"memory_budget_bytes": 0}, "memory_budget_bytes must be a positive integer"),
+        ({"executor": object()}, "executor must be None"),
+    ]:
+        with pytest.raises(DistdmError, match=match):
+            Run.open(tmp_path / "r", data=small, **bad)

@@ -28,7 +28,7 @@ import torch
 from .clusters import Clusters, classwise
 from .errors import DistdmError
 from .scores import SIGN_CONVENTION
-from .store import atomic_write_bytes
+from .store import APPLICATION, CHUNKED_JOB, DISTILLATION, SCORES, SYNSET, Result, atomic_write_bytes
 
 if TYPE_CHECKING:  # run.py imports every attribution method; the report needs none of them
     from .run import Run
@@ -329,10 +329,15 @@ def _timings(run: Run) -> str:
     stages = run.store.manifest["stages"]
     if not stages:
         return _missing("Stages", "Run <code>distdm train RUN</code> to start.")
+    # a chunked job's chunk flags are named like its chunk files (the index lists them); a job that
+    # is not complete yet, or was made before the index, is recognised by the '<job>/chunk<i>' names
+    job_of = {f.removesuffix(".safetensors"): r.name for r in run.store.index(CHUNKED_JOB) for f in r.files}
     groups: dict[str, dict[str, Any]] = {}
     for name, info in stages.items():
         parts = name.split("/")
-        key = "/".join(parts[:-1]) if len(parts) > 2 and parts[-1].startswith("chunk") else name
+        key = job_of.get(name) or (
+            "/".join(parts[:-1]) if len(parts) > 2 and parts[-1].startswith("chunk") else name
+        )
         g = groups.setdefault(key, {"seconds": 0.0, "units": 0, "done": 0, "info": {}})
         g["seconds"] += float(info.get("seconds") or 0.0)
         g["units"] += 1
@@ -377,14 +382,50 @@ def _clusters(run: Run) -> str:
     return out + _table(["class", "clusters", "samples", "cluster sizes"], rows)
 
 
-def _synsets(run: Run) -> list[str]:
-    return sorted(
+def _listed(run: Run, kind: str, legacy: Callable[[str], bool]) -> list[str]:
+    """The names of a kind of result as the run's results index lists them, plus those made before
+    their writer indexed them (older runs): recorded .safetensors artifacts that `legacy` accepts."""
+    names = {r.name for r in run.store.index(kind)}
+    names |= {
         a[: -len(".safetensors")]
         for a in run.store.manifest["artifacts"]
-        if a.startswith("synset/")
-        and a.endswith(".safetensors")
-        and run.store.has(a[: -len("safetensors")] + "json")
+        if a.endswith(".safetensors") and legacy(a) and run.store.has(a)
+    }
+    return sorted(names)
+
+
+def _synsets(run: Run) -> list[str]:
+    """The run's synsets (artifact names without suffix): indexed, or a synset/ tensors artifact
+    with its JSON beside it."""
+    return _listed(
+        run, SYNSET, lambda a: a.startswith("synset/") and run.store.has(a[: -len("safetensors")] + "json")
     )
+
+
+def _synset_labels(run: Run, keys: list[str]) -> dict[str, list[str]]:
+    """The presets (or custom settings) whose distillation stage made each synset, from the results
+    index; a stage recorded before the index names its synset among its artifacts, and one older
+    still is matched by its matching cosines."""
+    labels: dict[str, list[str]] = {k: [] for k in keys}
+    indexed = run.store.index(DISTILLATION)
+    for r in indexed:
+        labels.setdefault(r.identity.get("synset", ""), []).append(str(r.info.get("label", r.name)))
+    done = {r.name for r in indexed}
+    old = {
+        s: v for s, v in run.store.manifest["stages"].items() if s.startswith("distill-") and s not in done
+    }
+    for stage, v in old.items():
+        label = stage[len("distill-") :]
+        if "artifacts" in v:
+            for key in keys:
+                if f"{key}.safetensors" in v["artifacts"]:
+                    labels[key].append(label)
+        elif v.get("layer_cosine") is not None:
+            for key in keys:
+                info = run.store.load_json(key) if run.store.has(f"{key}.json") else {}
+                if info.get("layer_cosine") == v["layer_cosine"]:
+                    labels[key].append(label)
+    return {k: sorted(v) for k, v in labels.items()}
 
 
 def _distillation(run: Run) -> str:
@@ -394,18 +435,14 @@ def _distillation(run: Run) -> str:
     keys = _synsets(run)
     if not keys:
         return _missing("Synsets", "Run <code>distdm distill RUN --preset default</code>.")
-    stages = {k: v for k, v in run.store.manifest["stages"].items() if k.startswith("distill-")}
+    labels = _synset_labels(run, keys)
     out = []
     for key in keys:
 
         def one(key: str = key) -> str:
             syn = Synset.from_tensors(run.store.load_tensors(key), run.store.load_json(key))
             info = syn.info
-            label = [
-                s[len("distill-") :]
-                for s, v in stages.items()
-                if v.get("layer_cosine") == info.get("layer_cosine")
-            ]
+            label = labels.get(key, [])
             cfg = info.get("config", {})
             parts = [
                 f"<h3>synset {_e(key.split('/', 1)[1])}"
@@ -483,11 +520,7 @@ def _clusters_for(run: Run, n: int) -> Clusters | None:
 def _attributions(run: Run) -> tuple[str, set[str]]:
     from .figures import heatmap_png
 
-    names = sorted(
-        a[: -len(".safetensors")]
-        for a in run.store.manifest["artifacts"]
-        if a.startswith("attribution/") and a.endswith(".safetensors")
-    )
+    names = _listed(run, SCORES, lambda a: a.startswith("attribution/"))
     if not names:
         return _missing("Attribution scores", "Run <code>distdm attribute RUN --method ddm</code>."), set()
     if not run.store.is_done("cluster"):
@@ -755,11 +788,10 @@ def _json_body(name: str, data: bytes) -> str | None:
     return None
 
 
-def _app_files(run: Run, folder: Path, report: Path, level: str = "h3") -> str:
-    """Every readable output in one application folder, under a caption instead of its path."""
+def _app_files(run: Run, files: list[Path], report: Path, level: str = "h3") -> str:
+    """Every readable output of one application folder, under a caption instead of its path."""
     root = run.store.root
     artifacts = run.store.manifest["artifacts"]
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     names = {p.name for p in files}
     order = {".md": 0, ".json": 1, ".png": 2, ".csv": 3}
     out = []
@@ -792,19 +824,36 @@ def _app_files(run: Run, folder: Path, report: Path, level: str = "h3") -> str:
     return "".join(out)
 
 
+def _app_folders(run: Run, sid: str) -> dict[str, list[Path]]:
+    """One application's output files by folder (keyed by the corruption tag for 'noise', else the
+    folder name), as the results index lists them. A folder no indexed result names (made before
+    the applications were indexed) is read whole, the noise copies found by their folder names."""
+    root = run.store.root
+    apps = root / "applications"
+    out: dict[str, set[Path]] = {}
+    indexed: set[Path] = set()
+    entries: list[Result] = [r for r in run.store.index(APPLICATION) if r.info.get("application") == sid]
+    for r in entries:
+        paths = [root / f for f in r.files]
+        indexed.update(p.parent for p in paths)
+        key = str(r.info.get("corruption")) if sid == "noise" else sid
+        out.setdefault(key, set()).update(paths)
+    legacy = sorted(apps.glob("diagnose-*")) if sid == "noise" else [apps / sid]
+    for folder in legacy:
+        if folder.is_dir() and folder not in indexed:
+            key = folder.name[len("diagnose-") :] if sid == "noise" else sid
+            found = (p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+            out.setdefault(key, set()).update(found)
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
 def _application(run: Run, sid: str, report: Path) -> str:
     """The section of one application: what it asks, then its outputs, or how to compute them."""
     _, title, _, lead, command = next(a for a in APPLICATIONS if a[0] == sid)
-    apps = run.store.root / "applications"
-    if sid == "noise":
-        folders = sorted(p for p in apps.glob("diagnose-*") if p.is_dir())
-    else:
-        folders = [p for p in [apps / sid] if p.is_dir()]
     bodies = []
-    for folder in folders:
-        body = _app_files(run, folder, report, "h4" if sid == "noise" else "h3")
+    for tag, files in _app_folders(run, sid).items():
+        body = _app_files(run, files, report, "h4" if sid == "noise" else "h3")
         if body and sid == "noise":
-            tag = folder.name[len("diagnose-") :]
             body = f'<h3 class="corruption">{_e(_corruption_title(tag))}</h3>{body}'
         bodies.append(body)
     if not any(bodies):

@@ -10,6 +10,7 @@ raises a DistdmError that says what differs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -36,9 +37,11 @@ from .errors import DistdmError
 from .models import MODELS, build_model
 from .objectives import accuracy
 from .presets import preset
-from .store import ReadOnlyRunError, RunStore, digest, settings_diff
+from .progress import Progress
+from .runtime import UNSET, Runtime, runtime_of
+from .store import APPLICATION, DISTILLATION, SCORES, ReadOnlyRunError, RunStore, digest, settings_diff
 from .synset import Synset
-from .task import Task, check_memory_budget, check_model, check_training_data, train_target
+from .task import Task, check_model, check_training_data, train_target
 from .userdata import is_data_path, load_data_file, load_model_spec, normalise_spec
 
 log = logging.getLogger(__name__)
@@ -162,11 +165,14 @@ class Run:
     `MyNet()` anew on every run resumes instead of being refused for its new random initialisation;
     a module of another architecture is refused, saying what differs.
 
-    executor (distdm.executors, e.g. get_executor("ray"); None: in-process) and memory_budget_bytes
-    set how its retrains, further training and DDM fine-tunes run; results do not depend on them.
-    device ('cpu', 'cuda', 'cuda:N', 'mps', 'auto'; see Task) is where every stage computes: the model
-    is moved there; the stored results are on the CPU, so a run computed on one device reads on any
-    other, and each stage records the device it ran on in the manifest.
+    runtime (a distdm.Runtime) says how and where the stages run; results do not depend on it. Its
+    executor (distdm.executors, e.g. get_executor("ray"); None: in-process) and memory budget set how
+    retrains, further training and DDM fine-tunes run; its progress (False, True for bars, or a
+    callable; distdm.progress) is what the stages report; its device ('cpu', 'cuda', 'cuda:N', 'mps',
+    'auto'; see Task) is where every stage computes: the model is moved there; the stored results are
+    on the CPU, so a run computed on one device reads on any other, and each stage records the device
+    it ran on in the manifest. The keywords progress, executor, memory_budget_bytes and device set
+    those entries of it (over the given runtime's); `run.runtime` holds them, `run.device` etc. read it.
     If making a new run directory fails, or its first training fails, the directory is removed."""
 
     def __init__(
@@ -178,13 +184,18 @@ class Run:
         train: TrainConfig | None = None,
         model_kwargs: dict[str, Any] | None = None,
         data_kwargs: dict[str, Any] | None = None,
-        progress: bool = False,
-        executor: Any = None,
-        memory_budget_bytes: int | None = None,
-        device: str | torch.device = "cpu",
+        runtime: Runtime | None = None,
+        progress: Progress = UNSET,
+        executor: Any = UNSET,
+        memory_budget_bytes: int | None = UNSET,
+        device: str | torch.device = UNSET,
     ):
-        check_memory_budget(memory_budget_bytes)
-        self.device = resolve_device(device)
+        if device is not UNSET:
+            device = resolve_device(device)  # a device this machine lacks is refused before any work
+        self.runtime = runtime_of(
+            runtime, progress=progress, executor=executor, memory_budget_bytes=memory_budget_bytes,
+            device=device,
+        )  # fmt: skip
         if not isinstance(data, (str, TensorData, os.PathLike)):
             raise DistdmError(
                 f"data must be a built-in dataset name or a TensorData (distdm.from_tensors / from_dataset), "
@@ -198,10 +209,6 @@ class Run:
         if train is not None and not isinstance(train, TrainConfig):
             raise DistdmError(f"train must be a TrainConfig, got {type(train).__name__}")
         self.data, source = _resolve_data(data, data_kwargs)
-        self.progress = progress
-        # how retrains, further training and fine-tunes run (see Task); results do not depend on them
-        self.executor = executor
-        self.memory_budget_bytes = memory_budget_bytes
         self.train_config = train or default_train_config(self.data.name)
         self.model, self.model_name, model_cfg = _resolve_model(
             model, self.data, model_kwargs, self.train_config.seed
@@ -279,10 +286,11 @@ class Run:
         *,
         data: TensorData | str | os.PathLike | None = None,
         model: nn.Module | str | None = None,
-        progress: bool = False,
-        executor: Any = None,
-        memory_budget_bytes: int | None = None,
-        device: str | torch.device = "cpu",
+        runtime: Runtime | None = None,
+        progress: Progress = UNSET,
+        executor: Any = UNSET,
+        memory_budget_bytes: int | None = UNSET,
+        device: str | torch.device = UNSET,
     ) -> Run:
         """Reopen an existing run directory with the dataset, model and training settings it records.
 
@@ -290,8 +298,8 @@ class Run:
         from, refused if its contents changed); a run made from in-memory tensors needs them again.
         model: None rebuilds the recorded built-in model or model spec; a run made from an nn.Module
         needs a freshly constructed one of the same architecture (its recorded theta_0 is loaded into
-        it). executor, memory_budget_bytes and device: how and where its stages run, as in `Run` (any
-        device reads a run computed on another)."""
+        it). runtime (or the keywords progress, executor, memory_budget_bytes and device): how and
+        where its stages run, as in `Run` (any device reads a run computed on another)."""
         store = RunStore(path, create=False)
         cfg = store.manifest["configs"]
         if "data" not in cfg or "model" not in cfg:
@@ -331,11 +339,35 @@ class Run:
                 f"Run.open(path, model={name}(...)); the run's recorded initial weights are loaded into it"
             )
         train = TrainConfig.from_dict(cfg["train"]) if "train" in cfg else None
-        return cls(
-            path, data_arg, model_arg, train=train, model_kwargs=model_kwargs,
-            data_kwargs=data_kwargs, progress=progress, executor=executor,
-            memory_budget_bytes=memory_budget_bytes, device=device,
+        rt = runtime_of(
+            runtime, progress=progress, executor=executor, memory_budget_bytes=memory_budget_bytes,
+            device=device,
         )  # fmt: skip
+        return cls(
+            path, data_arg, model_arg, train=train, model_kwargs=model_kwargs, data_kwargs=data_kwargs,
+            runtime=rt,
+        )  # fmt: skip
+
+    # how the stages run: entries of the one runtime -------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where every stage computes (the runtime's device)."""
+        return self.runtime.device  # type: ignore[return-value]
+
+    @property
+    def progress(self) -> Progress:
+        """What the stages report (the runtime's progress: False, True for bars, or a callable)."""
+        return self.runtime.progress
+
+    @property
+    def executor(self) -> Any:
+        """What runs retrains, further training and fine-tunes (the runtime's; None: in-process)."""
+        return self.runtime.executor
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """The most memory one engine call may use (the runtime's; None: no limit)."""
+        return self.runtime.memory_budget_bytes
 
     @property
     def path(self) -> str:
@@ -441,10 +473,10 @@ class Run:
     def task(self) -> Task:
         """The Task (model, data, clusters, schedule, trajectory) that attributors are fitted on."""
         if self._task is None:
+            # the stages pass their own progress: the task's retrains report nothing unless asked
             self._task = Task(
                 self.model, self.data, self.clusters(), self.schedule, self.trajectory(), loss=self.loss,
-                store=self.store, executor=self.executor, memory_budget_bytes=self.memory_budget_bytes,
-                device=self.device,
+                store=self.store, runtime=self.runtime.replace(progress=False),
             )  # fmt: skip
         return self._task
 
@@ -459,9 +491,9 @@ class Run:
         ddm = make_attributor("ddm", preset=preset, distill=config, **{"progress": self.progress, **settings})
         ddm.fit(self.task())
         stage = ddm.distill_stage_  # type: ignore[attr-defined]  # distill-<preset> or distill-custom-<digest>
+        key = ddm.synset_key_  # type: ignore[attr-defined]
         if not self.store.is_done(stage):
             info = ddm.synset_.info  # type: ignore[attr-defined]
-            key = ddm.synset_key_  # type: ignore[attr-defined]
             recorded = ddm.recorded_seconds_  # type: ignore[attr-defined]
             self.store.mark_done(
                 stage,
@@ -473,7 +505,25 @@ class Run:
                 artifacts=[f"{key}.safetensors", f"{key}.json"],
                 device=str(self.device),
             )
+        self._index_distillation(stage, key, ddm)
         return ddm
+
+    def _index_distillation(self, stage: str, key: str, ddm: Attributor) -> None:
+        """List a distillation stage in the results index: which synset it made and with what
+        settings, so the report names a synset's presets without matching diagnostics. A stage
+        finished before the index existed is listed when it is next used (unless the run is read-only)."""
+        files = [f"{key}.safetensors", f"{key}.json"]
+        if getattr(ddm, "synset", None) is not None:
+            return  # a synset given to ddm, not distilled by this stage
+        if self.store.result(stage) is not None or not all(self.store.has(f) for f in files):
+            return  # indexed already, or the synset is not (or no longer) in the run
+        info = self.store.stage_info(stage)
+        label = stage.removeprefix("distill-")
+        with contextlib.suppress(ReadOnlyRunError):
+            self.store.record_result(
+                stage, DISTILLATION, files, {"synset": key, "settings": ddm.to_dict()}, label=label,
+                seconds=info.get("seconds"), device=info.get("device"),
+            )  # fmt: skip
 
     def attributor(self, name: str = "ddm", **settings: Any) -> Attributor:
         """A fitted attributor of this run's task by name ('ddm', 'exact', 'grad-dot', 'if-cg', ...)."""
@@ -517,8 +567,7 @@ class Run:
             corruption.data,
             model,
             train=self.train_config,
-            progress=self.progress,
-            device=self.device,
+            runtime=self.runtime,  # the same device, progress, executor and budget as this run
         )
         sub.train()
         cfg = self.store.config("cluster")
@@ -583,11 +632,27 @@ class Run:
             raise DistdmError(f"only ddm takes a preset (ddm:paper), got {spec!r}")
         return self.attributor(name, **settings)
 
-    def _save_files(self, prefix: str, files: Mapping[str, bytes | str | None]) -> list[str]:
-        """Named outputs written under RUN/prefix/ (atomically, with checksums); their paths."""
+    def _save_files(
+        self,
+        prefix: str,
+        files: Mapping[str, bytes | str | None],
+        *,
+        application: str,
+        name: str | None = None,
+        identity: Mapping[str, Any] | None = None,
+        **info: Any,
+    ) -> list[str]:
+        """Named outputs written under RUN/prefix/ (atomically, with checksums) and listed in the
+        results index as one result of `application` (name: default the prefix; identity: the
+        settings that made them; info: e.g. the corruption); their paths."""
         from .applications.diagnose import save_outputs
 
-        return list(save_outputs(self.store, prefix, files).values())
+        paths = save_outputs(self.store, prefix, files)
+        self.store.record_result(
+            name or prefix, APPLICATION, [f"{prefix}/{n}" for n in paths], identity,
+            application=application, **info,
+        )  # fmt: skip
+        return list(paths.values())
 
     def _save_written(self, prefix: str, write: Callable[[str], Mapping[str, Path]]) -> list[str]:
         """Files a writer puts into a directory (e.g. Evaluation.save), stored under RUN/prefix/."""
@@ -616,10 +681,11 @@ class Run:
         fig = self.store.save_file(
             f"figures/{tag}.png", heatmap_png(scores.values, self.clusters(), y, title)
         )
-        if attributor is not None:
-            files = [f"attribution/{tag}.safetensors", f"figures/{tag}.png"]
-            self.store.record_result(f"attribution/{tag}", "scores", files, attributor.to_dict(),
-                                     objective=scores.objective, queries=len(idx))  # fmt: skip
+        # indexed with the settings of the method that made them (only its name where not given)
+        identity = attributor.to_dict() if attributor is not None else {"method": method}
+        files = [f"attribution/{tag}.safetensors", f"figures/{tag}.png"]
+        self.store.record_result(f"attribution/{tag}", SCORES, files, identity,
+                                 objective=scores.objective, queries=len(idx))  # fmt: skip
         return {"scores": f"{self.path}/attribution/{tag}.safetensors", "heatmap": str(fig)}
 
     def save_synset_figures(self, synset: Synset, preset: str) -> dict[str, str]:
@@ -789,11 +855,14 @@ class Run:
             random_seeds=list(range(random_seeds)), retrain_seeds=list(retrain_seeds), balanced=balanced,
             progress=self.progress,
         )  # fmt: skip
+        identity = {"methods": list(methods), "validation_fraction": validation_fraction,
+                    **{k: v for k, v in settings.items() if k != "progress"}}  # fmt: skip
         if corruption is None:
             fitted = {spec: self.method(spec) for spec in methods}
             d = run_diagnosis(self.task(), fitted, validation_fraction=validation_fraction, **settings)
+            files = diagnosis_files(d, self.data.x_train)
             return Outcome(
-                d, self._save_files("applications/diagnose", diagnosis_files(d, self.data.x_train))
+                d, self._save_files("applications/diagnose", files, application="diagnose", identity=identity)
             )
         sub = self.corrupted(corruption)
         split = validation_split(self.data, validation_fraction)
@@ -805,7 +874,11 @@ class Run:
         files["detection.csv"] = rep.to_csv()
         files["corruption.json"] = json.dumps(rep.to_json(), indent=2)
         files["report.md"] = rep.to_markdown()
-        return Outcome(rep, self._save_files(f"applications/diagnose-{corruption.tag}", files))
+        saved = self._save_files(
+            f"applications/diagnose-{corruption.tag}", files, application="noise", identity=identity,
+            corruption=corruption.tag,
+        )  # fmt: skip
+        return Outcome(rep, saved)
 
     def transfer(
         self,
@@ -832,7 +905,14 @@ class Run:
             student_seeds=list(student_seeds), validation_fraction=validation_fraction, balanced=balanced,
             progress=self.progress,
         )  # fmt: skip
-        return Outcome(res, self._save_files("applications/transfer", res.files()))
+        identity = {"methods": list(methods), "fractions": list(fractions), "alpha": alpha,
+                    "temperature": temperature, "random_seeds": random_seeds,
+                    "student_seeds": list(student_seeds), "validation_fraction": validation_fraction,
+                    "balanced": balanced}  # fmt: skip
+        saved = self._save_files(
+            "applications/transfer", res.files(), application="transfer", identity=identity
+        )
+        return Outcome(res, saved)
 
     def unlearn(
         self,
@@ -853,7 +933,12 @@ class Run:
         rep = unlearn_report(task, synset_variant(task, synset, progress=self.progress), ids, retrain=retrain)
         table = rep.to_markdown()
         tag = "-".join(str(k) for k in ids)
-        paths = self._save_files("applications/unlearn", {f"clusters-{tag}-{synset}.md": table + "\n"})
+        stem = f"clusters-{tag}-{synset}"
+        paths = self._save_files(
+            "applications/unlearn", {f"{stem}.md": table + "\n"}, application="unlearn",
+            name=f"applications/unlearn/{stem}",
+            identity={"clusters": ids, "synset": synset, "retrain": retrain},
+        )  # fmt: skip
         if out is not None:
             meta = {"removed_clusters": ids, "synset": synset, "run": self.path, "model": self.model_name}
             paths.append(str(save_state(out, rep.state, meta)))
@@ -868,7 +953,12 @@ class Run:
         task = self.task()
         syns = {n: synset_variant(task, n, progress=self.progress) for n in synsets}
         table = rows_to_markdown(forgetting_table(task, syns, lr_scales=list(lr_scales)))
-        return Outcome(table, self._save_files("applications/unlearn", {"forgetting.md": table + "\n"}))
+        saved = self._save_files(
+            "applications/unlearn", {"forgetting.md": table + "\n"}, application="unlearn",
+            name="applications/unlearn/forgetting",
+            identity={"synsets": list(synsets), "lr_scales": list(lr_scales)},
+        )  # fmt: skip
+        return Outcome(table, saved)
 
     def privacy(
         self, synsets: Sequence[str] = ("paper", "paper-match", "default"), rows: int = 10
@@ -886,7 +976,13 @@ class Run:
             "metrics.json": json.dumps(table, indent=2),
             "nearest-real.png": privacy_figure_png(syns, self.data, task.clusters.cluster_class, n_rows=rows),
         }
-        return Outcome(table, self._save_files("applications/privacy", files))
+        saved = self._save_files(
+            "applications/privacy",
+            files,
+            application="privacy",
+            identity={"synsets": list(synsets), "rows": rows},
+        )
+        return Outcome(table, saved)
 
     def demo(
         self,

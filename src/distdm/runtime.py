@@ -73,4 +73,18 @@ class Runtime:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["Runtime", "check_executor", "check_memory_budget"]
+UNSET: Any = object()  # a Runtime entry not given as a keyword: the runtime's own is kept
+
+
+def runtime_of(runtime: Runtime | None, **given: Any) -> Runtime:
+    """`runtime` (default Runtime()) with the entries given as keywords changed (those left UNSET are
+    kept): how Task and Run take both runtime=Runtime(...) and the separate keywords device,
+    executor, memory_budget_bytes and progress."""
+    if runtime is not None and not isinstance(runtime, Runtime):
+        raise DistdmError(f"runtime must be a distdm.Runtime, got {type(runtime).__name__}")
+    changes = {k: v for k, v in given.items() if v is not UNSET}
+    base = runtime or Runtime()
+    return base.replace(**changes) if changes else base
+
+
+__all__ = ["UNSET", "Runtime", "check_executor", "check_memory_budget", "runtime_of"]

@@ -184,6 +184,15 @@ def settings_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return []
 
 
+# the kinds of result the library indexes (RunStore.record_result / index): one name each, so a
+# reader finds a kind by the same constant its writer used
+SYNSET = "synset"  # a distilled synset: SYNSET_KEY.json and .safetensors
+DISTILLATION = "distillation"  # a DDM preset's (or custom settings') distillation stage and its synset
+SCORES = "scores"  # a method's scores for test queries, with the method's settings as identity
+APPLICATION = "application"  # an application's outputs (info: application, corruption)
+COMPARE_VARIANT = "compare-variant"  # one trained model variant of the comparison study
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
     """One entry of a run's results index: a named result, its kind, its artifacts (run-relative

@@ -30,10 +30,8 @@ from .engine import (
 )
 from .errors import DistdmError
 from .progress import Progress
-from .runtime import Runtime, check_memory_budget
+from .runtime import UNSET, Runtime, check_memory_budget, runtime_of
 from .store import RunStore
-
-_UNSET: Any = object()  # a Runtime entry not given as a keyword: the runtime's own is kept
 
 
 @dataclasses.dataclass(init=False)
@@ -78,17 +76,14 @@ class Task:
         store: RunStore | None = None,
         *,
         runtime: Runtime | None = None,
-        executor: Any = _UNSET,
-        memory_budget_bytes: int | None = _UNSET,
-        device: str | torch.device = _UNSET,
+        executor: Any = UNSET,
+        memory_budget_bytes: int | None = UNSET,
+        device: str | torch.device = UNSET,
     ) -> None:
-        if runtime is not None and not isinstance(runtime, Runtime):
-            raise DistdmError(f"runtime must be a distdm.Runtime, got {type(runtime).__name__}")
-        given = {"executor": executor, "memory_budget_bytes": memory_budget_bytes, "device": device}
-        changes = {k: v for k, v in given.items() if v is not _UNSET}
         # dataclasses.replace(task, device=...) passes the task's runtime and the changed keyword
-        base = runtime or Runtime()
-        self.runtime = base.replace(**changes) if changes else base
+        self.runtime = runtime_of(
+            runtime, executor=executor, memory_budget_bytes=memory_budget_bytes, device=device
+        )
         self.model, self.data, self.clusters, self.schedule = model, data, clusters, schedule
         self.trajectory, self.loss, self.reduction, self.strategy, self.store = (
             trajectory, loss, reduction, strategy, store

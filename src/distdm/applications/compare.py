@@ -31,7 +31,7 @@ from ..errors import DistdmError
 from ..models import INITS, MODELS, build_model
 from ..objectives import Objective, accuracy
 from ..scores import Scores
-from ..store import RunStore, digest
+from ..store import COMPARE_VARIANT, RunStore, cached_tensors, digest
 from ..task import Task
 
 
@@ -105,25 +105,27 @@ def train_variant(
         schedule = dataclasses.replace(schedule, seed=seed)
     model = build_model(variant.arch, data.input_shape, n_out, seed=seed, init=variant.init, **kwargs)
     init = model_state(model)
-    settings = {"variant": variant.name, "kwargs": kwargs, "seed": seed,
+    identity = {"variant": variant.name, "kwargs": kwargs, "seed": seed,
                 "schedule": dataclasses.asdict(schedule), "data": data.fingerprint()}  # fmt: skip
-    key = "compare/" + digest(settings)
-    final = None
-    if store is not None and store.has(key + ".safetensors"):
-        final = store.load_tensors(key)
-    if final is None:
-        t = time.perf_counter()
+
+    def compute() -> dict[str, torch.Tensor]:
         try:
             res = train_variants(model, data.x_train, data.y_train, schedule, progress=progress)
         except (ValueError, RuntimeError) as e:  # e.g. instance norm over a 1x1 map on small inputs
             raise DistdmError(
                 f"variant {variant.name} cannot be trained on inputs of shape {data.input_shape}: {e}"
             ) from e
-        final = {k: v[0] for k, v in res.states.items()}
-        if store is not None:
-            store.save_tensors(key, final)
-            store.mark_done(key, seconds=time.perf_counter() - t, **{"variant": variant.name})
+        return {k: v[0] for k, v in res.states.items()}
+
+    # one result per variant and settings, so variants trained with other settings stay cached too
+    name = f"compare/{_safe(variant.name)}-{digest(identity, length=12)}"
+    final = cached_tensors(store, name, identity, compute, kind=COMPARE_VARIANT, variant=variant.name)
     return Task(model, data, clusters, schedule, [init, final])
+
+
+def _safe(name: str) -> str:
+    """A variant's name as part of a file name: 'mlp:xavier@1' -> 'mlp-xavier-s1'."""
+    return name.replace(":", "-").replace("@", "-s")
 
 
 def attribution_matrices(
@@ -154,7 +156,7 @@ def attribution_matrices(
         }
     out = {}
     for level, clusters in (("class", cw), ("cluster", task.clusters)):
-        t = dataclasses.replace(task, clusters=clusters, store=task.store)
+        t = dataclasses.replace(task, clusters=clusters)
         out[level] = make_attributor(method, **settings).fit(t).scores(x, y, objective)
     return out
 

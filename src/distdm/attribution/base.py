@@ -206,6 +206,25 @@ class Attributor(ABC):
         """{'method': name, 'settings': {...}}, JSON-serialisable; `from_dict` makes the method again."""
         return {"method": self.name, "settings": self.args.to_dict()}
 
+    def __eq__(self, other: object) -> bool:
+        """Two attributors are equal when they are the same method with the same settings (`to_dict`):
+        fitted state and execution keywords (progress, executor, ...) do not count. One that has no
+        settings dict (a ddm given a ready synset, which is data) equals only itself."""
+        if not isinstance(other, Attributor):
+            return NotImplemented
+        if self is other:
+            return True
+        if type(self) is not type(other):
+            return False
+        try:
+            return self.to_dict() == other.to_dict()
+        except DistdmError:
+            return False
+
+    # settings can be changed after construction (attributor.damping = ...), so a hash of them would
+    # change while the attributor sits in a set or dict: equal by value, attributors are unhashable
+    __hash__ = None  # type: ignore[assignment]
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Attributor:
         """A new, unfitted attributor with the settings of `to_dict`'s dict (execution keywords at

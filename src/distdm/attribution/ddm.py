@@ -22,7 +22,7 @@ from ..presets import PRESETS
 from ..presets import preset as preset_settings
 from ..progress import Progress, check_progress
 from ..scores import Scores
-from ..store import ReadOnlyRunError, digest
+from ..store import SYNSET, ReadOnlyRunError, digest
 from ..synset import Synset
 from ..task import Task
 from .base import Attributor, Settings, frozen_value, register
@@ -30,7 +30,6 @@ from .base import Attributor, Settings, frozen_value, register
 log = logging.getLogger(__name__)
 
 
-SYNSET = "synset"  # the kind under which a distilled synset is listed in the run's results index
 
 
 def synset_key(cfg: DistillConfig, clusters: Clusters, lr: float, steps: int) -> str:
