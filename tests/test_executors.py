@@ -91,15 +91,15 @@ def test_ray_exact_retraining_gives_the_same_scores_and_caches_on_the_driver(
     ray_executor, mini_task, queries, tmp_path, map_spy
 ):
     local = ExactRetrain(chunk_size=6).fit(mini_task).scores(*queries)
-    task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
+    store = RunStore(tmp_path / "run")
     spy = map_spy(ray_executor)
-    remote = ExactRetrain(chunk_size=6, executor=spy).fit(task).scores(*queries)
+    remote = ExactRetrain(chunk_size=6, executor=spy, store=store).fit(mini_task).scores(*queries)
     assert spy.calls == [4]  # 21 models (all kept + 20 left out): 4 chunks of 6 in one call
     # workers run with their own torch thread count, so float32 reductions may round differently
     np.testing.assert_allclose(remote.values, local.values, rtol=1e-4, atol=1e-4)
     # the driver wrote every chunk (21 models in chunks of 6), so a reopened run reuses them
-    assert all(task.store.is_done(f"retrain/loo/seed0/chunk{i}") for i in range(4))
-    again = ExactRetrain(chunk_size=6).fit(dataclasses.replace(mini_task, store=RunStore(tmp_path / "run")))
+    assert all(store.is_done(f"retrain/loo/seed0/chunk{i}") for i in range(4))
+    again = ExactRetrain(chunk_size=6, store=RunStore(tmp_path / "run")).fit(mini_task)
     np.testing.assert_array_equal(again.scores(*queries).values, remote.values)
 
 
@@ -133,13 +133,13 @@ def test_further_training_runs_its_chunks_on_the_executor(mini_task, queries, tm
     settings = dict(epochs=2, seeds=2, chunk_size=8)  # 21 models per seed: 3 chunks
     local = FurtherTraining(**settings).fit(mini_task).scores(x, y).values
     spy = map_spy(LocalExecutor())
-    task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
-    got = FurtherTraining(**settings, executor=spy).fit(task).scores(x, y).values
+    store = RunStore(tmp_path / "run")
+    got = FurtherTraining(**settings, executor=spy, store=store).fit(mini_task).scores(x, y).values
     assert spy.calls == [3, 3]  # one engine call per seed, one item per chunk
     np.testing.assert_allclose(got, local, atol=1e-6)
-    assert task.store.is_done("further/seed1/chunk2")  # the driver cached every chunk
+    assert store.is_done("further/seed1/chunk2")  # the driver cached every chunk
     spy = map_spy(LocalExecutor())
-    again = FurtherTraining(**settings, executor=spy).fit(task).scores(x, y).values
+    again = FurtherTraining(**settings, executor=spy, store=store).fit(mini_task).scores(x, y).values
     assert spy.calls == [] and np.array_equal(again, got)
     # a budget for 4 models at once splits every seed's 21 models into 6 engine chunks
     ft = FurtherTraining(**settings)

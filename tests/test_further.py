@@ -1,7 +1,5 @@
 """The final-model-only gold standard (further training) and the agreement study."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -78,7 +76,7 @@ def test_centring_and_recorded_epochs(tiny_task, queries):
 
 def test_store_caches_resumes_and_refuses_other_settings(tiny_task, queries, tmp_path, monkeypatch):
     x, y = queries
-    task = dataclasses.replace(tiny_task, store=RunStore(tmp_path / "run"))
+    store = RunStore(tmp_path / "run")
     settings = dict(epochs=1, seeds=2, chunk_size=8, stage="ft", optimizer="adam")  # 31 variants: 4 chunks
     expected = make_attributor("further-training", **settings).fit(tiny_task).scores(x, y).values
 
@@ -93,8 +91,8 @@ def test_store_caches_resumes_and_refuses_other_settings(tiny_task, queries, tmp
 
     monkeypatch.setattr(fmo.FurtherTraining, "_train", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
-        make_attributor("further-training", **settings).fit(task)
-    assert task.store.is_done("ft/seed0/chunk2") and not task.store.is_done("ft/seed0/chunk3")
+        make_attributor("further-training", **settings, store=store).fit(tiny_task)
+    assert store.is_done("ft/seed0/chunk2") and not store.is_done("ft/seed0/chunk3")
 
     def counting(self, *args):
         calls.append(1)
@@ -102,14 +100,14 @@ def test_store_caches_resumes_and_refuses_other_settings(tiny_task, queries, tmp
 
     monkeypatch.setattr(fmo.FurtherTraining, "_train", counting)
     calls.clear()
-    resumed = make_attributor("further-training", **settings).fit(task).scores(x, y).values
+    resumed = make_attributor("further-training", **settings, store=store).fit(tiny_task).scores(x, y).values
     assert len(calls) == 8 - 3  # only the chunks that were not finished
     np.testing.assert_allclose(resumed, expected, rtol=1e-5, atol=1e-7)
     calls.clear()
-    again = make_attributor("further-training", **settings).fit(task).scores(x, y).values
+    again = make_attributor("further-training", **settings, store=store).fit(tiny_task).scores(x, y).values
     assert calls == [] and np.array_equal(again, resumed)
     with pytest.raises(DistdmError, match="epochs"):
-        make_attributor("further-training", **{**settings, "epochs": 2}).fit(task)
+        make_attributor("further-training", **{**settings, "epochs": 2}, store=store).fit(tiny_task)
 
 
 def test_agreement_metrics():

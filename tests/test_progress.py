@@ -3,8 +3,6 @@ total, for callbacks, the rich bar and the objects that accept `progress`."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -115,10 +113,10 @@ def test_chunked_exact_retrain_reports_one_stage_to_its_total(mini_task, tmp_pat
     rec = Recorder()
     plain = retrain_masks(mini_task, masks, chunk_size=5, progress=rec, executor=executor)
     rec.check_one_stage("retraining", total)
-    stored = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
+    store = RunStore(tmp_path / "run")
     for _ in range(2):  # computed chunk by chunk, then every chunk loaded from the store
         rec = Recorder()
-        states = retrain_masks(stored, masks, chunk_size=5, progress=rec, executor=executor)
+        states = retrain_masks(mini_task, masks, chunk_size=5, progress=rec, executor=executor, store=store)
         rec.check_one_stage("retraining", total)
     torch.testing.assert_close(states, plain)
 
@@ -126,11 +124,11 @@ def test_chunked_exact_retrain_reports_one_stage_to_its_total(mini_task, tmp_pat
 def test_a_resumed_retrain_counts_cached_chunks_at_once(mini_task, tmp_path):
     masks = leave_one_out_masks(mini_task.clusters.n_clusters)[:15]  # 3 chunks of 5
     epochs = mini_task.schedule.epochs
-    stored = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
-    retrain_masks(stored, masks, chunk_size=5, tag="part")
-    stored.store.reset("retrain/part/seed0/chunk1")  # as if killed while chunk 1 was training
+    store = RunStore(tmp_path / "run")
+    retrain_masks(mini_task, masks, chunk_size=5, tag="part", store=store)
+    store.reset("retrain/part/seed0/chunk1")  # as if killed while chunk 1 was training
     rec = Recorder()
-    retrain_masks(stored, masks, chunk_size=5, tag="part", progress=rec)
+    retrain_masks(mini_task, masks, chunk_size=5, tag="part", progress=rec, store=store)
     rec.check_one_stage("retraining", 15 * epochs)
     # the two cached chunks count at once, then chunk 1 advances epoch by epoch
     assert [d for _, d, _ in rec.calls] == [
@@ -148,11 +146,12 @@ def test_exact_over_seeds_and_chunks_is_one_stage(mini_task):
 
 
 def test_further_training_over_seeds_and_chunks_is_one_stage(mini_task, tmp_path):
-    stored = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
+    store = RunStore(tmp_path / "run")
     total = 2 * 6 * 2  # seeds x (1 + 5 left-out clusters) x epochs
     for _ in range(2):  # trained, then loaded from the store
         rec = Recorder()
-        ft = FurtherTraining(epochs=2, seeds=2, left_out=range(5), chunk_size=4, progress=rec).fit(stored)
+        ft = FurtherTraining(epochs=2, seeds=2, left_out=range(5), chunk_size=4, progress=rec, store=store)
+        ft.fit(mini_task)
         rec.check_one_stage("further training", total)
     assert len(ft.states_[0]) == 2
 

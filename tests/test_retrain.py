@@ -80,13 +80,11 @@ def _counting(monkeypatch, fail_after=None):
 
 
 def test_cached_retrains_are_not_recomputed(mini_task, queries, tmp_path, monkeypatch):
-    task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
     calls = _counting(monkeypatch)
-    a = ExactRetrain(chunk_size=6).fit(task)
+    a = ExactRetrain(chunk_size=6, store=RunStore(tmp_path / "run")).fit(mini_task)
     assert calls == [6, 6, 6, 3]  # 21 models (all kept + 20 left out) in chunks of 6
     # a new attributor on a reopened store loads everything
-    task2 = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
-    b = ExactRetrain(chunk_size=6).fit(task2)
+    b = ExactRetrain(chunk_size=6, store=RunStore(tmp_path / "run")).fit(mini_task)
     assert calls == [6, 6, 6, 3]
     np.testing.assert_array_equal(a.scores(*queries).values, b.scores(*queries).values)
     # the cost recorded when the chunks were computed survives loading them
@@ -95,15 +93,14 @@ def test_cached_retrains_are_not_recomputed(mini_task, queries, tmp_path, monkey
 
 def test_killed_sweep_resumes_where_it_stopped(mini_task, queries, tmp_path, monkeypatch):
     reference = ExactRetrain(chunk_size=6).fit(mini_task).scores(*queries)
-    task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
+    store = RunStore(tmp_path / "run")
     _counting(monkeypatch, fail_after=2)
     with pytest.raises(RuntimeError, match="killed"):
-        ExactRetrain(chunk_size=6).fit(task)
-    assert task.store.is_done("retrain/loo/seed0/chunk1")
-    assert not task.store.is_done("retrain/loo/seed0/chunk2")
+        ExactRetrain(chunk_size=6, store=store).fit(mini_task)
+    assert store.is_done("retrain/loo/seed0/chunk1")
+    assert not store.is_done("retrain/loo/seed0/chunk2")
     calls = _counting(monkeypatch)
-    task2 = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
-    resumed = ExactRetrain(chunk_size=6).fit(task2).scores(*queries)
+    resumed = ExactRetrain(chunk_size=6, store=RunStore(tmp_path / "run")).fit(mini_task).scores(*queries)
     assert calls == [6, 3]  # only chunks 2 and 3
     np.testing.assert_allclose(resumed.values, reference.values, atol=1e-5)
 
@@ -111,28 +108,26 @@ def test_killed_sweep_resumes_where_it_stopped(mini_task, queries, tmp_path, mon
 def test_store_refuses_other_clusters_or_schedule(mini_task, tmp_path):
     store = RunStore(tmp_path / "run")
     keep = leave_one_out_masks(mini_task.clusters.n_clusters)[:3]
-    retrain_masks(dataclasses.replace(mini_task, store=store), keep)
+    retrain_masks(mini_task, keep, store=store)
     moved = Clusters(np.roll(mini_task.clusters.assignment, 1), mini_task.clusters.cluster_class)
-    other = dataclasses.replace(mini_task, clusters=moved, store=store)
+    other = dataclasses.replace(mini_task, clusters=moved)
     with pytest.raises(DistdmError, match="retrain"):
-        retrain_masks(other, keep)
-    slower = dataclasses.replace(
-        mini_task, schedule=dataclasses.replace(mini_task.schedule, lr=0.05), store=store
-    )
+        retrain_masks(other, keep, store=store)
+    slower = dataclasses.replace(mini_task, schedule=dataclasses.replace(mini_task.schedule, lr=0.05))
     with pytest.raises(DistdmError, match="lr"):
-        retrain_masks(slower, keep)
+        retrain_masks(slower, keep, store=store)
 
 
 def test_arbitrary_masks_are_cached_by_content(mini_task, tmp_path, monkeypatch):
-    task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
+    store = RunStore(tmp_path / "run")
     k = mini_task.clusters.n_clusters
     rng = np.random.default_rng(0)
     a = (rng.random((4, k)) < 0.5).astype(np.float32)
     b = 1.0 - a
     calls = _counting(monkeypatch)
-    sa = retrain_masks(task, a)
-    sb = retrain_masks(task, b)
-    sa2 = retrain_masks(task, a)
+    sa = retrain_masks(mini_task, a, store=store)
+    sb = retrain_masks(mini_task, b, store=store)
+    sa2 = retrain_masks(mini_task, a, store=store)
     assert calls == [4, 4]
     torch.testing.assert_close(sa["head.weight"], sa2["head.weight"])
     assert not torch.allclose(sa["head.weight"], sb["head.weight"])

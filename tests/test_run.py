@@ -436,3 +436,32 @@ def test_a_run_takes_one_runtime_and_the_separate_keywords_set_entries_of_it(tmp
     ]:
         with pytest.raises(DistdmError, match=match):
             Run.open(tmp_path / "r", data=small, **bad)
+
+
+def test_a_runs_task_carries_no_store_and_its_methods_cache_in_the_run(tmp_path, small, monkeypatch):
+    import warnings
+
+    from distdm.store import CHUNKED_JOB
+
+    run = Run(tmp_path / "run", small, "mlp", train=TC, model_kwargs={"hidden": (8,)})
+    run.train()
+    run.cluster(ClusterConfig(per_class=1, n_init=1))
+    assert run.task().store is None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"Task\(store", category=DeprecationWarning)
+        exact = run.attributor("exact", chunk_size=4)  # 11 models: 3 chunks, cached in the run
+        assert exact.store is run.store and run.store.is_done("retrain/loo/seed0/chunk2")
+        x, y, _ = run.queries(4)
+        check = run.verify(exact.scores(x, y, "margin"), x, y, m=5, seeds=[0, 1])
+        assert check.reused == "computed"  # seed 0 from exact's retrains, seed 1 retrained now
+        assert any(n.startswith("verify/") for n in run.store.manifest["artifacts"])
+        # diagnose takes no store yet: its retrains still reach the run through the task it is given
+        run.diagnose(["grad-dot"], fractions=[0.2], random_seeds=1)
+        jobs = {r.name for r in run.store.index(CHUNKED_JOB)}
+        assert any(n.startswith("retrain/masks-") for n in jobs), jobs
+    # a reopened run loads what it cached: nothing is retrained
+    monkeypatch.setattr(Task, "retrain", lambda *a, **k: pytest.fail("retrained"))
+    again = Run.open(tmp_path / "run", data=small)
+    loaded = again.attributor("exact", chunk_size=4).scores(x, y).values
+    np.testing.assert_array_equal(loaded, exact.scores(x, y).values)
+    assert again.verify(exact.scores(x, y, "margin"), x, y, m=5, seeds=[0, 1]).reused == "leave-one-out"

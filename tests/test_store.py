@@ -713,14 +713,12 @@ def test_a_run_without_an_index_still_opens_and_a_damaged_index_is_refused(tmp_p
 def test_a_distilled_synset_is_indexed_and_loaded_instead_of_distilled_again(
     mini_task, tmp_path, monkeypatch
 ):
-    import dataclasses
-
     import distdm.attribution.ddm as ddm_module
     from distdm.config import DistillConfig
 
-    task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
+    task = mini_task
     cfg = DistillConfig(iterations=2, starts=1, step=1)
-    syn = ddm_module.load_or_distill(task, cfg, task.clusters, 0.1, 2)
+    syn = ddm_module.load_or_distill(task, cfg, task.clusters, 0.1, 2, store=RunStore(tmp_path / "run"))
     key = ddm_module.synset_key(cfg, task.clusters, 0.1, 2)
     (entry,) = RunStore(tmp_path / "run").index(ddm_module.SYNSET)
     assert entry.name == key and set(entry.files) == {f"{key}.json", f"{key}.safetensors"}
@@ -730,15 +728,14 @@ def test_a_distilled_synset_is_indexed_and_loaded_instead_of_distilled_again(
         raise AssertionError("distilled although the synset was cached")
 
     monkeypatch.setattr(ddm_module, "distill", no_distill)
-    again = ddm_module.load_or_distill(dataclasses.replace(task, store=RunStore(tmp_path / "run")), cfg,
-                                       task.clusters, 0.1, 2)  # fmt: skip
+    again = ddm_module.load_or_distill(task, cfg, task.clusters, 0.1, 2, store=RunStore(tmp_path / "run"))
     before, after = syn.to_tensors(), again.to_tensors()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # a synset cached before the index existed is indexed when it is next loaded
     store = RunStore(tmp_path / "run")
     with store._mutate("forget the index") as m:
         m.pop("results")
-    ddm_module.load_or_distill(dataclasses.replace(task, store=store), cfg, task.clusters, 0.1, 2)
+    ddm_module.load_or_distill(task, cfg, task.clusters, 0.1, 2, store=store)
     assert [r.name for r in store.index(ddm_module.SYNSET)] == [key]
 
 

@@ -93,3 +93,85 @@ def test_retrain_runs_on_the_runtime_and_gives_the_same_states(mini_task, map_sp
     seen.clear()
     task.retrain(keep[:1], progress=False)  # an explicit argument wins over the runtime's
     assert seen == []
+
+
+# the run store is passed where work is cached; Task.store is a deprecated fallback ---------------
+
+
+def _files(root) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != ".distdm.lock"}
+
+
+def test_a_store_on_the_task_warns_and_is_read_only_where_none_is_given(mini_task, tmp_path):
+    import warnings
+
+    from distdm.attribution.retrain import leave_one_out_masks, retrain_masks
+    from distdm.store import RunStore
+    from distdm.task import carrying_store
+
+    with pytest.warns(DeprecationWarning, match="store"):
+        old = dataclasses.replace(mini_task, store=RunStore(tmp_path / "old"))
+    keep = leave_one_out_masks(mini_task.clusters.n_clusters)[:3]
+    retrain_masks(old, keep, tag="t")  # no store given: the task's is used, as before
+    assert old.store.is_done("retrain/t/seed0/chunk0")
+    new = RunStore(tmp_path / "new")
+    retrain_masks(old, keep, tag="t", store=new)  # a store given wins over the task's
+    assert new.is_done("retrain/t/seed0/chunk0")
+    assert _files(tmp_path / "new") == _files(tmp_path / "old")  # the same names either way
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        plain = dataclasses.replace(mini_task, strategy="loop")  # a task without a store does not warn
+        carried = carrying_store(mini_task, new)  # nor does the copy made for code that reads task.store
+    assert plain.store is None and mini_task.store is None
+    assert carried.store is new and carried.final is mini_task.final and carried.data is mini_task.data
+    assert carrying_store(mini_task, None) is mini_task
+    with pytest.raises(DistdmError, match="RunStore"):
+        retrain_masks(mini_task, keep, store=str(tmp_path / "new"))
+
+
+def test_caches_made_through_the_task_store_are_read_through_the_explicit_store(
+    mini_task, queries, tmp_path, monkeypatch
+):
+    """A run directory written the way the code before explicit stores wrote it (everything through
+    `task.store`) has the same files and settings as one written with explicit stores, and is read
+    back through an explicit store without recomputing anything."""
+    import distdm.attribution.ddm as ddm_module
+    import distdm.attribution.further as fmo
+    from distdm.attribution.retrain import ExactRetrain
+    from distdm.config import DistillConfig
+    from distdm.store import RunStore
+    from distdm.verify import verify
+
+    cfg = DistillConfig(iterations=2, starts=1, step=1)
+    ft = dict(epochs=1, seeds=1, left_out=range(3), chunk_size=2, stage="ft")
+
+    def everything(task, store=None):
+        kw = {} if store is None else {"store": store}
+        exact = ExactRetrain(chunk_size=8, **kw).fit(task)
+        gold = fmo.FurtherTraining(**ft, **kw).fit(task)
+        s = exact.scores(*queries, "margin")
+        check = verify(task, s, *queries, m=5, **kw)
+        syn = ddm_module.load_or_distill(task, cfg, task.clusters, 0.1, 2, **kw)
+        return s.values, gold.scores(*queries).values, check.agreement.mean, syn.to_tensors()
+
+    with pytest.warns(DeprecationWarning):
+        old_task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "old"))
+    before = everything(old_task)
+    everything(mini_task, RunStore(tmp_path / "new"))
+    old_s, new_s = RunStore(tmp_path / "old"), RunStore(tmp_path / "new")
+    assert _files(tmp_path / "old") == _files(tmp_path / "new")
+    assert old_s.manifest["configs"] == new_s.manifest["configs"]
+    assert old_s.manifest["stages"].keys() == new_s.manifest["stages"].keys()
+    entries = [[(r.name, r.kind, r.files) for r in s.index()] for s in (old_s, new_s)]
+    assert entries[0] == entries[1] and entries[0]
+
+    listing = _files(tmp_path / "old")
+    monkeypatch.setattr(Task, "retrain", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(fmo.FurtherTraining, "_train", lambda *a, **k: pytest.fail("further-trained"))
+    monkeypatch.setattr(ddm_module, "distill", lambda *a, **k: pytest.fail("distilled"))
+    after = everything(mini_task, RunStore(tmp_path / "old"))
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[1], before[1])
+    assert after[2] == before[2]
+    assert all(torch.equal(after[3][k], before[3][k]) for k in before[3])
+    assert _files(tmp_path / "old") == listing

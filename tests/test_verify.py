@@ -100,18 +100,15 @@ def test_bad_scores_and_seeds_are_refused(mini_task, queries):
 
 
 def test_cached_retrains_are_reused_and_the_check_is_stored(mini_task, queries, tmp_path, monkeypatch):
-    task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
     s = _scores(mini_task, "grad-dot", queries)
-    first = verify(task, s, *queries, m=5, draw_seed=3)
+    first = verify(mini_task, s, *queries, m=5, draw_seed=3, store=RunStore(tmp_path / "run"))
     assert first.reused == "computed" and first.seconds > 0
 
     def no_retraining(*args, **kwargs):
         raise AssertionError("retrained although the retrains are cached")
 
     monkeypatch.setattr(distdm.task.Task, "retrain", no_retraining)
-    again = verify(
-        dataclasses.replace(mini_task, store=RunStore(tmp_path / "run")), s, *queries, m=5, draw_seed=3
-    )
+    again = verify(mini_task, s, *queries, m=5, draw_seed=3, store=RunStore(tmp_path / "run"))
     assert again.reused == "cached"
     assert again.agreement == first.agreement and again.reproducibility == first.reproducibility
     # the cost stated is what the retrains cost when computed, not the load
@@ -125,11 +122,11 @@ def test_cached_retrains_are_reused_and_the_check_is_stored(mini_task, queries, 
 
 
 def test_the_exact_methods_leave_one_out_retrains_are_reused(mini_task, queries, tmp_path, monkeypatch):
-    task = dataclasses.replace(mini_task, store=RunStore(tmp_path / "run"))
-    exact = make_attributor("exact", seeds=(0, 1)).fit(task)
+    store = RunStore(tmp_path / "run")
+    exact = make_attributor("exact", seeds=(0, 1), store=store).fit(mini_task)
     s = exact.scores(*queries, "margin")
     monkeypatch.setattr(distdm.task.Task, "retrain", lambda *a, **k: pytest.fail("retrained"))
-    v = verify(task, s, *queries)
+    v = verify(mini_task, s, *queries, store=store)
     assert v.reused == "leave-one-out" and "reused the run's leave-one-out retrains" in v.cost()
     # exact averaged over the two seeds the check uses: it agrees with the first seed at least as well
     # as the second seed alone does

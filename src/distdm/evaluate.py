@@ -31,6 +31,7 @@ from .errors import DistdmError
 from .intervals import SHARE, t_interval
 from .objectives import Objective
 from .scores import Scores
+from .store import RunStore, check_store
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,13 @@ def retrained_values(
     seed: int | None = None,
     tag: str | None = None,
     progress: bool = False,
+    store: RunStore | None = None,
 ) -> np.ndarray:
-    """Objective values (m, Q) of models retrained on each keep-mask (cached via the task's store).
-    Objectives that compare with a reference get the target model's outputs."""
+    """Objective values (m, Q) of models retrained on each keep-mask (cached in `store`, a run's
+    RunStore; default the task's deprecated `store`). Objectives that compare with a reference get
+    the target model's outputs."""
     states = retrain_masks(
-        task, torch.as_tensor(keep, dtype=torch.float32), seed=seed, tag=tag, progress=progress
+        task, torch.as_tensor(keep, dtype=torch.float32), seed=seed, tag=tag, progress=progress, store=store
     )
     return objective_values(task, states, x, y, objective, reference=task.outputs(x))
 
@@ -116,16 +119,20 @@ def removal_curve(
     *,
     seed: int | None = None,
     progress: bool = False,
+    store: RunStore | None = None,
 ) -> dict[str, Any]:
     """Remove each query's top-k clusters by margin score (the most negative: those the method says
     support the true class), retrain, and measure against the all-kept retrain of the same seed the
     drop in margin (full - without) and the fraction of predictions that change.
-    Returns {'ks': [...], 'drop': [Interval per k], 'flipped': [Interval per k]}."""
+    Returns {'ks': [...], 'drop': [Interval per k], 'flipped': [Interval per k]}. The retrains are
+    cached in `store` (a run's RunStore; default the task's deprecated `store`)."""
     masks = metrics.removal_masks(scores, ks)
     n_q, n_units = masks.shape[1], masks.shape[2]
     flat = np.concatenate([np.ones((1, n_units)), masks.reshape(-1, n_units)])
     uniq, inverse = np.unique(flat, axis=0, return_inverse=True)
-    states = retrain_masks(task, torch.as_tensor(uniq, dtype=torch.float32), seed=seed, progress=progress)
+    states = retrain_masks(
+        task, torch.as_tensor(uniq, dtype=torch.float32), seed=seed, progress=progress, store=store
+    )
     xq = torch.as_tensor(x, dtype=torch.float32, device=task.device)
     out = predict(task.model, states, xq, strategy=task.strategy)  # (U, Q, O)
     inverse = np.asarray(inverse).ravel()
@@ -170,6 +177,7 @@ def evaluate(
     top_objective: str = "dist1",
     ceiling: bool = True,
     progress: bool = False,
+    store: RunStore | None = None,
 ) -> Evaluation:
     """Fit and score every method on the queries and compare it with exact leave-cluster-out
     retraining; returns an `Evaluation` whose `rows` is the table (one dict per method).
@@ -179,7 +187,10 @@ def evaluate(
     the noise ceiling compares its first seed with the mean of the others. LDS subsets are retrained
     once, with the task's own seed; lds_subsets=0 or removal_ks=() skips LDS or removal curves.
     top_objective: the objective under which 'top1_in_top3' compares a method's top cluster.
+    store: a run's RunStore in which the truth's, the LDS subsets' and the removal curves' retrains
+    are cached (default the task's deprecated `store`, else none).
     """
+    check_store(store)
     x, y = queries
     x = torch.as_tensor(x, dtype=torch.float32)
     y = torch.as_tensor(y)
@@ -191,6 +202,8 @@ def evaluate(
     if not _is_fitted_on(truth, task):
         log.info("fitting the exact truth (seeds %s)", truth.seeds)
         truth.progress = progress
+        if truth.store is None:  # an execution keyword, like progress: the truth's retrains go to the run
+            truth.store = store
         truth.fit(task)
     if truth.unit != "cluster":
         raise DistdmError("the truth must be leave-cluster-out retraining (ExactRetrain(unit='cluster'))")
@@ -207,7 +220,9 @@ def evaluate(
     keep = actual = None
     if lds_subsets:
         keep = metrics.lds_masks(task.clusters.n_clusters, lds_subsets, lds_alpha, lds_seed)
-        actual = retrained_values(task, keep, x, y, objective="margin", tag="lds", progress=progress)
+        actual = retrained_values(
+            task, keep, x, y, objective="margin", tag="lds", progress=progress, store=store
+        )
 
     rows: list[dict[str, Any]] = []
     all_scores: dict[str, dict[str, np.ndarray]] = {}
@@ -226,7 +241,7 @@ def evaluate(
         if top_objective in by_obj:
             row.update(metrics.top1_in_topk(by_obj[top_objective], true_top, 3).as_dict("top1_in_top3"))
         if removal_ks:
-            curve = removal_curve(task, by_obj["margin"], x, y, removal_ks, progress=progress)
+            curve = removal_curve(task, by_obj["margin"], x, y, removal_ks, progress=progress, store=store)
             curves[name] = curve
             for k, d in zip(curve["ks"], curve["drop"], strict=True):
                 row[f"drop_at_{k}"] = d.mean
@@ -239,6 +254,8 @@ def evaluate(
     for name, method in methods.items():
         if not _is_fitted_on(method, task):
             log.info("fitting %s", name)
+            if "store" in type(method).execution and method.store is None:  # cache its work in the run
+                method.store = store
             method.fit(task)
         by_obj: dict[str, np.ndarray] = {}
         online = 0.0

@@ -41,7 +41,7 @@ from .progress import Progress
 from .runtime import UNSET, Runtime, runtime_of
 from .store import APPLICATION, DISTILLATION, SCORES, ReadOnlyRunError, RunStore, digest, settings_diff
 from .synset import Synset
-from .task import Task, check_model, check_training_data, train_target
+from .task import Task, carrying_store, check_model, check_training_data, train_target
 from .userdata import is_data_path, load_data_file, load_model_spec, normalise_spec
 
 log = logging.getLogger(__name__)
@@ -471,12 +471,14 @@ class Run:
         return self._clusters
 
     def task(self) -> Task:
-        """The Task (model, data, clusters, schedule, trajectory) that attributors are fitted on."""
+        """The Task (model, data, clusters, schedule, trajectory) that attributors are fitted on. It
+        carries no store: the run's methods pass `self.store` to what caches work (to fit a method
+        yourself with the run's caches, pass it: `ExactRetrain(store=run.store).fit(run.task())`)."""
         if self._task is None:
             # the stages pass their own progress: the task's retrains report nothing unless asked
             self._task = Task(
                 self.model, self.data, self.clusters(), self.schedule, self.trajectory(), loss=self.loss,
-                store=self.store, runtime=self.runtime.replace(progress=False),
+                runtime=self.runtime.replace(progress=False),
             )  # fmt: skip
         return self._task
 
@@ -488,7 +490,8 @@ class Run:
 
     def _ddm(self, preset: str, config: DistillConfig | dict[str, Any] | None, **settings: Any) -> Attributor:
         t = time.perf_counter()
-        ddm = make_attributor("ddm", preset=preset, distill=config, **{"progress": self.progress, **settings})
+        settings = {"progress": self.progress, "store": self.store, **settings}
+        ddm = make_attributor("ddm", preset=preset, distill=config, **settings)
         ddm.fit(self.task())
         stage = ddm.distill_stage_  # type: ignore[attr-defined]  # distill-<preset> or distill-custom-<digest>
         key = ddm.synset_key_  # type: ignore[attr-defined]
@@ -533,6 +536,8 @@ class Run:
             )
         if accepts(name, "progress"):
             settings.setdefault("progress", self.progress)
+        if accepts(name, "store"):  # methods that cache their work (retrains) cache it in the run
+            settings.setdefault("store", self.store)
         return make_attributor(name, **settings).fit(self.task())
 
     def queries(self, n: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -604,8 +609,9 @@ class Run:
             answer if isinstance(answer, Scores) else self.attributor(str(answer)).scores(x, y, objective)
         )
         return verify_answer(
-            self.task(), scores, x, y, m=m, seeds=seeds, draw_seed=draw_seed, progress=self.progress
-        )
+            self.task(), scores, x, y, m=m, seeds=seeds, draw_seed=draw_seed, progress=self.progress,
+            store=self.store,
+        )  # fmt: skip
 
     def export_pack(
         self,
@@ -741,7 +747,7 @@ class Run:
         fitted = {spec: self.method(spec) for spec in methods}
         ev = run_evaluation(
             self.task(), fitted, (x, y), truth_seeds=list(seeds), lds_subsets=lds_subsets,
-            progress=self.progress,
+            progress=self.progress, store=self.store,
         )  # fmt: skip
         paths = self._save_written("evaluation", ev.save)
         checks = []
@@ -782,6 +788,7 @@ class Run:
         rows = further_agreement(
             task, scores, x, y, objective, epochs=list(epochs), seeds=list(seeds), optimizer=optimizer,
             lr=lr, unit=unit, left_out=None if len(left) == n else left, progress=self.progress,
+            store=self.store,
         )  # fmt: skip
         stem = f"further-agreement-{optimizer}-{unit}-{objective}"
         paths = self._save_written("evaluation", lambda tmp: write_agreement(rows, tmp, stem=stem))
@@ -859,7 +866,9 @@ class Run:
                     **{k: v for k, v in settings.items() if k != "progress"}}  # fmt: skip
         if corruption is None:
             fitted = {spec: self.method(spec) for spec in methods}
-            d = run_diagnosis(self.task(), fitted, validation_fraction=validation_fraction, **settings)
+            # diagnose takes no store argument yet: its retrains find the run's store on the task
+            task = carrying_store(self.task(), self.store)
+            d = run_diagnosis(task, fitted, validation_fraction=validation_fraction, **settings)
             files = diagnosis_files(d, self.data.x_train)
             return Outcome(
                 d, self._save_files("applications/diagnose", files, application="diagnose", identity=identity)
@@ -869,7 +878,10 @@ class Run:
         xt, yt = split.xy(self.data, "test")
         clean = float(accuracy(self.task().outputs(xt), yt))
         fitted = {spec: sub.method(spec) for spec in methods}
-        rep = noisy_diagnosis(sub.task(), corruption, fitted, clean_accuracy=clean, split=split, **settings)
+        rep = noisy_diagnosis(
+            carrying_store(sub.task(), sub.store), corruption, fitted, clean_accuracy=clean, split=split,
+            **settings,
+        )  # fmt: skip
         files = diagnosis_files(rep.diagnosis, corruption.data.x_train, stem="diagnose")
         files["detection.csv"] = rep.to_csv()
         files["corruption.json"] = json.dumps(rep.to_json(), indent=2)
@@ -930,7 +942,8 @@ class Run:
 
         ids = parse_clusters(clusters, self.clusters().n_clusters)
         task = self.task()
-        rep = unlearn_report(task, synset_variant(task, synset, progress=self.progress), ids, retrain=retrain)
+        syn = synset_variant(task, synset, progress=self.progress, store=self.store)
+        rep = unlearn_report(task, syn, ids, retrain=retrain)
         table = rep.to_markdown()
         tag = "-".join(str(k) for k in ids)
         stem = f"clusters-{tag}-{synset}"
@@ -951,7 +964,7 @@ class Run:
         from .applications.unlearn import forgetting_table, rows_to_markdown, synset_variant
 
         task = self.task()
-        syns = {n: synset_variant(task, n, progress=self.progress) for n in synsets}
+        syns = {n: synset_variant(task, n, progress=self.progress, store=self.store) for n in synsets}
         table = rows_to_markdown(forgetting_table(task, syns, lr_scales=list(lr_scales)))
         saved = self._save_files(
             "applications/unlearn", {"forgetting.md": table + "\n"}, application="unlearn",
@@ -970,7 +983,7 @@ class Run:
         from .applications.unlearn import synset_variant
 
         task = self.task()
-        syns = {n: synset_variant(task, n, progress=self.progress) for n in synsets}
+        syns = {n: synset_variant(task, n, progress=self.progress, store=self.store) for n in synsets}
         table = privacy_table(syns, self.data)
         files: dict[str, bytes | str | None] = {
             "metrics.json": json.dumps(table, indent=2),

@@ -583,6 +583,14 @@ class RunStore:
         return True
 
 
+def check_store(store: object) -> None:
+    """Refuse a `store` argument that is neither None nor a RunStore."""
+    if store is not None and not isinstance(store, RunStore):
+        raise DistdmError(
+            f"store must be a distdm RunStore (e.g. run.store) or None, got {type(store).__name__}"
+        )
+
+
 # chunked jobs --------------------------------------------------------------------------------
 # A job computes tensors for n_items rows (retrained models, further-trained models, ...) in chunks
 # of consecutive rows. Chunk i of job NAME is the artifact NAME/chunk<i>.safetensors, and its

@@ -45,6 +45,11 @@ class Task:
     the module's own weights are neither theta_0 nor theta_tau, a UserWarning says that the answers
     are about trajectory[-1] (they may not be the model you trained).
 
+    `store` is deprecated: the run store is not part of the problem. Pass it where work is cached
+    (`ExactRetrain(store=...)`, `retrain_masks(..., store=...)`, `verify(..., store=...)`; a
+    distdm.Run does so itself). A task given one warns (DeprecationWarning), and code that is given no
+    store still reads it, so that older code keeps its caches.
+
     `runtime` (a distdm.Runtime: device, executor, memory budget, progress) says how the work runs;
     results do not depend on it. The keywords executor, memory_budget_bytes and device set those
     entries of it (over the given runtime's), and `task.device` etc. read them. The runtime's device
@@ -60,7 +65,8 @@ class Task:
     loss: str | LossFn = "ce"
     reduction: str = "mean"
     strategy: str = "auto"
-    store: RunStore | None = None  # where attributors cache expensive work (retrains), if given
+    # deprecated: the caching code takes its store explicitly and reads this one only when given none
+    store: RunStore | None = None
     runtime: Runtime = Runtime()
 
     def __init__(
@@ -88,6 +94,14 @@ class Task:
         self.trajectory, self.loss, self.reduction, self.strategy, self.store = (
             trajectory, loss, reduction, strategy, store
         )  # fmt: skip
+        if store is not None:
+            warnings.warn(
+                "Task(store=...) is deprecated: pass the store to what caches work instead "
+                "(e.g. ExactRetrain(store=run.store), retrain_masks(task, keep, store=...), "
+                "verify(task, scores, x, y, store=...)), or use distdm.Run, which does",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -208,6 +222,24 @@ class Task:
             schedule or self.schedule, n_variants, chunk_size=chunk_size, memory_budget_bytes=budget,
             loss=self.loss if loss is None else loss,
         )  # fmt: skip
+
+
+def store_of(task: Task, store: RunStore | None = None) -> RunStore | None:
+    """The run store to cache work in: the one given, else the task's deprecated `store` (None: none)."""
+    return store if store is not None else task.store
+
+
+def carrying_store(task: Task, store: RunStore | None) -> Task:
+    """The task for code that does not take a store yet and reads the deprecated `task.store`: a
+    shallow copy that carries `store` (no new tensors, no warning), or the task itself when there is
+    no store to add."""
+    if store is None or task.store is store:
+        return task
+    import copy
+
+    out = copy.copy(task)  # __init__ is not run again: the tensors are shared and nothing warns
+    out.store = store
+    return out
 
 
 def reinitialise(model: nn.Module, seed: int) -> State:

@@ -2,10 +2,10 @@
 whether the method's scores agree with those exact effects and whether the effects agree with
 themselves.
 
-`verify(task, scores, x, y, m=8)` draws m clusters, retrains the model without each of them (and
-once with everything) for each seed through the batched engine (`retrain_masks`; cached in the run
-directory, so a second call retrains nothing; when the run already holds complete leave-one-out
-retrains for a seed, those are reused instead), and reports:
+`verify(task, scores, x, y, m=8, store=run.store)` draws m clusters, retrains the model without each
+of them (and once with everything) for each seed through the batched engine (`retrain_masks`;
+cached in the run store, so a second call retrains nothing; when the run already holds complete
+leave-one-out retrains for a seed, those are reused instead), and reports:
 
 - agreement: per query, Spearman over the m clusters between the method's scores and the exact
   effects of the first seed (the explained model's own seed), and the share of the m clusters on
@@ -48,8 +48,8 @@ from .metrics import MIN_UNITS, spearman_per_query
 from .objectives import Objective, objective_name
 from .progress import Progress, progress_bar
 from .scores import Scores
-from .store import ChunkedJob, digest
-from .task import Task
+from .store import ChunkedJob, RunStore, check_store, digest
+from .task import Task, store_of
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +230,8 @@ def choose_clusters(n_clusters: int, m: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_clusters, size=m, replace=False))
 
 
-def _loo_cached(task: Task, seed: int) -> int | None:
+def _loo_cached(task: Task, seed: int, store: RunStore | None) -> int | None:
     """The chunk size of complete cached leave-one-out retrains for a seed (None if not all there)."""
-    store = task.store
     if store is None:
         return None
     k = task.clusters.n_clusters
@@ -243,24 +242,26 @@ def _loo_cached(task: Task, seed: int) -> int | None:
 
 
 def _states(
-    task: Task, chosen: np.ndarray, seed: int, tag: str, progress: Any
+    task: Task, chosen: np.ndarray, seed: int, tag: str, progress: Any, store: RunStore | None
 ) -> tuple[State, float | None, str]:
     """Stacked states (1 + m) for a seed: all kept, then without each chosen cluster; their
     recorded cost and where they came from."""
     k = task.clusters.n_clusters
-    loo_chunk = _loo_cached(task, seed)
+    loo_chunk = _loo_cached(task, seed, store)
     if loo_chunk is not None:
-        states = retrain_masks(task, leave_one_out_masks(k), seed=seed, tag="loo", chunk_size=loo_chunk)
+        states = retrain_masks(
+            task, leave_one_out_masks(k), seed=seed, tag="loo", chunk_size=loo_chunk, store=store
+        )
         rows = torch.as_tensor(np.concatenate([[0], chosen + 1]))
-        spent = recorded_seconds(task, "loo", seed)
+        spent = recorded_seconds(task, "loo", seed, store)
         share = None if spent is None else spent * len(rows) / (k + 1)
         return {n: v[rows] for n, v in states.items()}, share, "leave-one-out"
     keep = torch.ones(1 + len(chosen), k)
     keep[torch.arange(1, 1 + len(chosen)), torch.as_tensor(chosen)] = 0.0
-    cached = task.store is not None and recorded_seconds(task, tag, seed) is not None
+    cached = store is not None and recorded_seconds(task, tag, seed, store) is not None
     t = time.perf_counter()
-    states = retrain_masks(task, keep, seed=seed, tag=tag, progress=progress)
-    spent = recorded_seconds(task, tag, seed)
+    states = retrain_masks(task, keep, seed=seed, tag=tag, progress=progress, store=store)
+    spent = recorded_seconds(task, tag, seed, store)
     if spent is None:  # no store: what it took now
         spent = time.perf_counter() - t
     return states, spent, "cached" if cached else "computed"
@@ -273,8 +274,7 @@ def _effects(task: Task, states: State, x: torch.Tensor, y: torch.Tensor, object
     return v[1:] - v[:1]
 
 
-def _train_seconds(task: Task) -> float | None:
-    store = task.store
+def _train_seconds(store: RunStore | None) -> float | None:
     if store is None or not store.is_done("train"):
         return None
     s = store.stage_info("train").get("seconds")
@@ -293,6 +293,7 @@ def verify(
     objective: str | Objective | None = None,
     progress: Progress = False,
     save: bool = True,
+    store: RunStore | None = None,
 ) -> Verification:
     """Check one answer against exact retraining of m random clusters with two seeds: the method's
     agreement, retraining's own reproducibility, a verdict and the cost (module docstring).
@@ -300,8 +301,12 @@ def verify(
     scores: the method's Scores for the queries (x, y) (cluster units, or samples summed to clusters).
     seeds: retraining seeds, the explained model's first (default: the task's seed and the next).
     objective: the objective the scores explain (default: the one they record).
-    With the task's run store set and save=True, the result is stored as JSON under verify/.
+    store: the run's RunStore (default the task's deprecated `store`): the retrains are cached and
+    reused there (also a run's complete leave-one-out retrains) and, with save=True, the result is
+    stored in it as JSON under verify/.
     """
+    check_store(store)
+    store = store_of(task, store)
     if not isinstance(scores, Scores):
         raise DistdmError(
             f"verify needs the method's Scores (attributor.scores(x, y)), got {type(scores).__name__}"
@@ -327,7 +332,7 @@ def verify(
     effects, spent, sources = [], [], []
     with progress_bar(len(seeds_t) * (1 + m) * task.schedule.epochs, "verify: retraining", progress) as bar:
         for s in seeds_t:
-            states, sec, src = _states(task, chosen, s, tag, bar)
+            states, sec, src = _states(task, chosen, s, tag, bar, store)
             effects.append(_effects(task, states, x, y, obj))
             spent.append(sec)
             sources.append(src)
@@ -360,13 +365,13 @@ def verify(
         explanation=why,
         seconds=float(sum(spent)) if None not in spent else float("nan"),
         seconds_this_call=this_call,
-        train_seconds=_train_seconds(task),
+        train_seconds=_train_seconds(store),
         models_retrained=len(seeds_t) * (1 + m),
         reused=reused,
     )
-    if save and task.store is not None:
+    if save and store is not None:
         name = verification_name(result, x)
-        task.store.save_json(name, result.to_dict())
+        store.save_json(name, result.to_dict())
         log.info("verification stored as %s", name)
     return result
 

@@ -33,7 +33,7 @@ from ..engine import State, predict, select
 from ..errors import DistdmError
 from ..objectives import accuracy, margin
 from ..presets import preset
-from ..store import atomic_write_bytes
+from ..store import RunStore, atomic_write_bytes
 from ..synset import Synset
 from ..task import Task
 
@@ -50,12 +50,13 @@ def variant_settings(name: str, *, epochs: int) -> tuple[DistillConfig, OnlineCo
     raise DistdmError(f"unknown synset variant {name!r}; one of {list(SYNSET_VARIANTS)}")
 
 
-def synset_variant(task: Task, name: str, *, progress: bool = False) -> Synset:
-    """The synset of a named variant for the task's clusters (cached in the task's run store, if any)."""
+def synset_variant(task: Task, name: str, *, progress: bool = False, store: RunStore | None = None) -> Synset:
+    """The synset of a named variant for the task's clusters, cached in `store` (a run's RunStore;
+    default the task's deprecated `store`, else not cached)."""
     from ..attribution.ddm import load_or_distill
 
     d, o = variant_settings(name, epochs=task.schedule.epochs)
-    return load_or_distill(task, d, task.clusters, o.lr or task.schedule.lr, o.steps, progress)
+    return load_or_distill(task, d, task.clusters, o.lr or task.schedule.lr, o.steps, progress, store)
 
 
 def parse_clusters(text: str | Sequence[int], n_clusters: int) -> list[int]:

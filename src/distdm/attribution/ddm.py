@@ -22,14 +22,12 @@ from ..presets import PRESETS
 from ..presets import preset as preset_settings
 from ..progress import Progress, check_progress
 from ..scores import Scores
-from ..store import SYNSET, ReadOnlyRunError, digest
+from ..store import SYNSET, ReadOnlyRunError, RunStore, check_store, digest
 from ..synset import Synset
-from ..task import Task
+from ..task import Task, carrying_store, store_of
 from .base import Attributor, Settings, frozen_value, register
 
 log = logging.getLogger(__name__)
-
-
 
 
 def synset_key(cfg: DistillConfig, clusters: Clusters, lr: float, steps: int) -> str:
@@ -38,11 +36,19 @@ def synset_key(cfg: DistillConfig, clusters: Clusters, lr: float, steps: int) ->
 
 
 def load_or_distill(
-    task: Task, cfg: DistillConfig, clusters: Clusters, lr: float, steps: int, progress: Progress = False
+    task: Task,
+    cfg: DistillConfig,
+    clusters: Clusters,
+    lr: float,
+    steps: int,
+    progress: Progress = False,
+    store: RunStore | None = None,
 ) -> Synset:
-    """The synset for these settings: from the task's run directory if cached, else distilled (and cached)."""
+    """The synset for these settings: from the run store if cached there, else distilled (and cached
+    there). store: a run's RunStore (default the task's deprecated `store`; None: not cached)."""
+    check_store(store)
     key = synset_key(cfg, clusters, lr, steps)
-    store = task.store
+    store = store_of(task, store)
     files = [key + ".json", key + ".safetensors"]
     identity = {"kind": clusters.kind, "settings": cfg.to_dict(), "lr": lr, "steps": steps,
                 "clusters": digest(clusters.assignment)}  # fmt: skip
@@ -54,7 +60,8 @@ def load_or_distill(
             with contextlib.suppress(ReadOnlyRunError):
                 store.record_result(key, SYNSET, files, identity, seconds=syn.info.get("seconds"))
         return syn
-    syn = distill(task, cfg, clusters=clusters, lr=lr, steps=steps, progress=progress)
+    # distill reads no store argument yet (its oracle target caches retrains): it gets it on the task
+    syn = distill(carrying_store(task, store), cfg, clusters=clusters, lr=lr, steps=steps, progress=progress)
     if store is not None:
         store.save_json(key, syn.info)  # info first: the tensors file marks the synset complete
         store.save_tensors(key, syn.to_tensors())
@@ -136,11 +143,13 @@ class DDM(Attributor):
     online={"perturbations_per_cluster": 8} keeps every other online setting of the preset.
     synset: a ready synset (no distillation). clusters: 'task' (the task's clusters) or 'index' (the
     paper's 'w/o cluster' ablation). progress (distdm.progress): False, True (a bar on stderr) or a
-    callable (stage, done, total) -> None, told about the distillation.
+    callable (stage, done, total) -> None, told about the distillation. store: a run's RunStore in
+    which synsets are cached and from which they are loaded (default the task's deprecated
+    `store`, else none).
     """
 
     Args = DDMArgs
-    execution = ("synset", "progress")  # a ready synset is an input, not a setting
+    execution = ("synset", "progress", "store")  # a ready synset is an input, not a setting
     trains_models = True
 
     def __init__(
@@ -152,11 +161,14 @@ class DDM(Attributor):
         synset: Synset | None = None,
         clusters: str = "task",
         progress: Progress = False,
+        store: RunStore | None = None,
     ):
         super().__init__(preset=preset, distill=distill, online=online, clusters=clusters)
         check_progress(progress)
+        check_store(store)
         self.synset = synset
         self.progress = progress
+        self.store = store
 
     @property
     def unit(self) -> str:
@@ -196,7 +208,7 @@ class DDM(Attributor):
             self.synset_ = self.synset
         else:
             self.synset_ = load_or_distill(
-                task, self.distill_config_, self.units_, lr, self.online_.steps, self.progress
+                task, self.distill_config_, self.units_, lr, self.online_.steps, self.progress, self.store
             )
         # what the distillation cost when it ran, also when this fit loaded the synset from the run
         self.recorded_seconds_ = self.synset_.info.get("seconds")
@@ -277,7 +289,9 @@ class DDM(Attributor):
         fn = get_objective(objective)
         cw = classwise(task.data.y_train)
         lr = self.online_.lr or task.schedule.lr
-        cls_syn = load_or_distill(task, self.distill_config_, cw, lr, self.online_.steps, self.progress)
+        cls_syn = load_or_distill(
+            task, self.distill_config_, cw, lr, self.online_.steps, self.progress, self.store
+        )
         ref = task.outputs(x)
         base = fn(ref.unsqueeze(0), ref, y)[0]
         cls_out = predict(task.model, finetune(task, cls_syn, torch.eye(cw.n_clusters)), x)

@@ -27,8 +27,8 @@ from ..intervals import t_interval
 from ..objectives import Objective, get_objective, objective_name
 from ..progress import Progress, StageProgress, check_progress, progress_bar
 from ..scores import Scores
-from ..store import digest, run_chunked
-from ..task import Task, check_memory_budget
+from ..store import RunStore, check_store, digest, run_chunked
+from ..task import Task, check_memory_budget, store_of
 from .base import UNITS, Attributor, Settings, check_choice, check_int, check_number, check_unit, register
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,9 @@ class FurtherTraining(Attributor):
     None: full batch); momentum (SGD). seeds: a number of shuffle seeds (0..n-1) or a list.
     unit: 'cluster' or 'sample'. left_out: the units to evaluate (default all; the others get NaN).
     centre: subtract the per-query mean over left-out units. chunk_size: variants trained at once
-    (and the unit of caching). stage: the name under which results are cached in task.store.
+    (and the unit of caching). stage: the name under which results are cached in the store.
+    store (a run's RunStore; default the task's deprecated `store`, else none): caches the
+    further-trained states chunk by chunk, so that a second fit loads them and a killed one resumes.
     executor (distdm.executors; default the task's, else in-process): runs the chunks, e.g. on Ray;
     then a seed's unfinished chunks go out in one engine call. memory_budget_bytes (default the
     task's): trains fewer variants at once than a chunk if one would not fit. Results do not depend
@@ -113,7 +115,7 @@ class FurtherTraining(Attributor):
     """
 
     Args = FurtherArgs
-    execution = ("progress", "executor", "memory_budget_bytes")
+    execution = ("progress", "executor", "memory_budget_bytes", "store")
     trains_models = True
     units = UNITS
 
@@ -135,9 +137,11 @@ class FurtherTraining(Attributor):
         progress: Progress = False,
         executor: object = None,
         memory_budget_bytes: int | None = None,
+        store: RunStore | None = None,
     ):
         check_memory_budget(memory_budget_bytes)
         check_progress(progress)
+        check_store(store)
         super().__init__(
             epochs=epochs, record=record, optimizer=optimizer, lr=lr, batch_size=batch_size,
             momentum=momentum, seeds=seeds, unit=unit, left_out=left_out, centre=centre,
@@ -146,6 +150,7 @@ class FurtherTraining(Attributor):
         self.progress = progress
         self.executor = executor
         self.memory_budget_bytes = memory_budget_bytes
+        self.store = store
 
     # the settings resolved: a seed count as the seeds 0..n-1, the recorded epochs sorted
     @property
@@ -196,7 +201,7 @@ class FurtherTraining(Attributor):
         keep[torch.arange(1, len(left) + 1), torch.as_tensor(left)] = 0.0  # row 0: all data
         weights = task.clusters.keep_weights(keep) if self.unit == "cluster" else keep
         size = self.chunk_size or int(weights.shape[0])
-        store = task.store
+        store = store_of(task, self.store)
         if store is not None:
             store.check_config(self.stage, self._config(task))
         executor = task.executor if self.executor is None else self.executor
@@ -206,15 +211,16 @@ class FurtherTraining(Attributor):
         total = len(self.seeds) * int(weights.shape[0]) * self.epochs
         with progress_bar(total, "further training", self.progress) as bar:
             for seed in self.seeds:
-                self._fit_seed(task, weights, size, seed, executor, bar)
+                self._fit_seed(task, weights, size, seed, executor, bar, store)
         if store is not None:
             store.mark_done(self.stage, seeds=len(self.seeds), variants=int(weights.shape[0]))
 
     def _fit_seed(
-        self, task: Task, weights: torch.Tensor, size: int, seed: int, executor: object, bar: StageProgress
-    ) -> None:
+        self, task: Task, weights: torch.Tensor, size: int, seed: int, executor: object, bar: StageProgress,
+        store: RunStore | None,
+    ) -> None:  # fmt: skip
         """Further-train (or load) every chunk of one shuffle seed and append its states."""
-        for i, st in enumerate(further_train_seed(self, task, weights, size, seed, executor, bar)):
+        for i, st in enumerate(further_train_seed(self, task, weights, size, seed, executor, bar, store)):
             self.states_[i].append(st)
 
     def _train(
@@ -315,10 +321,11 @@ class FurtherTraining(Attributor):
 
 def further_train_seed(
     ft: FurtherTraining, task: Task, weights: torch.Tensor, chunk_size: int, seed: int, executor: object,
-    progress: StageProgress,
+    progress: StageProgress, store: RunStore | None = None,
 ) -> list[State]:  # fmt: skip
     """One shuffle seed's further-trained states, one stacked state (rows of `weights` leading) per
-    recorded epoch, through the store's chunked-job runner: with task.store, chunk c is cached as
+    recorded epoch, through the store's chunked-job runner: with a store (default the task's
+    deprecated `store`), chunk c is cached as
     '<stage>/seed<s>/chunk<c>' and a killed fit resumes at the first unfinished chunk. Without an
     executor every chunk is one engine call; with one, a seed's unfinished chunks go out together."""
 
@@ -331,9 +338,10 @@ def further_train_seed(
         return _flat_epochs(per_epoch, ft.record)
 
     # the stage's settings (checked against configs[stage] by `fit`) and the seed identify a chunk
-    identity = {"settings": digest(ft._config(task)), "seed": seed} if task.store is not None else {}
+    store = store_of(task, store)
+    identity = {"settings": digest(ft._config(task)), "seed": seed} if store is not None else {}
     flat = run_chunked(
-        task.store, f"{ft.stage}/seed{seed}", identity, int(weights.shape[0]), chunk_size, compute,
+        store, f"{ft.stage}/seed{seed}", identity, int(weights.shape[0]), chunk_size, compute,
         executor=executor, device=task.device, progress=progress, work_per_item=ft.epochs,
     )  # fmt: skip
     return _split_epochs(flat, ft.record)
@@ -536,10 +544,12 @@ def further_agreement(
     executor: object = None,
     memory_budget_bytes: int | None = None,
     progress: Progress = False,
+    store: RunStore | None = None,
 ) -> list[AgreementRow]:
     """Fit the further-training gold standard once (recording every epoch count in `epochs`) and
     return each method's agreement with it per epoch count and number of seeds averaged, labelled
-    with the optimizer. stage (default: a name derived from the settings) caches it in task.store."""
+    with the optimizer. stage (default: a name derived from the settings) caches it in `store` (a
+    run's RunStore; default the task's deprecated `store`)."""
     record = sorted({int(e) for e in epochs})
     if not record or record[0] < 0:
         raise DistdmError(f"further-training epochs must be integers >= 0, got {list(epochs)}")
@@ -553,7 +563,7 @@ def further_agreement(
     ft = FurtherTraining(
         epochs=record[-1], record=record, optimizer=optimizer, lr=lr, seeds=seeds, unit=unit,
         left_out=left_out, chunk_size=chunk_size, stage=stage, progress=progress, executor=executor,
-        memory_budget_bytes=memory_budget_bytes,
+        memory_budget_bytes=memory_budget_bytes, store=store,
     ).fit(task)  # fmt: skip
     return agreement_study(
         ft, scores, x, y, objective, epochs=record, seed_counts=seed_counts, centre=centre, label=optimizer

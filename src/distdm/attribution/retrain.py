@@ -2,11 +2,11 @@
 
 `retrain_masks` retrains the target model from theta_0 with the target's schedule (same data order,
 dropped units masked out of every batch) once per keep-mask, through the batched engine
-(`Task.retrain`), and caches the final states chunk by chunk in the task's RunStore, so that a
+(`Task.retrain`), and caches the final states chunk by chunk in the RunStore it is given, so that a
 second call does not recompute and a killed sweep resumes at the first unfinished chunk.
 `ExactRetrain` ("exact") is the leave-one-cluster-out attributor built on it.
 
-Store layout (when `task.store` is set): stage 'retrain' holds the identity of what is retrained
+Store layout (when a store is given): stage 'retrain' holds the identity of what is retrained
 (clusters, schedule, loss, reduction, a hash of theta_0); each seed's job 'retrain/<tag>/seed<s>' is
 a `store.run_chunked` job whose identity is its masks' hash, count and unit: chunk i is the artifact
 'retrain/<tag>/seed<s>/chunk<i>' (a safetensors file of stacked states) with a completion flag of
@@ -27,8 +27,8 @@ from ..errors import DistdmError
 from ..objectives import Objective, get_objective, objective_name
 from ..progress import Progress, StageProgress, check_progress, progress_bar
 from ..scores import Scores
-from ..store import ChunkedJob, digest, run_chunked
-from ..task import Task, check_memory_budget
+from ..store import ChunkedJob, RunStore, check_store, digest, run_chunked
+from ..task import Task, check_memory_budget, store_of
 from .base import UNITS, Attributor, Settings, check_int, check_unit, register
 
 log = logging.getLogger(__name__)
@@ -84,12 +84,14 @@ def retrain_masks(
     progress: Progress = False,
     executor: object = None,
     memory_budget_bytes: int | None = None,
+    store: RunStore | None = None,
 ) -> State:
     """Retrain once per row of `keep` (V, units) and return the stacked final states (V leading).
 
     seed None means the task's own seed (its theta_0 and shuffle order); another seed draws a new
-    initialisation and shuffle order. With `task.store` set, chunks of `chunk_size` rows are cached
-    under 'retrain/<tag>/seed<s>/chunk<i>' (tag default: a hash of the masks) and reused or resumed.
+    initialisation and shuffle order. With a store (a run's RunStore; default the task's deprecated
+    `store`), chunks of `chunk_size` rows are cached under 'retrain/<tag>/seed<s>/chunk<i>' (tag
+    default: a hash of the masks) and reused or resumed; without one nothing is cached.
     executor (see distdm.executors; default the task's): runs the chunks, e.g. in parallel on Ray;
     the unfinished chunks then go out in one engine call and are saved when it returns.
     memory_budget_bytes (default the task's): trains fewer variants at once than a chunk if one
@@ -110,17 +112,20 @@ def retrain_masks(
     if chunk_size < 1:
         raise DistdmError(f"chunk_size must be >= 1, got {chunk_size}")
     check_progress(progress)
+    check_store(store)
     with progress_bar(len(keep_t) * task.schedule.epochs, "retraining", progress) as bar:
-        return _retrain_chunks(task, keep_t, seed, unit, tag, chunk_size, bar, executor, memory_budget_bytes)
+        return _retrain_chunks(
+            task, keep_t, seed, unit, tag, chunk_size, bar, executor, memory_budget_bytes,
+            store_of(task, store),
+        )  # fmt: skip
 
 
 def _retrain_chunks(
     task: Task, keep_t: torch.Tensor, seed: int | None, unit: str, tag: str | None, chunk_size: int,
-    progress: StageProgress, executor: object, memory_budget_bytes: int | None,
+    progress: StageProgress, executor: object, memory_budget_bytes: int | None, store: RunStore | None,
 ) -> State:  # fmt: skip
     """`retrain_masks` after its checks: every chunk's training advances the one `progress` stage."""
     s = task.schedule.seed if seed is None else int(seed)
-    store = task.store
     executor = task.executor if executor is None else executor
     budget = task.memory_budget_bytes if memory_budget_bytes is None else memory_budget_bytes
 
@@ -153,17 +158,21 @@ def job_name(tag: str, seed: int) -> str:
     return f"retrain/{tag}/seed{seed}"
 
 
-def recorded_seconds(task: Task, tag: str, seed: int | None = None) -> float | None:
+def recorded_seconds(
+    task: Task, tag: str, seed: int | None = None, store: RunStore | None = None
+) -> float | None:
     """Seconds the chunks of a cached job took when they were computed (None without a store or
-    before any chunk finished): the true cost of a retrain that was later loaded from the cache."""
-    if task.store is None:
+    before any chunk finished): the true cost of a retrain that was later loaded from the cache.
+    store: the run's RunStore (default the task's deprecated `store`)."""
+    store = store_of(task, store)
+    if store is None:
         return None
     s = task.schedule.seed if seed is None else int(seed)
     name = job_name(tag, s)
-    cfg = task.store.config(name)
+    cfg = store.config(name)
     n = cfg.get("variants") if isinstance(cfg, dict) else None
-    job = ChunkedJob.recorded(task.store, name, n) if isinstance(n, int) else None
-    return None if job is None else job.recorded_seconds(task.store)
+    job = ChunkedJob.recorded(store, name, n) if isinstance(n, int) else None
+    return None if job is None else job.recorded_seconds(store)
 
 
 def objective_values(
@@ -212,12 +221,14 @@ class ExactRetrain(Attributor):
     index 0 is the model other methods explain), unit ('cluster' or 'sample'), chunk_size (variants
     per cached chunk), progress (distdm.progress: False, True or a callable; one stage over every
     seed and chunk), executor (distdm.executors; default the task's, else in-process),
-    memory_budget_bytes (bytes one engine call may use; default the task's). The reference
-    outputs an objective sees are those of the all-kept model of the same seed.
+    memory_budget_bytes (bytes one engine call may use; default the task's), store (a run's
+    RunStore: the retrains are cached there and reused; default the task's deprecated `store`,
+    else none). The reference outputs an objective sees are those of the all-kept model of the
+    same seed.
     """
 
     Args = ExactArgs
-    execution = ("progress", "executor", "memory_budget_bytes")
+    execution = ("progress", "executor", "memory_budget_bytes", "store")
     trains_models = True
     units = UNITS
 
@@ -229,13 +240,16 @@ class ExactRetrain(Attributor):
         progress: Progress = False,
         executor: object = None,
         memory_budget_bytes: int | None = None,
+        store: RunStore | None = None,
     ):
         check_memory_budget(memory_budget_bytes)
         check_progress(progress)
+        check_store(store)
         super().__init__(seeds=seeds, unit=unit, chunk_size=chunk_size)
         self.progress = progress
         self.executor = executor
         self.memory_budget_bytes = memory_budget_bytes
+        self.store = store
 
     def _fit(self, task: Task) -> None:
         self.seeds_ = self.seeds if self.seeds is not None else (task.schedule.seed,)
@@ -255,10 +269,11 @@ class ExactRetrain(Attributor):
                     progress=bar,
                     executor=self.executor,
                     memory_budget_bytes=self.memory_budget_bytes,
+                    store=self.store,
                 )
                 for s in self.seeds_
             }
-        recorded = [recorded_seconds(task, tag, s) for s in self.seeds_]
+        recorded = [recorded_seconds(task, tag, s, self.store) for s in self.seeds_]
         # with a store: what the retrains cost when computed, also when this fit loaded them
         self.recorded_seconds_ = None if None in recorded else float(sum(recorded))  # type: ignore[arg-type]
 
