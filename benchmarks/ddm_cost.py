@@ -129,7 +129,9 @@ def run_ddm(task: Task, cfg: DistillConfig) -> tuple[Any, dict[str, Any]]:
         if cfg.solver == "closed-form":
             curv = make_curvature(task, cfg)
         else:  # the adam pipeline reads the cached eigenpairs
-            top_eigenpairs(task, cfg.hessian_rank, cfg.curvature, cfg.hessian_subsample)
+            top_eigenpairs(
+                task, cfg.hessian_rank, cfg.curvature, cfg.hessian_subsample, cfg.residual_subsample
+            )
             curv = None
     with Stage() as s_rest:
         if curv is not None:

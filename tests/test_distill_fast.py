@@ -221,9 +221,12 @@ def test_old_default_stays_selectable_by_name():
     )
     assert (o.perturbations_per_cluster, o.steps) == (4.0, 1)
     fast, default = preset("fast", epochs=30)[0], preset("default", epochs=30)[0]
-    # 'fast' is the default of 2026-12-01 (label columns formed); 'default' differs only in how it solves
+    # 'fast' is the default of 2026-12-01 (label columns formed); 'default' differs in how it solves
+    # and in the split Hessian where parameters are reused
     assert (fast.label_solver, default.label_solver) == ("materialise", "auto")
-    assert fast.replace(label_solver="auto", input_steps=20, label_solves=2) == default
+    assert (
+        fast.replace(label_solver="auto", input_steps=20, label_solves=2, residual_subsample=200) == default
+    )
     assert (fast.solver, fast.input_steps, fast.label_solves) == ("closed-form", 50, 3)
     from distdm.attribution.ddm import DDM
 
@@ -254,7 +257,7 @@ def test_factored_and_materialised_label_solves_give_the_same_synset(tiny_task):
     assert 0.0 <= a.info["target_curvature_share"] <= 1.0
 
 
-def test_a_convnet_falls_back_to_the_label_columns_and_still_fits(digits):
+def _conv_task(digits, width=4, depth=1):
     from distdm.clusters import kmeans_per_class
     from distdm.data import TensorData
     from distdm.engine import Schedule
@@ -265,9 +268,13 @@ def test_a_convnet_falls_back_to_the_label_columns_and_still_fits(digits):
         digits.x_train[:200].reshape(img), digits.y_train[:200], digits.x_test[:50].reshape(img),
         digits.y_test[:50], 10, "digits-img",
     )  # fmt: skip
-    model = build_model("convnet", (1, 8, 8), 10, seed=0, width=4, depth=1)
+    model = build_model("convnet", (1, 8, 8), 10, seed=0, width=width, depth=depth)
     clusters = kmeans_per_class(sub.x_train.reshape(200, -1), sub.y_train, 1, seed=0)
-    task = train_target(model, sub, Schedule(epochs=2, lr=0.1, batch_size=64, seed=0), clusters)
+    return train_target(model, sub, Schedule(epochs=2, lr=0.1, batch_size=64, seed=0), clusters)
+
+
+def test_a_convnet_falls_back_to_the_label_columns_and_still_fits(digits):
+    task = _conv_task(digits)
     syn = distill_closed_form(task, FAST.replace(hessian_rank=5, hessian_subsample=64, input_steps=2))
     assert not syn.info["factored"]
     assert syn.info["loss_history"][-1] < syn.info["loss_history"][0]
@@ -314,3 +321,20 @@ def test_a_small_memory_budget_lowers_the_eigenpair_rank_with_a_warning(tiny_tas
     assert curv.vals.shape == (12,) and curv.vecs.shape == (12, p)
     with pytest.raises(DistdmError, match="MiB"):
         make_curvature(dataclasses.replace(tiny_task, memory_budget_bytes=1000), cfg)
+
+
+def test_the_split_hessian_reaches_the_eigenpairs_on_convnets_and_leaves_mlps_alone(digits, tiny_task):
+    from distdm.distill_influence import _EIGEN_CACHE, top_eigenpairs
+
+    conv = _conv_task(digits, width=16, depth=2)  # convolutions dominate: the stored Jacobians pay
+    assert preset("default", epochs=2)[0].residual_subsample == 200
+    full, _ = top_eigenpairs(conv, 8, "hessian")
+    exact_split, _ = top_eigenpairs(conv, 8, "hessian", residual_subsample=10**6)  # all samples: exact
+    torch.testing.assert_close(exact_split, full, rtol=1e-3, atol=1e-5)
+    drawn, _ = top_eigenpairs(conv, 8, "hessian", residual_subsample=50)
+    # a draw of a quarter of the samples of a barely trained model: near the top eigenvalues, not on them
+    assert not torch.allclose(drawn, full, rtol=1e-3) and abs(float(drawn[0] / full[0]) - 1) < 0.35
+    mlp_full, _ = top_eigenpairs(tiny_task, 8, "hessian")
+    mlp_split, _ = top_eigenpairs(tiny_task, 8, "hessian", residual_subsample=50)  # no stored Jacobians
+    torch.testing.assert_close(mlp_split, mlp_full)
+    _EIGEN_CACHE.clear()

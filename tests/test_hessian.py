@@ -377,3 +377,46 @@ def test_ggn_products_through_stored_jacobians_equal_reverse_mode(reg):
     assert not isinstance(hs.hvp(fm, None, x, y, "mse", curvature="ggn"), hs.JacobianGGN)
     with pytest.raises(DistdmError, match="parameters"):
         stored(torch.zeros(conv.n_params + 1, dtype=torch.float64))
+
+
+def _small_conv():
+    conv = hs.flat_model(build_model("convnet", (1, 8, 8), 3, seed=0, width=4, depth=1).double())
+    gen = torch.Generator().manual_seed(5)
+    xc, yc = torch.randn(7, 1, 8, 8, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 1])
+    return conv, xc, yc, torch.randn(3, conv.n_params, generator=gen, dtype=torch.float64)
+
+
+def test_hessian_is_the_ggn_plus_the_output_weighted_residual():
+    conv, xc, yc, v = _small_conv()
+    full = hs.hvp(conv, None, xc, yc, "ce")
+    ggn = hs.hvp(conv, None, xc, yc, "ce", curvature="ggn")
+    residual = hs._hvp_on(conv, xc, yc, "ce", 2048, 0.0, "residual")  # all samples, weights 1 / N
+    torch.testing.assert_close(hs.SplitHessian(ggn, residual)(v), full(v), atol=1e-10, rtol=1e-8)
+    assert (residual(v) - full(v) + ggn(v)).abs().max() < 1e-10 and residual(v).abs().max() > 1e-4
+
+
+def test_residual_draws_estimate_the_mean_without_bias():
+    conv, xc, yc, _ = _small_conv()
+    f = torch.arange(1.0, 8.0, dtype=torch.float64) ** 2  # any per-sample quantity
+    estimates = []
+    for seed in range(400):
+        idx, w = hs.residual_draw(conv, xc, yc, "ce", 5, seed)
+        assert len(torch.unique(idx)) == len(idx) and (w > 0).all()
+        estimates.append(float((w * f[idx]).sum()))
+    est = torch.tensor(estimates)
+    assert abs(est.mean() - f.mean()) < 3 * est.std() / 20  # within 3 standard errors of 400 draws
+
+
+def test_split_hessian_approaches_the_hessian_and_falls_back_where_it_does_not_pay(reg):
+    conv, xc, yc, v = _small_conv()
+    full = hs.hvp(conv, None, xc, yc, "ce")(v)
+    split = hs.hvp(conv, None, xc, yc, "ce", residual_subsample=20000)
+    assert isinstance(split, hs.SplitHessian)
+    assert _rel(split(v), full) < 0.05
+    fm, x, y = reg  # an MLP: the stored Jacobians do not pay, so the full Hessian
+    plain = hs.hvp(fm, None, x, y, "mse", residual_subsample=10)
+    assert not isinstance(plain, hs.SplitHessian)
+    w = v.new_ones(fm.n_params)
+    torch.testing.assert_close(plain(w), hs.hvp(fm, None, x, y, "mse")(w))
+    with pytest.raises(DistdmError, match="residual_subsample"):
+        hs.hvp(conv, None, xc, yc, "ce", residual_subsample=0)

@@ -213,6 +213,10 @@ class DistillConfig(_Config):
     # influence target: Arnoldi (hessian_rank) or EK-FAC (curvature 'ekfac') fitted on a fixed random
     # subsample of this many samples (None: all)
     hessian_subsample: int | None = None
+    # influence target, curvature 'hessian': the GGN part on all samples through stored Jacobians and
+    # the rest of the Hessian on this many weighted draws (hessian.SplitHessian), where the stored
+    # Jacobians pay (models that reuse parameters, e.g. convolutions); None: the Hessian on all
+    residual_subsample: int | None = None
     # influence target: adam (inputs and labels by gradient steps, all clusters at once) | closed-form
     # (labels by least squares for fixed inputs, optionally alternated with input_steps; clusters in
     # chunks that fit the task's memory budget; the target is always A^-1 g / N, hessian_target unused)
@@ -245,6 +249,8 @@ class DistillConfig(_Config):
             _positive("hessian_rank", self.hessian_rank)
         if self.hessian_subsample is not None:
             _positive("hessian_subsample", self.hessian_subsample)
+        if self.residual_subsample is not None:
+            _positive("residual_subsample", self.residual_subsample)
         _positive("input_steps", self.input_steps, allow_zero=True)
         _positive("label_solves", self.label_solves)
         if self.curvature == "ekfac" and self.solver != "closed-form":

@@ -66,31 +66,33 @@ def influence_targets(
     if cfg.metric == "hessian" and cfg.hessian_rank is not None and cfg.hessian_target == "metric":
         if cfg.damping <= 0:
             raise DistdmError("the low-rank Hessian metric needs damping > 0")
-        vals, vecs = top_eigenpairs(task, cfg.hessian_rank, cfg.curvature, cfg.hessian_subsample)
+        vals, vecs = top_eigenpairs(
+            task, cfg.hessian_rank, cfg.curvature, cfg.hessian_subsample, cfg.residual_subsample
+        )
         proj = b @ vecs.T
         return b, (proj / (vals + cfg.damping)) @ vecs + (b - proj @ vecs) / cfg.damping
     hv = hvp(task, curvature=cfg.curvature)
     return b, cg(hv, b, damping=cfg.damping, max_iter=cfg.cg_iterations, tol=1e-4)
 
 
-def oracle_targets(task: Task, clusters: Clusters) -> torch.Tensor:
+def oracle_targets(task: Task, clusters: Clusters, store: Any = None) -> torch.Tensor:
     """The exact removal updates theta_{-k} - theta_tau (K, P): retrain once without each cluster
-    (same theta_0 and shuffle order; cached in the task's run directory). An upper bound for what
-    any synset can reach, at the price of K retrainings: for studies, not for production."""
+    (same theta_0 and shuffle order; cached in the run store `store` if given). An upper bound for
+    what any synset can reach, at the price of K retrainings: for studies, not for production."""
     from .attribution.retrain import retrain_masks  # import here: attribution builds on distillation
 
     a = np.asarray(clusters.assignment)
     keep = torch.as_tensor(a[None, :] != np.arange(clusters.n_clusters)[:, None], dtype=torch.float32)
-    states = retrain_masks(task, keep, unit="sample", tag=f"oracle-{clusters.kind}")
+    states = retrain_masks(task, keep, unit="sample", tag=f"oracle-{clusters.kind}", store=store)
     names = flat_model(task).names
     return flatten_batch({k: states[k] - task.final[k] for k in names}, names)
 
 
-_EIGEN_CACHE: dict[tuple[str, int, str, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+_EIGEN_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def top_eigenpairs(
-    task: Task, rank: int, curvature: str, subsample: int | None = None
+    task: Task, rank: int, curvature: str, subsample: int | None = None, residual_subsample: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`rank` eigenpairs of the training-loss curvature at theta_tau (block Krylov, distdm.eigen:
     2 x rank HVPs, on all training data or a fixed random subsample; the basis must fit the task's
@@ -101,10 +103,10 @@ def top_eigenpairs(
     fm = flat_model(task)
     h = hashlib.sha1(fm.theta.detach().cpu().numpy().tobytes())
     h.update(task.data.x_train.detach().cpu().numpy().tobytes())
-    key = (h.hexdigest(), rank, curvature, subsample, task.memory_budget_bytes)
+    key = (h.hexdigest(), rank, curvature, subsample, residual_subsample, task.memory_budget_bytes)
     if key not in _EIGEN_CACHE:
         _EIGEN_CACHE.clear()  # one task at a time: the basis is rank x P floats; free it before solving
-        hv = hvp(task, curvature=curvature, subsample=subsample)
+        hv = hvp(task, curvature=curvature, subsample=subsample, residual_subsample=residual_subsample)
         blocks = getattr(hv, "prefers_blocks", False)  # stored Jacobians: a block costs about one vector
         block = eigen.DEFAULT_BLOCK if blocks else eigen.default_block(task.model, fm.theta.device)
         pairs = eigen.block_krylov(
@@ -151,7 +153,9 @@ def metric_hvp(task: Task, cfg: DistillConfig) -> Any:
     data (hessian_batch None) or a fresh random batch per call (unbiased, much cheaper)."""
     fm = flat_model(task)
     if cfg.hessian_rank is not None:
-        vals, vecs = top_eigenpairs(task, cfg.hessian_rank, cfg.curvature, cfg.hessian_subsample)
+        vals, vecs = top_eigenpairs(
+            task, cfg.hessian_rank, cfg.curvature, cfg.hessian_subsample, cfg.residual_subsample
+        )
         return lambda v: ((v @ vecs.T) * vals) @ vecs
     if cfg.hessian_batch is None:
         return hvp(task, curvature=cfg.curvature)
@@ -364,6 +368,8 @@ class LowRankCurvature:
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         """A v."""
+        if v.ndim == 2:  # one fused pass over the (k, P) result instead of three
+            return torch.addmm(v, (v @ self.vecs.T) * self.vals, self.vecs, beta=self.damping)
         return ((v @ self.vecs.T) * self.vals) @ self.vecs + self.damping * v
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
@@ -420,7 +426,7 @@ def make_curvature(task: Task, cfg: DistillConfig) -> Curvature:
     rank = rank_within_budget(
         cfg.hessian_rank, fm.n_params, eigen.DEFAULT_BLOCK, fm.theta.dtype, task.memory_budget_bytes
     )
-    vals, vecs = top_eigenpairs(task, rank, cfg.curvature, cfg.hessian_subsample)
+    vals, vecs = top_eigenpairs(task, rank, cfg.curvature, cfg.hessian_subsample, cfg.residual_subsample)
     return LowRankCurvature(vals, vecs, cfg.damping)
 
 
@@ -683,10 +689,10 @@ def _refine_inputs(
     box = (float(xt.min()), float(xt.max())) if cfg.input_box else None
     for _ in range(steps):
         delta = -lr * flatten_batch(synthetic_gradients(task, task.final, x, y, cfg.ipc, mean=False), names)
-        b_delta = metric.apply(delta.detach())
-        surrogate = (2 * (delta * (b_delta - bd)).sum(-1) / d_norm).sum()
+        with torch.no_grad():  # the objective's gradient in delta, 2 (B delta - B d) / ||d||_B^2
+            g_delta = metric.apply(delta.detach()).sub_(bd).mul_((2 / d_norm)[:, None])
         opt.zero_grad(set_to_none=True)
-        surrogate.backward()
+        delta.backward(g_delta)  # the chain rule into the inputs, without a surrogate's own graph
         opt.step()
         if box is not None:  # projected steps: the inputs stay within the training data's range
             with torch.no_grad():
@@ -748,12 +754,14 @@ def distill_closed_form(
     lr: float | None = None,
     progress: bool = False,
     curvature: Curvature | None = None,
+    store: Any = None,
 ) -> Synset:
     """Synsets whose one step from theta_tau best matches the influence removal update d_k = A^-1 b_k
     in the metric: for fixed inputs the step is linear in the label vectors, so the best labels solve
     an (ipc x C)-sized least-squares problem per cluster; `input_steps` Adam steps on the inputs may be
     alternated with `label_solves` such solves. Clusters are fitted independently, in chunks that fit
-    the task's memory budget (the result does not depend on the chunking). `curvature`: a prebuilt A."""
+    the task's memory budget (the result does not depend on the chunking). `curvature`: a prebuilt A;
+    `store`: a run's RunStore for the oracle target's retrains."""
     clusters = clusters or task.clusters
     lr = lr or task.schedule.lr
     t0 = time.perf_counter()
@@ -765,7 +773,7 @@ def distill_closed_form(
     k_total, n = clusters.n_clusters, len(clusters.assignment)
     sx, onehot, cl = init_inputs(task, clusters, cfg.ipc, cfg.seed, cfg.init)
     idx, mask = cluster_batches(clusters, np.random.default_rng(0), 10**9)
-    oracle = oracle_targets(task, clusters) if cfg.target == "oracle" else None  # a study tool: K x P
+    oracle = oracle_targets(task, clusters, store) if cfg.target == "oracle" else None  # study tool: K x P
     if cfg.input_box:
         xt = task.data.x_train
         sx = sx.clamp(float(xt.min()), float(xt.max()))

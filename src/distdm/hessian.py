@@ -552,13 +552,29 @@ def _vjp(out: torch.Tensor, inp: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_operator(
-    fm: FlatModel, xb: torch.Tensor, yb: torch.Tensor, loss: str | LossFn, n: int, curvature: str
+    fm: FlatModel,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    loss: str | LossFn,
+    n: int,
+    curvature: str,
+    weights: torch.Tensor | None = None,
 ) -> tuple[HVP, int]:
-    """The Hessian (or GGN) of sum_{i in chunk} loss_i / n as a double-backward graph, built once,
-    and the bytes that graph saves (what one vector's pass through it costs again in memory)."""
+    """The Hessian (or GGN, or the residual H - GGN with per-sample `weights`) of sum_{i in chunk}
+    loss_i / n as a double-backward graph, built once, and the bytes that graph saves (what one
+    vector's pass through it costs again in memory)."""
     th = fm.theta.detach().clone().requires_grad_(True)
     with torch.enable_grad(), _eval_mode(fm.model), saved_tensor_bytes([th]) as saved:
         out = fm.outputs(th, xb)
+        if curvature == "residual":
+            # H - GGN = sum_i sum_o (dloss_i / do) d2 o / dtheta2: the Hessian of the outputs
+            # weighted by the loss's gradient in them, held fixed
+            leaf = out.detach().requires_grad_(True)
+            (r,) = torch.autograd.grad(per_sample_loss(leaf, yb, loss).sum(), leaf)
+            w = out.new_full((len(xb),), 1.0 / n) if weights is None else weights.to(out.dtype)
+            w = r * w.view(-1, *[1] * (r.ndim - 1))
+            (g,) = torch.autograd.grad((out * w).sum(), th, create_graph=True)
+            return (lambda v: _vjp(g, th, v)), sum(saved.values())
         if curvature == "hessian":
             (g,) = torch.autograd.grad(per_sample_loss(out, yb, loss).sum() / n, th, create_graph=True)
             return (lambda v: _vjp(g, th, v)), sum(saved.values())
@@ -643,6 +659,55 @@ def jacobian_ggn(
 HVP_MEMORY_BUDGET = 2 * 2**30  # bytes a batched Hessian-vector product may take by default
 
 
+def residual_draw(
+    fm: FlatModel, x: torch.Tensor, y: torch.Tensor, loss: str | LossFn, m: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and weights of an unbiased estimate, from about m samples, of the mean residual
+    (H - GGN) over the N given: each sample's share is the norm of the loss's gradient in its outputs
+    (the residual's weight, so well-fitted samples are rarely drawn). Samples whose expected draws
+    reach 1 are taken exactly (weight 1 / N), the others drawn with replacement in proportion to
+    their share (weight = draws / (draws in all x N x probability)); all N where m >= N."""
+    n = len(x)
+    if m >= n:
+        return torch.arange(n), torch.full((n,), 1.0 / n, dtype=fm.theta.dtype)
+    with torch.enable_grad(), _eval_mode(fm.model):
+        leaf = fm.outputs(fm.theta.detach(), x).detach().requires_grad_(True)
+        (r,) = torch.autograd.grad(per_sample_loss(leaf, y, loss).sum(), leaf)
+    share = r.reshape(n, -1).norm(dim=1).double()
+    exact = torch.zeros(n, dtype=torch.bool)
+    for _ in range(m):  # taking a heavy sample exactly raises the others' expected draws: repeat
+        rest = share * ~exact
+        draws = m - int(exact.sum())
+        heavy = (rest * draws >= rest.sum()) & (rest > 0)
+        if draws <= 0 or not heavy.any():
+            break
+        exact |= heavy
+    rest = share * ~exact
+    draws = m - int(exact.sum())
+    idx, w = [torch.nonzero(exact).flatten()], [torch.full((int(exact.sum()),), 1.0 / n, dtype=torch.float64)]
+    if draws > 0 and float(rest.sum()) > 0:
+        q = rest / rest.sum()
+        picked = torch.multinomial(q, draws, replacement=True, generator=torch.Generator().manual_seed(seed))
+        u, counts = torch.unique(picked, return_counts=True)
+        idx.append(u)
+        w.append(counts.double() / (draws * n * q[u]))
+    return torch.cat(idx), torch.cat(w).to(fm.theta.dtype)
+
+
+class SplitHessian:
+    """v -> G v + R v: the GGN G of all training samples (through stored Jacobians, `JacobianGGN`)
+    plus the residual R = H - G estimated on a weighted draw of samples (`residual_draw`). Where
+    the GGN is cheap and the residual small, this costs a fraction of the full Hessian."""
+
+    prefers_blocks = False  # the residual part goes one vector at a time
+
+    def __init__(self, ggn: JacobianGGN, residual: HVP):
+        self.ggn, self.residual = ggn, residual
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.ggn(v) + self.residual(v)
+
+
 def _hvp_on(
     fm: FlatModel,
     x: torch.Tensor,
@@ -653,8 +718,9 @@ def _hvp_on(
     curvature: str = "hessian",
     cache: bool = True,
     memory_budget_bytes: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> HVP:
-    if curvature not in CURVATURES:
+    if curvature not in (*CURVATURES, "residual"):
         raise DistdmError(f"curvature must be one of {list(CURVATURES)}, got {curvature!r}")
     budget = HVP_MEMORY_BUDGET if memory_budget_bytes is None else int(memory_budget_bytes)
     if budget <= 0:
@@ -673,7 +739,9 @@ def _hvp_on(
             yield from cached
             return
         for sl in slices:
-            op = _chunk_operator(fm, x[sl], y[sl], loss, n, curvature)
+            op = _chunk_operator(
+                fm, x[sl], y[sl], loss, n, curvature, None if weights is None else weights[sl]
+            )
             if cache:
                 cached.append(op)
             yield op
@@ -715,6 +783,7 @@ def hvp(
     curvature: str = "hessian",
     cache: bool = True,
     memory_budget_bytes: int | None = None,
+    residual_subsample: int | None = None,
 ) -> HVP:
     """v -> H v for the Hessian of the mean training loss at `state` (double backward).
 
@@ -729,12 +798,26 @@ def hvp(
     A batch of vectors goes through the graph in groups sized so that their intermediates stay
     within memory_budget_bytes (default HVP_MEMORY_BUDGET, 2 GiB; at least one vector a pass), or
     one at a time where `engine.choose_strategy` picks 'loop' (convolutions on a CPU).
+    `residual_subsample` (curvature 'hessian'): the Hessian split as the GGN on all samples through
+    stored Jacobians plus the residual H - GGN on that many weighted draws (`SplitHessian`), where
+    the stored Jacobians pay and fit (models that reuse parameters, such as convolutions); else the
+    full Hessian, logged.
     """
     fm = flat_model(source, state, params)
     x, y, loss = _data_of(source, x, y, loss)
     x, y = subsample_data(x, y, subsample, seed)
     if memory_budget_bytes is None:  # a Task carries the user's budget
         memory_budget_bytes = getattr(source, "memory_budget_bytes", None)
+    if residual_subsample is not None and curvature == "hessian" and cache:
+        if residual_subsample <= 0:
+            raise DistdmError(f"residual_subsample must be > 0, got {residual_subsample}")
+        budget = HVP_MEMORY_BUDGET if memory_budget_bytes is None else int(memory_budget_bytes)
+        g = jacobian_ggn(fm, x, y, loss, weight_decay, budget)
+        if g is not None:
+            idx, w = residual_draw(fm, x, y, loss, residual_subsample, seed)
+            r = _hvp_on(fm, x[idx], y[idx], loss, chunk, 0.0, "residual", True, budget, weights=w)
+            return SplitHessian(g, r)
+        log.info("residual_subsample: the stored-Jacobian GGN does not pay or fit here; full Hessian")
     return _hvp_on(fm, x, y, loss, chunk, weight_decay, curvature, cache, memory_budget_bytes)
 
 
