@@ -21,7 +21,6 @@ Writes applications-<setting>.md (all tables) and per-table CSV/PNG files to --o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import resource
@@ -39,6 +38,7 @@ from distdm.applications.diagnose import diagnose, diagnosis_files, validation_s
 from distdm.applications.noise import corrupt, corrupted_task, noisy_diagnosis  # noqa: E402
 from distdm.applications.transfer import transfer  # noqa: E402
 from distdm.attribution import Attributor, make_attributor  # noqa: E402
+from distdm.attribution.base import accepts  # noqa: E402
 from distdm.store import RunStore, atomic_write_bytes  # noqa: E402
 from distdm.task import Task  # noqa: E402
 
@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     task = build_task(setting, args.progress, args.per_class)
     setting = run_name(setting, args.per_class)
-    task = dataclasses.replace(
-        task, store=RunStore(out / f"run-{setting}", fingerprint=task.data.fingerprint())
-    )
+    store = RunStore(out / f"run-{setting}", fingerprint=task.data.fingerprint())
     split = validation_split(task.data, 0.5, seed=0, max_validation=1000)
     common = dict(
         random_seeds=list(range(args.random_seeds)),
@@ -119,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     written: list[str] = []
     timings: dict[str, float] = {}
 
-    def fitted(t: Task, names: str) -> dict[str, Attributor]:
+    def fitted(t: Task, names: str, cache: RunStore) -> dict[str, Attributor]:
         out_: dict[str, Attributor] = {}
         for n in [m for m in names.split(",") if m]:
             t0 = time.perf_counter()
             name, settings = _spec(n, args.progress)
+            if accepts(name, "store"):  # synsets and retrains are cached in the task's run directory
+                settings["store"] = cache
             out_[n] = make_attributor(name, **settings).fit(t)
             timings[f"fit {n} ({t.data.name})"] = time.perf_counter() - t0
             print(f"fitted {n} on {t.data.name} in {timings[f'fit {n} ({t.data.name})']:.0f} s", flush=True)
@@ -132,12 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     needed = (args.methods.split(",") if tables & {"3"} else []) + (
         args.transfer_methods.split(",") if "7" in tables else []
     )
-    clean = fitted(task, ",".join(dict.fromkeys(needed)))
+    clean = fitted(task, ",".join(dict.fromkeys(needed)), store)
     if "3" in tables:
         t0 = time.perf_counter()
         ranking = {m: clean[m] for m in args.methods.split(",") if m}
         for balanced in [False, True] if args.balanced else [False]:
-            d = diagnose(task, ranking, fractions=(0.01, 0.1, 0.2, 0.5), balanced=balanced, **common)
+            d = diagnose(
+                task, ranking, fractions=(0.01, 0.1, 0.2, 0.5), balanced=balanced, store=store, **common
+            )
             stem = f"table3-{args.setting}" + ("-balanced" if balanced else "")
             sections.append(
                 f"## Table 3 (data diagnosis){' , class-balanced removal' if balanced else ''}"
@@ -152,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             c = corrupt(task.data, kind, args.corrupt_fraction, seed=0, norm=norm or 0.1)
             ctask = corrupted_task(task, c, features=features, progress=args.progress)
-            store = RunStore(out / f"run-{setting}-{c.tag}", fingerprint=c.data.fingerprint())
-            ctask = dataclasses.replace(ctask, store=store)
+            cstore = RunStore(out / f"run-{setting}-{c.tag}", fingerprint=c.data.fingerprint())
             clean_acc = float(
                 (task.outputs(split.xy(task.data, "test")[0]).argmax(-1) == split.xy(task.data, "test")[1])
                 .double()
@@ -162,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             rep = noisy_diagnosis(
                 ctask,
                 c,
-                fitted(ctask, args.methods),
+                fitted(ctask, args.methods, cstore),
                 clean_accuracy=clean_acc,
                 fractions=(0.1, 0.2, 0.3, 0.4),
+                store=cstore,
                 **common,
             )
             stem = f"table6-{args.setting}-{c.tag}"

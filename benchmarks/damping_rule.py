@@ -102,7 +102,6 @@ def run_setting(setting: str, args: argparse.Namespace, out: Path) -> dict:
     t0 = time.perf_counter()
     task = build_task(setting, args.per_class)
     store = RunStore(out / f"run-{setting}", fingerprint=task.data.fingerprint())
-    task = dataclasses.replace(task, store=store)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(task.data.y_test), generator=g)[: args.queries]
     x, y = task.data.x_test[idx], task.data.y_test[idx]
@@ -129,10 +128,11 @@ def run_setting(setting: str, args: argparse.Namespace, out: Path) -> dict:
         methods["if-ekfac:auto"] = ek
         for d in grid:
             methods[f"if-ekfac:{d:.3g}"] = ek.with_damping(d)
-    truth = ExactRetrain(seeds=(task.schedule.seed,))
+    truth = ExactRetrain(seeds=(task.schedule.seed,), store=store)
     ev = evaluate(
-        task, methods, (x, y), truth=truth, lds_subsets=args.lds_subsets, removal_ks=(), ceiling=False
-    )
+        task, methods, (x, y), truth=truth, lds_subsets=args.lds_subsets, removal_ks=(), ceiling=False,
+        store=store,
+    )  # fmt: skip
     rows = {r["method"]: r for r in ev.rows}
     record: dict = {
         "setting": setting,

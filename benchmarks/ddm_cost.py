@@ -165,12 +165,11 @@ def quality(
 ) -> Any:
     """Truth, LDS retrains and the queries of a setting: a function synset -> quality row."""
     store = RunStore(run_dir, fingerprint=task.data.fingerprint())
-    stored = dataclasses.replace(task, store=store)
     x, y = pick_queries(task, n_queries)
-    effects = list(ExactRetrain(seeds=seeds).fit(stored).per_seed_scores(x, y, "margin"))
+    effects = list(ExactRetrain(seeds=seeds, store=store).fit(task).per_seed_scores(x, y, "margin"))
     truth = np.mean(effects, 0)
     keep = metrics.lds_masks(task.clusters.n_clusters, lds_subsets, 0.5, seed=1)
-    actual = retrained_values(stored, keep, x, y, objective="margin", tag="lds")
+    actual = retrained_values(task, keep, x, y, objective="margin", tag="lds", store=store)
     cc = task.clusters.cluster_class
 
     def score(syn: Any) -> dict[str, float]:

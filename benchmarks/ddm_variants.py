@@ -11,7 +11,6 @@ Truth: margin effects of exact retraining (seeds as given; mean over seeds).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -28,6 +27,7 @@ from quality import build_task, pick_queries, run_name  # noqa: E402
 from distdm import metrics  # noqa: E402
 from distdm.applications.privacy import privacy_metrics  # noqa: E402
 from distdm.attribution import make_attributor  # noqa: E402
+from distdm.attribution.base import accepts  # noqa: E402
 from distdm.attribution.ddm import DDM  # noqa: E402
 from distdm.attribution.retrain import ExactRetrain  # noqa: E402
 from distdm.config import DistillConfig, OnlineConfig  # noqa: E402
@@ -118,15 +118,14 @@ def main() -> None:
     # the same store, tags and chunks as benchmarks/quality.py: retrains cached by one are reused
     stem = run_name(args.setting, args.per_class)
     store = RunStore(out / f"run-{stem}", fingerprint=task.data.fingerprint())
-    task = dataclasses.replace(task, store=store)
     t = time.perf_counter()
-    truth_fit = ExactRetrain(seeds=tuple(seeds)).fit(task)
+    truth_fit = ExactRetrain(seeds=tuple(seeds), store=store).fit(task)
     effects = list(truth_fit.per_seed_scores(x, y, "margin"))
     truth = np.mean(effects, 0)
     t_exact = (time.perf_counter() - t) / len(seeds)
     lds_keep = metrics.lds_masks(k, args.lds_subsets, 0.5, seed=1)
     t = time.perf_counter()
-    lds_actual = retrained_values(task, lds_keep, x, y, objective="margin", tag="lds")
+    lds_actual = retrained_values(task, lds_keep, x, y, objective="margin", tag="lds", store=store)
     t_lds = time.perf_counter() - t
     print(f"train {t_train:.1f}s, exact LCO {t_exact:.1f}s/seed, LDS retrains {t_lds:.1f}s", flush=True)
 
@@ -167,7 +166,9 @@ def main() -> None:
         )  # fmt: skip
     for name in [r for r in args.references.split(",") if r]:
         t = time.perf_counter()
-        att = make_attributor(name.partition("@")[0], **settings.get(name, {})).fit(task)
+        method = name.partition("@")[0]
+        cached = {"store": store} if accepts(method, "store") else {}  # retrains (e.g. exact) in the run
+        att = make_attributor(method, **cached, **settings.get(name, {})).fit(task)
         off = time.perf_counter() - t
         s = att.scores(x, y, "margin")
         row(name, s.values, off, s.seconds, {})
@@ -177,7 +178,7 @@ def main() -> None:
         dc, oc = grid[name]
         t = time.perf_counter()
         try:
-            ddm = DDM(distill=dc, online=oc).fit(task)
+            ddm = DDM(distill=dc, online=oc, store=store).fit(task)
             off = max(time.perf_counter() - t, ddm.recorded_seconds_ or 0.0)  # a cached synset: its cost
             s = ddm.scores(x, y, "margin")
         except DistdmError as e:

@@ -58,15 +58,16 @@ def parse_variants(text: str) -> dict[str, dict | None]:
     return out
 
 
-def make_ddm(label: str, overrides: dict | None, epochs: int) -> DDM:
-    """The DDM of a variant: a quality.py variant by name, or the default preset with overrides."""
+def make_ddm(label: str, overrides: dict | None, epochs: int, store: RunStore | None = None) -> DDM:
+    """The DDM of a variant: a quality.py variant by name, or the default preset with overrides
+    (its synset cached in `store`)."""
     if overrides is None:
-        return ddm_variant(label, epochs)
+        return ddm_variant(label, epochs, store)
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise DistdmError(f"variant {label}: DistillConfig has no field {unknown} (in this checkout)")
-    return DDM("default", distill=overrides)
+    return DDM("default", distill=overrides, store=store)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     task = build_task(args.setting, per_class=args.per_class)
     name = run_name(args.setting, args.per_class)
-    task = dataclasses.replace(task, store=RunStore(out / f"run-{name}", fingerprint=task.data.fingerprint()))
+    store = RunStore(out / f"run-{name}", fingerprint=task.data.fingerprint())
     x, y = pick_queries(task, args.queries)
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    truth = ExactRetrain(seeds=seeds)
+    truth = ExactRetrain(seeds=seeds, store=store)
     variants = parse_variants(args.variants)
     methods, priv, failed = {}, {}, {}
     for label, over in variants.items():
-        ddm = make_ddm(label, over, task.schedule.epochs)
+        ddm = make_ddm(label, over, task.schedule.epochs, store)
         t = time.perf_counter()
         try:
             ddm.fit(task).scores(x[:1], y[:1])
@@ -111,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         except DistdmError as e:
             failed[label] = str(e)
             print(f"{label} failed: {e}", flush=True)
-    ev = evaluate(task, methods, (x, y), truth=truth, lds_subsets=args.lds_subsets, removal_ks=())
+    ev = evaluate(
+        task, methods, (x, y), truth=truth, lds_subsets=args.lds_subsets, removal_ks=(), store=store
+    )
     quality = {r["method"]: r for r in ev.rows}
     ref = quality.get("default")
     rows = []

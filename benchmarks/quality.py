@@ -83,23 +83,24 @@ DDM_VARIANTS = (
 )  # fmt: skip
 
 
-def ddm_variant(name: str, epochs: int) -> DDM:
+def ddm_variant(name: str, epochs: int, store: RunStore | None = None) -> DDM:
     """A DDM configured as one of DDM_VARIANTS: the presets, `default` on the Gauss-Newton curvature,
     the paper at a 10x lower online lr
     (its own lr diverges on digits), index-order units ('w/o cluster') and standard gradient
-    matching ('DDM-match'), the last two otherwise as the paper writes them."""
+    matching ('DDM-match'), the last two otherwise as the paper writes them. `store`: where its
+    synsets are cached."""
     paper_d, paper_o = preset("paper", epochs=epochs)
     if name in ("default", "private", "fast", "influence-adam", "paper"):
-        return DDM(name)
+        return DDM(name, store=store)
     if name == "default-ggn":
-        return DDM("default", distill={"curvature": "ggn"})
+        return DDM("default", distill={"curvature": "ggn"}, store=store)
     if name == "paper-lr0.01":
-        return DDM("paper", online=paper_o.replace(lr=0.01))
+        return DDM("paper", online=paper_o.replace(lr=0.01), store=store)
     if name == "wo-cluster":
-        return DDM("paper", online=paper_o.replace(lr=0.01), clusters="index")
+        return DDM("paper", online=paper_o.replace(lr=0.01), clusters="index", store=store)
     if name == "match":
         match = paper_d.replace(direction="match")
-        return DDM("paper", distill=match, online=paper_o.replace(lr=0.01))
+        return DDM("paper", distill=match, online=paper_o.replace(lr=0.01), store=store)
     raise DistdmError(f"unknown DDM variant {name!r}; one of {list(DDM_VARIANTS)}")
 
 
@@ -145,19 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         raise DistdmError(f"the first truth seed must be the target's seed {task.schedule.seed}, got {seeds}")
     name = run_name(args.setting, args.per_class)
     store = RunStore(out / f"run-{name}", fingerprint=task.data.fingerprint())
-    task = dataclasses.replace(task, store=store)
     x, y = pick_queries(task, args.queries)
     acc = float((task.outputs(task.data.x_test).argmax(1) == task.data.y_test).float().mean())
     print(f"{args.setting}: target test accuracy {acc:.4f}, K = {task.clusters.n_clusters}", flush=True)
 
-    truth = ExactRetrain(seeds=seeds, progress=args.progress, **settings.get("exact", {}))
+    truth = ExactRetrain(seeds=seeds, progress=args.progress, store=store, **settings.get("exact", {}))
     methods = {}
     for n in names:
         # NAME@LABEL: the registered method NAME, with its own settings under "NAME@LABEL"
         methods[n] = truth if n == "exact" else make_attributor(n.partition("@")[0], **settings.get(n, {}))
     failed = {}
     for v in [v.strip() for v in args.ddm_variants.split(",") if v.strip()]:
-        ddm = ddm_variant(v, task.schedule.epochs)
+        ddm = ddm_variant(v, task.schedule.epochs, store)
         try:  # a variant whose fine-tunes diverge is reported, not dropped silently
             ddm.fit(task).scores(x[:1], y[:1])
             methods[f"ddm:{v}"] = ddm
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ddm:{v} failed: {e}", flush=True)
     ev = evaluate(
         task, methods, (x, y), truth=truth, lds_subsets=args.lds_subsets,
-        removal_ks=_ints(args.removal_ks), progress=args.progress,
+        removal_ks=_ints(args.removal_ks), progress=args.progress, store=store,
     )  # fmt: skip
     stem = f"quality-{name}"
     paths = ev.save(out, stem)

@@ -45,7 +45,7 @@ from torch import nn
 
 from distdm import metrics
 from distdm.attribution import ATTRIBUTORS, make_attributor
-from distdm.attribution.base import Attributor
+from distdm.attribution.base import Attributor, accepts
 from distdm.attribution.retrain import ExactRetrain
 from distdm.clusters import Clusters, kmeans_per_class, penultimate_features
 from distdm.data import TensorData, from_tensors, load_digits, load_fashion_mnist
@@ -358,7 +358,6 @@ def run_setting(
     data = task.data
     # one run directory per setting key: a changed setting or config starts fresh retrains
     store = RunStore(out / f"run-{setting.name}-{key[:8]}", fingerprint=data.fingerprint())
-    task = dataclasses.replace(task, store=store)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(data.y_test), generator=g)[:queries]
     x, y = data.x_test[idx], data.y_test[idx]
@@ -373,11 +372,11 @@ def run_setting(
         f"test accuracy {acc:.3f}")  # fmt: skip
 
     t = time.perf_counter()
-    truth = ExactRetrain(seeds=tuple(seeds)).fit(task)
+    truth = ExactRetrain(seeds=tuple(seeds), store=store).fit(task)
     per_seed = truth.per_seed_scores(x, y, "margin")  # (S, K, Q)
     true_margin = per_seed.mean(0)
     keep = metrics.lds_masks(task.clusters.n_clusters, lds_subsets, 0.5, 1)
-    actual = retrained_values(task, keep, x, y, objective="margin", tag="lds")
+    actual = retrained_values(task, keep, x, y, objective="margin", tag="lds", store=store)
     # a resumed setting keeps the seconds of the run that computed the retrains, not of loading them
     result.setdefault("truth_s", time.perf_counter() - t)
     nc = metrics.noise_ceiling(per_seed, task.clusters, y_np)
@@ -404,7 +403,8 @@ def run_setting(
                 # the sweep re-solves the fitted default at another damping (no new Hessian or gradients)
                 m = base.with_damping(settings["damping"])
             else:
-                m = make_attributor(name, **settings).fit(task)
+                cache = {"store": store} if accepts(name, "store") else {}
+                m = make_attributor(name, **cache, **settings).fit(task)
                 if label == name:
                     fitted[name] = m
             fit_s = time.perf_counter() - t

@@ -123,7 +123,7 @@ def axes(quick: bool) -> dict[str, list[tuple[dict[str, Any], dict[str, dict[str
                 "sweep": {"variants": 2},
                 "ddm-offline": {"clusters": 1, "hessian_subsample": 16, "memory_budget_gb": 8},
                 "ddm-offline-ekfac": {"clusters": 1, "hessian_subsample": 16, "memory_budget_gb": 8},
-                "if-ekfac": {"hessian_samples": 16, "queries": 10},
+                "if-ekfac": {"hessian_samples": 16, "queries": 10, "memory_budget_gb": 8},
             },
         )
     )
@@ -338,6 +338,8 @@ def run_cell(setting: dict[str, Any], stage: str, opts: dict[str, Any], out: Pat
         row.update(seconds=s.seconds, peak_mb=s.peak_mb, rss_before_mb=s.rss_before)
         return row
     settings = {k2: v for k2, v in opts.items() if k2 == "hessian_samples"}
+    if "memory_budget_gb" in opts:
+        task = dataclasses.replace(task, memory_budget_bytes=int(opts["memory_budget_gb"] * 2**30))
     with Stage() as s:
         method = make_attributor(stage, **settings).fit(task)
         fit_s = time.perf_counter() - s.t
@@ -345,8 +347,10 @@ def run_cell(setting: dict[str, Any], stage: str, opts: dict[str, Any], out: Pat
     row.update(seconds=s.seconds, fit_s=fit_s, query_s=s.seconds - fit_s, peak_mb=s.peak_mb)
     row["rss_before_mb"] = s.rss_before
     if settings or len(y) != N_QUERIES:
-        row["measured_on"] = f"{len(y)} queries" + (
-            f", Hessian on {settings['hessian_samples']} samples" if settings else ""
+        row["measured_on"] = (
+            f"{len(y)} queries"
+            + (f", Hessian on {settings['hessian_samples']} samples" if settings else "")
+            + (f", memory_budget_bytes {opts['memory_budget_gb']} GiB" if "memory_budget_gb" in opts else "")
         )
     return row
 

@@ -17,7 +17,6 @@ Writes unlearn_privacy-<setting>.md and figures under --out (synsets cached in <
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -71,9 +70,7 @@ def main() -> int:
     skip = set(args.skip.split(","))
     task = build_task(setting, per_class=args.per_class)
     setting = run_name(setting, args.per_class)
-    task = dataclasses.replace(
-        task, store=RunStore(out / f"run-{setting}", fingerprint=task.data.fingerprint())
-    )
+    store = RunStore(out / f"run-{setting}", fingerprint=task.data.fingerprint())
     acc = float((task.outputs(task.data.x_test).argmax(1) == task.data.y_test).float().mean())
     print(f"{setting}: target test accuracy {acc:.4f}, K = {task.clusters.n_clusters}", flush=True)
     md = [
@@ -85,7 +82,7 @@ def main() -> int:
     syns, secs = {}, {}
     for n in names:
         t = time.perf_counter()
-        syns[n] = synset_variant(task, n)
+        syns[n] = synset_variant(task, n, store=store)
         secs[n] = time.perf_counter() - t
         print(f"synset {n}: {secs[n]:.1f} s (0 if cached)", flush=True)
 
@@ -133,7 +130,7 @@ def main() -> int:
                     continue  # the slow methods only on the reference architecture
                 t = time.perf_counter()
                 comp = compare_study(task.data, variants, task.schedule, task.clusters, (x, y), method=method,
-                                     model_kwargs=MODEL_KWARGS, store=task.store)  # fmt: skip
+                                     model_kwargs=MODEL_KWARGS, store=store)  # fmt: skip
                 md += ["", f"## Robustness: {method}, {label} ({time.perf_counter() - t:.0f} s)", "",
                        comp.to_markdown()]  # fmt: skip
                 print(md[-1], flush=True)

@@ -321,8 +321,7 @@ def test_evaluate_against_further_training(run_dir):
     # the same number by hand: further training from the final model without each cluster
     r = Run.open(root)
     x, y, _ = r.queries(5)
-    task = r.task()
-    task.store = None
+    task = r.task()  # it carries no store: the gold standard below is trained afresh, not read back
     gold = make_attributor("further-training", epochs=1, seeds=[0, 1]).fit(task).scores(x, y).values
     dot = make_attributor("grad-dot").fit(task).scores(x, y).values
     row = next(r for r in rows if (r["method"], r["epochs"], r["n_seeds"]) == ("grad-dot", "1", "2"))

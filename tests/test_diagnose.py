@@ -224,3 +224,35 @@ def test_cli_diagnose_and_transfer_end_to_end(tmp_path):
     res = runner.invoke(app, ["transfer", str(root), *common, "--fractions", "0.2"])
     assert res.exit_code == 0, res.output
     assert (root / "applications" / "transfer" / "transfer-curve.png").is_file()
+
+
+def test_diagnosis_caches_its_retrains_in_the_store_it_is_given(mini_task, tmp_path, monkeypatch):
+    """diagnose / noisy_diagnosis with `store=`: the removal retrains and those of a method given by
+    name (exact retraining) are cached there, so the same call again retrains nothing; no store on
+    the task is needed (none is read: nothing warns)."""
+    import warnings
+
+    from distdm.store import CHUNKED_JOB, RunStore
+    from distdm.task import Task
+
+    few = dict(fractions=(0.2,), random_seeds=[0])
+    flip = flip_labels(mini_task.data, 0.2, seed=0)
+    ctask = corrupted_task(mini_task, flip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        d = diagnose(mini_task, ["grad-dot", "exact"], store=RunStore(tmp_path / "run"), **few)
+        rep = noisy_diagnosis(ctask, flip, ["grad-dot"], store=RunStore(tmp_path / "noisy"), **few)
+    for name in ("run", "noisy"):
+        jobs = {r.name for r in RunStore(tmp_path / name).index(CHUNKED_JOB)}
+        assert any(j.startswith("retrain/masks-") for j in jobs), (name, jobs)
+    assert any(r.name.startswith("retrain/loo/") for r in RunStore(tmp_path / "run").index(CHUNKED_JOB))
+    with pytest.raises(DistdmError, match="RunStore"):
+        diagnose(mini_task, ["grad-dot"], store=str(tmp_path / "run"), **few)
+
+    monkeypatch.setattr(Task, "retrain", lambda *a, **k: pytest.fail("retrained"))
+    again = diagnose(mini_task, ["grad-dot", "exact"], store=RunStore(tmp_path / "run"), **few)
+    for m in ("grad-dot", "exact", "random"):
+        np.testing.assert_array_equal(again.accuracy[m], d.accuracy[m])
+    np.testing.assert_array_equal(again.scores["exact"], d.scores["exact"])
+    re_rep = noisy_diagnosis(ctask, flip, ["grad-dot"], store=RunStore(tmp_path / "noisy"), **few)
+    np.testing.assert_array_equal(re_rep.diagnosis.val_loss["random"], rep.diagnosis.val_loss["random"])

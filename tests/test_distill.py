@@ -89,3 +89,35 @@ def test_distill_rejects_regression_and_bad_settings(tiny_task):
         DistillConfig(pairing="sideways")
     with pytest.raises(DistdmError, match="ipc"):
         DistillConfig(ipc=0)
+
+
+@pytest.mark.parametrize("solver", ["adam", "closed-form"])
+def test_the_oracle_target_caches_its_retrains_in_the_store_it_is_given(
+    mini_task, tmp_path, monkeypatch, solver
+):
+    """distill(..., store=) and DDM(store=): the oracle target's K retrains go to the given store (the
+    task carries none; nothing warns) and are read back from there by the next distillation."""
+    import warnings
+
+    from distdm.attribution.ddm import DDM
+    from distdm.presets import preset
+    from distdm.store import CHUNKED_JOB, RunStore
+    from distdm.task import Task
+
+    name = "influence-adam" if solver == "adam" else "default"
+    cfg = preset(name, epochs=mini_task.schedule.epochs)[0].replace(target="oracle", iterations=2)
+    assert cfg.solver == solver
+    tag = f"retrain/oracle-{mini_task.clusters.kind}/"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        first = distill(mini_task, cfg, store=RunStore(tmp_path / "a"))
+        DDM(distill=cfg, store=RunStore(tmp_path / "b")).fit(mini_task)
+    for run in ("a", "b"):
+        jobs = {r.name for r in RunStore(tmp_path / run).index(CHUNKED_JOB)}
+        assert any(j.startswith(tag) for j in jobs), (run, jobs)
+    with pytest.raises(DistdmError, match="RunStore"):
+        distill(mini_task, cfg, store=str(tmp_path / "a"))
+    monkeypatch.setattr(Task, "retrain", lambda *a, **k: pytest.fail("retrained"))
+    again = distill(mini_task, cfg, store=RunStore(tmp_path / "a"))
+    got, want = again.to_tensors(), first.to_tensors()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -244,3 +244,27 @@ def test_training_gradients_are_kept_factored(tiny_task):
     tr = make_attributor("tracin").fit(tiny_task)
     assert len(tr.cp_grads_) == len(tiny_task.trajectory) - 1
     assert all(c is not None and not isinstance(c, torch.Tensor) for c in tr.cp_grads_)
+
+
+def test_a_small_memory_budget_streams_fewer_training_gradients_at_once_with_the_same_scores(
+    tiny_task, queries, monkeypatch
+):
+    import dataclasses
+
+    import distdm.hessian as hs
+
+    x, y = queries
+    want = make_attributor("if-ekfac", cache_grads=False).fit(tiny_task).scores(x, y, "margin").values
+    seen = []
+    real = hs.iter_per_sample_grads
+
+    def spy(*a, chunk=256, **k):
+        seen.append(chunk)
+        return real(*a, chunk=chunk, **k)
+
+    monkeypatch.setattr("distdm.attribution.gradients.iter_per_sample_grads", spy)
+    p = sum(v.numel() for v in tiny_task.final.values())
+    small = dataclasses.replace(tiny_task, memory_budget_bytes=16 * 8 * p * 10)  # 0.1 of it: 16 gradients
+    got = make_attributor("if-ekfac", cache_grads=False).fit(small).scores(x, y, "margin").values
+    assert seen and set(seen) == {16}
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

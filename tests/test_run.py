@@ -455,13 +455,22 @@ def test_a_runs_task_carries_no_store_and_its_methods_cache_in_the_run(tmp_path,
         check = run.verify(exact.scores(x, y, "margin"), x, y, m=5, seeds=[0, 1])
         assert check.reused == "computed"  # seed 0 from exact's retrains, seed 1 retrained now
         assert any(n.startswith("verify/") for n in run.store.manifest["artifacts"])
-        # diagnose takes no store yet: its retrains still reach the run through the task it is given
-        run.diagnose(["grad-dot"], fractions=[0.2], random_seeds=1)
+        # diagnose's removal retrains are cached in the run, a corrupted copy's in its own run
+        diagnosed = run.diagnose(["grad-dot"], fractions=[0.2], random_seeds=1).value
         jobs = {r.name for r in run.store.index(CHUNKED_JOB)}
         assert any(n.startswith("retrain/masks-") for n in jobs), jobs
+        flipped = run.corruption("labels", 0.2)
+        noisy = run.diagnose(["grad-dot"], fractions=[0.2], random_seeds=1, corruption=flipped).value
+        sub = run.corrupted(flipped).store
+        assert any(r.name.startswith("retrain/masks-") for r in sub.index(CHUNKED_JOB))
+        assert {r.name for r in run.store.index(CHUNKED_JOB)} == jobs  # none of them in the clean run
     # a reopened run loads what it cached: nothing is retrained
     monkeypatch.setattr(Task, "retrain", lambda *a, **k: pytest.fail("retrained"))
     again = Run.open(tmp_path / "run", data=small)
     loaded = again.attributor("exact", chunk_size=4).scores(x, y).values
     np.testing.assert_array_equal(loaded, exact.scores(x, y).values)
     assert again.verify(exact.scores(x, y, "margin"), x, y, m=5, seeds=[0, 1]).reused == "leave-one-out"
+    redone = again.diagnose(["grad-dot"], fractions=[0.2], random_seeds=1).value
+    np.testing.assert_array_equal(redone.accuracy["grad-dot"], diagnosed.accuracy["grad-dot"])
+    renoisy = again.diagnose(["grad-dot"], fractions=[0.2], random_seeds=1, corruption=flipped).value
+    np.testing.assert_array_equal(renoisy.diagnosis.val_loss["random"], noisy.diagnosis.val_loss["random"])

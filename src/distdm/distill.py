@@ -31,6 +31,7 @@ from .distill_shared import (
 from .engine import State, predict, train_variants
 from .errors import DistdmError
 from .progress import progress_bar
+from .store import RunStore, check_store
 from .synset import Synset
 from .task import Task
 
@@ -205,8 +206,11 @@ def distill(
     lr: float | None = None,
     steps: int = 1,
     progress: bool = False,
+    store: RunStore | None = None,
 ) -> Synset:
-    """Distil a synset for every cluster with the configured target; diagnostics in `synset.info`."""
+    """Distil a synset for every cluster with the configured target; diagnostics in `synset.info`.
+    `store`: a run's RunStore, where the 'oracle' target caches its retrains (None: not cached)."""
+    check_store(store)
     if task.data.is_regression:
         raise DistdmError("distillation needs a classification task (label vectors)")
     if cfg.target == "trajectory":
@@ -214,7 +218,7 @@ def distill(
     else:
         from .distill_influence import distill_influence
 
-        syn = distill_influence(task, cfg, clusters=clusters, lr=lr, progress=progress)
+        syn = distill_influence(task, cfg, clusters=clusters, lr=lr, progress=progress, store=store)
     syn.info["forgetting"] = forgetting_accuracy(task, syn)
     if not math.isfinite(syn.info.get("loss_last", 0.0)):
         raise DistdmError("distillation diverged (loss is not finite): lower lr_img")

@@ -42,7 +42,7 @@ from .distill_shared import (
     warn_on_cosines,
 )
 from .errors import DistdmError
-from .hessian import _linear_layout, cg, flat_model, hvp, iter_per_sample_grads, stochastic_hvp
+from .hessian import _linear_layout, cg, flat_model, gradient_rows, hvp, iter_per_sample_grads, stochastic_hvp
 from .progress import progress_bar
 from .synset import Synset
 from .task import Task
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 
 def influence_targets(
-    task: Task, clusters: Clusters, cfg: DistillConfig
+    task: Task, clusters: Clusters, cfg: DistillConfig, store: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """b_k = g_k / N (K, P) and the removal update d_k = A^-1 b_k (K, P).
 
@@ -62,7 +62,7 @@ def influence_targets(
     g = cluster_gradients(task, task.final, idx, mask, mean=False)
     b = flatten_batch(g, fm.names) / len(clusters.assignment)
     if cfg.target == "oracle":
-        return b, oracle_targets(task, clusters)
+        return b, oracle_targets(task, clusters, store)
     if cfg.metric == "hessian" and cfg.hessian_rank is not None and cfg.hessian_target == "metric":
         if cfg.damping <= 0:
             raise DistdmError("the low-rank Hessian metric needs damping > 0")
@@ -187,14 +187,16 @@ def distill_influence(
     clusters: Clusters | None = None,
     lr: float | None = None,
     progress: bool = False,
+    store: Any = None,
 ) -> Synset:
-    """Distil synsets towards the influence removal update; diagnostics in `synset.info`."""
+    """Distil synsets towards the influence removal update; diagnostics in `synset.info`. `store`:
+    where the oracle target's retrains are cached."""
     if cfg.solver == "closed-form":
-        return distill_closed_form(task, cfg, clusters=clusters, lr=lr, progress=progress)
+        return distill_closed_form(task, cfg, clusters=clusters, lr=lr, progress=progress, store=store)
     clusters = clusters or task.clusters
     lr = lr or task.schedule.lr
     t0 = time.perf_counter()
-    b, d = influence_targets(task, clusters, cfg)
+    b, d = influence_targets(task, clusters, cfg, store)
     hv = metric_hvp(task, cfg)
     t_target = time.perf_counter() - t0
     names = flat_model(task).names
@@ -605,17 +607,25 @@ def _slices(n: int, chunk: int) -> list[slice]:
 
 
 def normal_equations(
-    m: torch.Tensor, metric: Curvature, bd: torch.Tensor
+    m: torch.Tensor, metric: Curvature, bd: torch.Tensor, rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The normal matrix M B M^T (k, c, c) and right-hand side M B d (k, c) of each cluster's label
     problem, from its steps per unit label M (k, c, P) and B d (k, P); a metric with a `gram` method
-    (low rank: half the work of B M) computes the matrix itself."""
+    (low rank: half the work of B M) computes the matrix itself, any other is applied to at most
+    `rows` label columns at a time (default all: B M is as large as M)."""
     kc, c, p = m.shape
     gram = getattr(metric, "gram", None)
     if gram is not None:
         g = gram(m)
     else:
-        g = torch.bmm(m, metric.apply(m.reshape(-1, p)).reshape(kc, c, p).transpose(1, 2))
+        rows = kc * c if rows is None else max(1, rows)
+        g = m.new_empty(kc, c, c)
+        per = max(1, rows // c)  # whole clusters per product where they fit
+        for a in range(0, kc, per):
+            part = m[a : a + per]
+            for r in range(0, c, rows):  # and a cluster's columns in parts where they do not
+                bm = metric.apply(part[:, r : r + rows].reshape(-1, p)).reshape(len(part), -1, p)
+                g[a : a + per, r : r + rows] = torch.bmm(bm, part.transpose(1, 2))
     return g, torch.bmm(m, bd.unsqueeze(-1)).squeeze(-1)
 
 
@@ -724,8 +734,9 @@ def _fit_chunk(
             if fac is not None:
                 y = solve_labels(fac[0], fac[1]).reshape(x.shape[0], -1)
                 return y, factored_steps(fac[2], y, kc, p)
-        m = label_columns(fm, x, lr).reshape(kc, -1, p)
-        y = solve_labels(*normal_equations(m, metric, bd))
+        budget = task.memory_budget_bytes or DISTILL_MEMORY_BUDGET
+        m = label_columns(fm, x, lr, chunk=gradient_rows(p, budget)).reshape(kc, -1, p)
+        y = solve_labels(*normal_equations(m, metric, bd, rows=gradient_rows(p, budget, most=4096)))
         return y.reshape(x.shape[0], -1), torch.bmm(y.unsqueeze(1), m).squeeze(1)
 
     y, delta = labels(x)

@@ -11,7 +11,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from .clusters import Clusters
-from .engine import State, param_names, per_sample_loss
+from .engine import State, param_names, per_sample_loss, saved_tensor_bytes
 from .errors import DistdmError
 from .task import Task
 
@@ -35,25 +35,61 @@ def cluster_batches(
     return idx, mask
 
 
+ROWS_PER_PASS = 4096  # member samples whose gradients are taken in one vmap pass, at most
+ACTIVATION_SHARE = 0.25  # of the memory budget, the most one pass's saved activations may take
+DEFAULT_BUDGET = 2 * 2**30  # bytes, where the task sets no memory budget
+
+
+def rows_per_pass(task: Task, state: State) -> int:
+    """Member samples per gradient pass: ROWS_PER_PASS, or fewer where their saved activations
+    (measured on one sample) would exceed ACTIVATION_SHARE of the task's memory budget."""
+    model, names = task.model, param_names(task.model)
+    params = {k: state[k].detach().requires_grad_(True) for k in names}
+    rest = {k: v for k, v in state.items() if k not in params}
+    x, y = task.data.x_train[:1].clone(), task.data.y_train[:1]  # own storage: a view counts it all
+    with torch.enable_grad(), saved_tensor_bytes(params.values()) as saved:
+        per_sample_loss(functional_call(model, {**params, **rest}, (x,)), y, task.loss).sum()
+    per = max(1, sum(saved.values()))
+    budget = task.memory_budget_bytes or DEFAULT_BUDGET
+    return max(1, min(ROWS_PER_PASS, int(ACTIVATION_SHARE * budget) // per))
+
+
 def cluster_gradients(
     task: Task, state: State, idx: torch.Tensor, mask: torch.Tensor, *, mean: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Loss gradient of each cluster's (masked) members at a state: dict of (K, *param_shape)."""
+    """Loss gradient of each cluster's (masked) members at a state: dict of (K, *param_shape).
+    Members go through in passes of `rows_per_pass` samples (a large cluster in several), so that
+    memory stays within the task's budget whatever the model."""
     model, names = task.model, param_names(task.model)
     params = {k: state[k] for k in names}
     rest = {k: v for k, v in state.items() if k not in params}
     x, y = task.data.x_train, task.data.y_train
+    denom = mask.sum(1).clamp_min(1.0) if mean else torch.ones(len(mask))
 
-    def loss(p: State, xi: torch.Tensor, yi: torch.Tensor, mi: torch.Tensor) -> torch.Tensor:
+    def loss(
+        p: State, xi: torch.Tensor, yi: torch.Tensor, mi: torch.Tensor, di: torch.Tensor
+    ) -> torch.Tensor:
         per = per_sample_loss(functional_call(model, {**p, **rest}, (xi,)), yi, task.loss)
-        total = (per * mi).sum()
-        return total / mi.sum().clamp_min(1.0) if mean else total
+        return (per * mi).sum() / di
 
+    rows = rows_per_pass(task, state)
+    width = idx.shape[1]
+    cols = min(width, rows)  # a cluster wider than a pass is summed over column chunks
     out = {k: [] for k in names}
-    for sl in torch.arange(len(idx)).split(max(1, 4096 // max(1, idx.shape[1]))):
-        g = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x[idx[sl]], y[idx[sl]], mask[sl])
+    for sl in torch.arange(len(idx)).split(max(1, rows // cols)):
+        acc: dict[str, torch.Tensor] | None = None
+        for c in range(0, width, cols):
+            part = (idx[sl, c : c + cols], mask[sl, c : c + cols])
+            g = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))(
+                params, x[part[0]], y[part[0]], part[1], denom[sl]
+            )
+            acc = (
+                {k: g[k].detach() for k in names}
+                if acc is None
+                else {k: acc[k] + g[k].detach() for k in names}
+            )
         for k in names:
-            out[k].append(g[k].detach())
+            out[k].append(acc[k])
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -41,7 +41,7 @@ from .progress import Progress
 from .runtime import UNSET, Runtime, runtime_of
 from .store import APPLICATION, DISTILLATION, SCORES, ReadOnlyRunError, RunStore, digest, settings_diff
 from .synset import Synset
-from .task import Task, carrying_store, check_model, check_training_data, train_target
+from .task import Task, check_model, check_training_data, train_target
 from .userdata import is_data_path, load_data_file, load_model_spec, normalise_spec
 
 log = logging.getLogger(__name__)
@@ -866,9 +866,9 @@ class Run:
                     **{k: v for k, v in settings.items() if k != "progress"}}  # fmt: skip
         if corruption is None:
             fitted = {spec: self.method(spec) for spec in methods}
-            # diagnose takes no store argument yet: its retrains find the run's store on the task
-            task = carrying_store(self.task(), self.store)
-            d = run_diagnosis(task, fitted, validation_fraction=validation_fraction, **settings)
+            d = run_diagnosis(
+                self.task(), fitted, validation_fraction=validation_fraction, store=self.store, **settings
+            )
             files = diagnosis_files(d, self.data.x_train)
             return Outcome(
                 d, self._save_files("applications/diagnose", files, application="diagnose", identity=identity)
@@ -879,9 +879,8 @@ class Run:
         clean = float(accuracy(self.task().outputs(xt), yt))
         fitted = {spec: sub.method(spec) for spec in methods}
         rep = noisy_diagnosis(
-            carrying_store(sub.task(), sub.store), corruption, fitted, clean_accuracy=clean, split=split,
-            **settings,
-        )  # fmt: skip
+            sub.task(), corruption, fitted, clean_accuracy=clean, split=split, store=sub.store, **settings
+        )
         files = diagnosis_files(rep.diagnosis, corruption.data.x_train, stem="diagnose")
         files["detection.csv"] = rep.to_csv()
         files["corruption.json"] = json.dumps(rep.to_json(), indent=2)

@@ -229,19 +229,6 @@ def store_of(task: Task, store: RunStore | None = None) -> RunStore | None:
     return store if store is not None else task.store
 
 
-def carrying_store(task: Task, store: RunStore | None) -> Task:
-    """The task for code that does not take a store yet and reads the deprecated `task.store`: a
-    shallow copy that carries `store` (no new tensors, no warning), or the task itself when there is
-    no store to add."""
-    if store is None or task.store is store:
-        return task
-    import copy
-
-    out = copy.copy(task)  # __init__ is not run again: the tensors are shared and nothing warns
-    out.store = store
-    return out
-
-
 def reinitialise(model: nn.Module, seed: int) -> State:
     """A fresh initial state of the model's architecture drawn from `seed` (its reset_parameters)."""
     import copy

@@ -5,8 +5,8 @@ removed from training (sign convention of scores.py: f(without k) - f(all)); neg
 model would generalise better without it. Clusters are removed in ascending order of s_k (most
 harmful first) until the removed share of the training samples is closest to each requested
 fraction (at least one cluster), the model is retrained from theta_0 with the target's schedule
-and data order (one batched `retrain_masks` call per seed, cached in the run directory if the task
-has one), and its test accuracy is compared with removing the same share of randomly ordered
+and data order (one batched `retrain_masks` call per seed, cached in the run directory if given
+one: `store=`), and its test accuracy is compared with removing the same share of randomly ordered
 clusters (several draws).
 
 Validation data: a TensorData has a training and a test split only, and the target model was
@@ -31,13 +31,14 @@ import numpy as np
 import torch
 
 from ..attribution import make_attributor
-from ..attribution.base import Attributor
+from ..attribution.base import Attributor, accepts
 from ..attribution.retrain import retrain_masks
 from ..clusters import Clusters
 from ..data import TensorData
 from ..engine import State, predict
 from ..errors import DistdmError
 from ..objectives import accuracy, dist2
+from ..store import RunStore, check_store
 from ..task import Task
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,11 @@ def validation_scores(att: Attributor, x: torch.Tensor, y: torch.Tensor) -> np.n
     return s.values[:, 0]
 
 
-def fit_methods(task: Task, methods: Sequence[str] | Mapping[str, Attributor]) -> dict[str, Attributor]:
-    """Fitted attributors by name: given ones are used as they are, names are made and fitted."""
+def fit_methods(
+    task: Task, methods: Sequence[str] | Mapping[str, Attributor], store: RunStore | None = None
+) -> dict[str, Attributor]:
+    """Fitted attributors by name: given ones are used as they are, names are made and fitted (those
+    that cache their work, e.g. exact retraining, in `store` if given)."""
     if isinstance(methods, Mapping):
         return dict(methods)
     if isinstance(methods, str):
@@ -113,7 +117,8 @@ def fit_methods(task: Task, methods: Sequence[str] | Mapping[str, Attributor]) -
     for name in methods:
         if name == "random":
             raise DistdmError("'random' is always the baseline; list only the methods that rank clusters")
-        out[name] = make_attributor(name).fit(task)
+        settings = {"store": store} if store is not None and accepts(name, "store") else {}
+        out[name] = make_attributor(name, **settings).fit(task)
     return out
 
 
@@ -123,12 +128,13 @@ def fit_and_score(
     score: Callable[[Attributor, torch.Tensor, torch.Tensor], np.ndarray],
     x: torch.Tensor,
     y: torch.Tensor,
+    store: RunStore | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Fit every method and score its clusters with `score` on (x, y); returns the scores by name
-    and the seconds spent ('fit', 'scores NAME')."""
+    """Fit every method (caching in `store` if given) and score its clusters with `score` on (x, y);
+    returns the scores by name and the seconds spent ('fit', 'scores NAME')."""
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    fitted = fit_methods(task, methods)
+    fitted = fit_methods(task, methods, store)
     seconds["fit"] = time.perf_counter() - t
     scores = {}
     for name, att in fitted.items():
@@ -224,14 +230,16 @@ def retrain_and_evaluate(
     evaluations: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     *,
     progress: bool = False,
+    store: RunStore | None = None,
 ) -> dict[str, np.ndarray]:
-    """Retrain once per keep-mask (M, K) and seed; accuracy and mean CE on each named (x, y):
-    {'<name>_accuracy': (M, S), '<name>_loss': (M, S)}."""
+    """Retrain once per keep-mask (M, K) and seed (cached in the run store `store` if given);
+    accuracy and mean CE on each named (x, y): {'<name>_accuracy': (M, S), '<name>_loss': (M, S)}."""
     uniq, inverse = np.unique(keeps, axis=0, return_inverse=True)
     inverse = np.asarray(inverse).ravel()
     out: dict[str, list[np.ndarray]] = {}
     for s in seeds:
-        states = retrain_masks(task, torch.as_tensor(uniq, dtype=torch.float32), seed=s, progress=progress)
+        keep = torch.as_tensor(uniq, dtype=torch.float32)
+        states = retrain_masks(task, keep, seed=s, progress=progress, store=store)
         for name, (x, y) in evaluations.items():
             acc, loss = accuracy_and_loss(task, states, x, y)
             out.setdefault(f"{name}_accuracy", []).append(acc[inverse])
@@ -488,17 +496,19 @@ def diagnose(
     validation_fraction: float = 0.5,
     balanced: bool = False,
     progress: bool = False,
+    store: RunStore | None = None,
 ) -> Diagnosis:
     """Rank clusters by each method's predicted change of validation loss, remove the most harmful
     `fractions` of the training data (balanced: of every class), retrain, and compare test accuracy
-    with random removal."""
+    with random removal. `store`: a run's RunStore to cache the retrains in (None: not cached)."""
+    check_store(store)
     fr = check_fractions(fractions)
     if not random_seeds:
         raise DistdmError("give at least one random seed for the random-removal baseline")
     split = split or validation_split(task.data, validation_fraction)
     xv, yv = split.xy(task.data, "validation")
     xt, yt = split.xy(task.data, "test")
-    scores, seconds = fit_and_score(task, methods, validation_scores, xv, yv)
+    scores, seconds = fit_and_score(task, methods, validation_scores, xv, yv, store)
     sizes = task.clusters.sizes()
     cc = task.clusters.cluster_class if balanced else None
     removals = {
@@ -510,8 +520,9 @@ def diagnose(
     )
     t = time.perf_counter()
     ev = retrain_and_evaluate(
-        task, keeps, list(retrain_seeds), {"test": (xt, yt), "val": (xv, yv)}, progress=progress
-    )
+        task, keeps, list(retrain_seeds), {"test": (xt, yt), "val": (xv, yv)}, progress=progress,
+        store=store,
+    )  # fmt: skip
     seconds["retrain"] = time.perf_counter() - t
     acc, loss, at = {}, {}, 1
     for m, r in removals.items():

@@ -34,6 +34,7 @@ from ..attribution.base import Attributor
 from ..clusters import make_clusters, penultimate_features
 from ..data import TensorData
 from ..errors import DistdmError
+from ..store import RunStore
 from ..task import Task, train_target
 from .diagnose import Diagnosis, check_fractions, diagnose, rows_to_csv
 
@@ -257,10 +258,12 @@ def noisy_diagnosis(
     *,
     clean_accuracy: float = float("nan"),
     fractions: Sequence[float] = NOISE_FRACTIONS,
+    store: RunStore | None = None,
     **settings: Any,
 ) -> NoiseReport:
     """Diagnose the corrupted task `ctask` (see `corrupted_task` / `Run.corrupted`) and measure how
-    well each ranking finds the corrupted samples. Other settings as in `diagnose`."""
+    well each ranking finds the corrupted samples. `store`: the corrupted run's RunStore to cache the
+    retrains in (None: not cached). Other settings as in `diagnose`."""
     same = ctask.data.n_train == corruption.data.n_train
     if not (
         same
@@ -268,6 +271,6 @@ def noisy_diagnosis(
         and torch.equal(ctask.data.x_train, corruption.data.x_train)
     ):
         raise DistdmError("the task was not trained on this corruption's data")
-    d = diagnose(ctask, methods, fractions=check_fractions(fractions), **settings)
+    d = diagnose(ctask, methods, fractions=check_fractions(fractions), store=store, **settings)
     d.title = f"test accuracy after removing ranked clusters of the corrupted training set ({corruption.tag})"
     return NoiseReport(corruption, d, detection(d, corruption.mask), clean_accuracy)

@@ -24,7 +24,7 @@ from ..progress import Progress, check_progress
 from ..scores import Scores
 from ..store import SYNSET, ReadOnlyRunError, RunStore, check_store, digest
 from ..synset import Synset
-from ..task import Task, carrying_store, store_of
+from ..task import Task, store_of
 from .base import Attributor, Settings, frozen_value, register
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ def load_or_distill(
             with contextlib.suppress(ReadOnlyRunError):
                 store.record_result(key, SYNSET, files, identity, seconds=syn.info.get("seconds"))
         return syn
-    # distill reads no store argument yet (its oracle target caches retrains): it gets it on the task
-    syn = distill(carrying_store(task, store), cfg, clusters=clusters, lr=lr, steps=steps, progress=progress)
+    syn = distill(task, cfg, clusters=clusters, lr=lr, steps=steps, progress=progress, store=store)
     if store is not None:
         store.save_json(key, syn.info)  # info first: the tensors file marks the synset complete
         store.save_tensors(key, syn.to_tensors())

@@ -30,6 +30,7 @@ from ..hessian import (
     FlatModel,
     LinearGrads,
     flat_model,
+    gradient_rows,
     iter_per_sample_grads,
     linear_grads,
     objective_grads,
@@ -213,10 +214,15 @@ class GradientAttributor(Attributor):
             return self.factors_ if self.factors_ is not None else self.grads_
         return cached
 
+    def _rows_at_once(self, fm: FlatModel) -> int:
+        """`chunk`, or fewer per-sample gradients where `chunk` of them would not fit the task's memory
+        budget (an 11M-parameter model: a few)."""
+        return gradient_rows(fm.n_params, self.task_.memory_budget_bytes, most=self.chunk)
+
     def _compute_grads(self, fm: FlatModel) -> torch.Tensor:
         d = self.task_.data
         return torch.cat([g for _, g in iter_per_sample_grads(fm, d.x_train, d.y_train, self.task_.loss,
-                                                              chunk=self.chunk)])  # fmt: skip
+                                                              chunk=self._rows_at_once(fm))])  # fmt: skip
 
     def train_grads(
         self, fm: FlatModel | None = None, cached: TrainCache = None
@@ -224,9 +230,10 @@ class GradientAttributor(Attributor):
         """Yield (slice, per-sample training gradients) chunk by chunk, from the cache if any."""
         fm = fm or self.fm_
         cached = self._cached(fm, cached)
+        rows = self._rows_at_once(fm)
         if isinstance(cached, LinearGrads):
-            for i in range(0, cached.n, self.chunk):
-                sl = slice(i, min(i + self.chunk, cached.n))
+            for i in range(0, cached.n, rows):
+                sl = slice(i, min(i + rows, cached.n))
                 yield sl, cached.dense(sl)
             return
         if cached is not None:
@@ -236,7 +243,7 @@ class GradientAttributor(Attributor):
                 yield sl, cached[sl]
             return
         d = self.task_.data
-        yield from iter_per_sample_grads(fm, d.x_train, d.y_train, self.task_.loss, chunk=self.chunk)
+        yield from iter_per_sample_grads(fm, d.x_train, d.y_train, self.task_.loss, chunk=rows)
 
     def train_products(
         self, rows: torch.Tensor | LinearGrads, fm: FlatModel | None = None, cached: TrainCache = None
