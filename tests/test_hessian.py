@@ -420,3 +420,12 @@ def test_split_hessian_approaches_the_hessian_and_falls_back_where_it_does_not_p
     torch.testing.assert_close(plain(w), hs.hvp(fm, None, x, y, "mse")(w))
     with pytest.raises(DistdmError, match="residual_subsample"):
         hs.hvp(conv, None, xc, yc, "ce", residual_subsample=0)
+
+
+def test_per_sample_gradients_by_a_loop_equal_vmap_where_large_models_use_it(monkeypatch):
+    conv, xc, yc, _ = _small_conv()
+    by_vmap = hs._loss_grads(conv, xc, yc, "ce")
+    monkeypatch.setattr(hs, "LOOP_MIN_PARAMS", 0)  # as for an 11M-parameter ResNet on a CPU
+    by_loop = hs._loss_grads(conv, xc, yc, "ce")
+    torch.testing.assert_close(by_loop, by_vmap, atol=1e-10, rtol=1e-8)
+    assert by_loop.shape == (7, conv.n_params) and by_loop.abs().sum() > 0

@@ -38,7 +38,7 @@ from .models import MODELS, build_model
 from .objectives import accuracy
 from .presets import preset
 from .progress import Progress
-from .runtime import UNSET, Runtime, runtime_of
+from .runtime import UNSET, Runtime, RuntimeEntries, runtime_of
 from .store import APPLICATION, DISTILLATION, SCORES, ReadOnlyRunError, RunStore, digest, settings_diff
 from .synset import Synset
 from .task import Task, check_model, check_training_data, train_target
@@ -150,7 +150,7 @@ def _architecture_diff(stored: State, now: State) -> list[str]:
     return out[:6] + ([f"and {len(out) - 6} more"] if len(out) > 6 else [])
 
 
-class Run:
+class Run(RuntimeEntries):
     """A run directory holding one target model's trajectory, clusters, synsets and results.
 
     data: a built-in dataset name, a TensorData, or a data file (.npz, .pt, .safetensors holding
@@ -350,24 +350,9 @@ class Run:
 
     # how the stages run: entries of the one runtime -------------------------------------------
     @property
-    def device(self) -> torch.device:
-        """Where every stage computes (the runtime's device)."""
-        return self.runtime.device  # type: ignore[return-value]
-
-    @property
     def progress(self) -> Progress:
         """What the stages report (the runtime's progress: False, True for bars, or a callable)."""
         return self.runtime.progress
-
-    @property
-    def executor(self) -> Any:
-        """What runs retrains, further training and fine-tunes (the runtime's; None: in-process)."""
-        return self.runtime.executor
-
-    @property
-    def memory_budget_bytes(self) -> int | None:
-        """The most memory one engine call may use (the runtime's; None: no limit)."""
-        return self.runtime.memory_budget_bytes
 
     @property
     def path(self) -> str:

@@ -88,3 +88,24 @@ def runtime_of(runtime: Runtime | None, **given: Any) -> Runtime:
 
 
 __all__ = ["UNSET", "Runtime", "check_executor", "check_memory_budget", "runtime_of"]
+
+
+class RuntimeEntries:
+    """Read-only views of a `runtime` attribute's entries, shared by Task and Run."""
+
+    runtime: Runtime
+
+    @property
+    def device(self) -> torch.device:
+        """Where every stage computes (the runtime's device)."""
+        return self.runtime.device  # type: ignore[return-value]
+
+    @property
+    def executor(self) -> Any:
+        """What runs retrains, further training and fine-tunes (the runtime's; None: in-process)."""
+        return self.runtime.executor
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """The most memory one engine call may use, in bytes (the runtime's; None: no limit)."""
+        return self.runtime.memory_budget_bytes

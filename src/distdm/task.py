@@ -30,12 +30,12 @@ from .engine import (
 )
 from .errors import DistdmError
 from .progress import Progress
-from .runtime import UNSET, Runtime, check_memory_budget, runtime_of
+from .runtime import UNSET, Runtime, RuntimeEntries, check_memory_budget, runtime_of
 from .store import RunStore
 
 
 @dataclasses.dataclass(init=False)
-class Task:
+class Task(RuntimeEntries):
     """The trained target model and its context; `trajectory[0]` is theta_0, `[-1]` theta_tau.
 
     `model` gives the architecture only: every method evaluates the states of `trajectory`, never the
@@ -138,21 +138,6 @@ class Task:
                 UserWarning,
                 stacklevel=3,
             )
-
-    @property
-    def device(self) -> torch.device:
-        """Where every method computes (the runtime's device)."""
-        return self.runtime.device  # type: ignore[return-value]
-
-    @property
-    def executor(self) -> Any:
-        """The default executor of retrains, further training and fine-tunes (None: in-process)."""
-        return self.runtime.executor
-
-    @property
-    def memory_budget_bytes(self) -> int | None:
-        """The default memory budget of every engine call, in bytes (None: no limit)."""
-        return self.runtime.memory_budget_bytes
 
     @property
     def init(self) -> State:
