@@ -169,8 +169,7 @@ class FastIFArgs(IFLiSSAArgs):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise DistdmError(f"k (neighbours) must be >= 1, got {self.k!r}")
+        check_int("k", self.k, 1)
 
 
 class InfluenceFunction(GradientAttributor):
