@@ -293,8 +293,8 @@ def run_cell(setting: dict[str, Any], stage: str, opts: dict[str, Any], out: Pat
             cfg = cfg.replace(hessian_subsample=opts["hessian_subsample"])
             notes.append(f"curvature on {opts['hessian_subsample']} of {task.data.n_train} samples")
         if "memory_budget_gb" in opts:
-            task = dataclasses.replace(task, memory_budget_bytes=int(opts["memory_budget_gb"] * 2**30))
-            notes.append(f"memory_budget_bytes {opts['memory_budget_gb']} GiB")
+            task = dataclasses.replace(task, memory_budget_bytes=int(opts["memory_budget_gb"] * 1e9))
+            notes.append(f"memory_budget_bytes {opts['memory_budget_gb']} GB")
         if "clusters" in opts:
             task = dataclasses.replace(task, clusters=lumped(task.clusters, opts["clusters"]))
             notes.append(f"{opts['clusters'] + 1} of {k} clusters distilled")
@@ -339,7 +339,7 @@ def run_cell(setting: dict[str, Any], stage: str, opts: dict[str, Any], out: Pat
         return row
     settings = {k2: v for k2, v in opts.items() if k2 == "hessian_samples"}
     if "memory_budget_gb" in opts:
-        task = dataclasses.replace(task, memory_budget_bytes=int(opts["memory_budget_gb"] * 2**30))
+        task = dataclasses.replace(task, memory_budget_bytes=int(opts["memory_budget_gb"] * 1e9))
     with Stage() as s:
         method = make_attributor(stage, **settings).fit(task)
         fit_s = time.perf_counter() - s.t
@@ -350,7 +350,7 @@ def run_cell(setting: dict[str, Any], stage: str, opts: dict[str, Any], out: Pat
         row["measured_on"] = (
             f"{len(y)} queries"
             + (f", Hessian on {settings['hessian_samples']} samples" if settings else "")
-            + (f", memory_budget_bytes {opts['memory_budget_gb']} GiB" if "memory_budget_gb" in opts else "")
+            + (f", memory_budget_bytes {opts['memory_budget_gb']} GB" if "memory_budget_gb" in opts else "")
         )
     return row
 

@@ -30,6 +30,7 @@ from distdm.errors import DistdmError
 from distdm.hessian import flat_model
 from distdm.models import build_model
 from distdm.presets import PRESETS, preset
+from distdm.store import RunStore
 
 
 def _random_low_rank(p: int, r: int, damping: float, seed: int = 0) -> LowRankCurvature:
@@ -177,6 +178,63 @@ def test_small_memory_budget_chunks_and_gives_the_same_synset(tiny_task, steps, 
         torch.testing.assert_close(step_a, step_b, rtol=0, atol=(1e-3 if steps == 0 else 0.05) * scale)
     rel = 1e-4 if steps == 0 else 1e-2
     assert chunked.info["loss_history"] == pytest.approx(whole.info["loss_history"], rel=rel)
+
+
+def test_an_interrupted_distillation_resumes_from_the_chunks_it_journaled(tiny_task, tmp_path, monkeypatch):
+    from distdm import distill_influence as di
+    from distdm.attribution.ddm import load_or_distill, synset_key
+
+    cfg = FAST.replace(input_steps=2, label_solves=2)
+    curv = make_curvature(tiny_task, cfg)
+    per = factored_cluster_bytes(flat_model(tiny_task).n_params)
+    small = dataclasses.replace(tiny_task, memory_budget_bytes=curv.nbytes + 4 * per)
+    whole = distill_closed_form(small, cfg)  # the same budget: the same curvature rank and chunks
+    n_chunks = -(-small.clusters.n_clusters // whole.info["clusters_per_chunk"])
+    assert n_chunks >= 4
+    calls = []
+    real_fit = di._fit_chunk
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user stops it in the third chunk
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(di, "_fit_chunk", crash_on_third)
+    store = RunStore(tmp_path / "run")
+    lr = small.schedule.lr
+    with pytest.raises(KeyboardInterrupt):
+        load_or_distill(small, cfg, small.clusters, lr, 1, store=store)
+    key = synset_key(cfg, small.clusters, lr, 1)
+    assert [store.is_done(f"{key}/journal/chunk{i}") for i in range(3)] == [True, True, False]
+    counted = []
+    monkeypatch.setattr(di, "_fit_chunk", lambda *a, **kw: counted.append(1) or real_fit(*a, **kw))
+    resumed = load_or_distill(small, cfg, small.clusters, lr, 1, store=RunStore(tmp_path / "run"))
+    assert len(counted) == n_chunks - 2  # only the chunks not journaled are fitted again
+    torch.testing.assert_close(resumed.x, whole.x, rtol=0, atol=0.2 * cfg.lr_img)
+    assert resumed.info["loss_history"] == pytest.approx(whole.info["loss_history"], rel=1e-2)
+    # the synset holds everything now: the journal is gone from the run, and the synset is cached
+    store = RunStore(tmp_path / "run")
+    assert not any(name.startswith(f"{key}/journal") for name in store.manifest["artifacts"])
+    assert not list((tmp_path / "run").rglob("journal/chunk*"))
+    counted.clear()
+    again = load_or_distill(small, cfg, small.clusters, lr, 1, store=store)
+    assert not counted and torch.equal(again.x, resumed.x)
+
+
+def test_a_journal_from_a_larger_budget_is_started_again_under_a_smaller_one(tiny_task, tmp_path):
+    from distdm.distill_influence import _journal_chunk_size
+
+    store = RunStore(tmp_path / "run")
+    identity = {"settings": FAST.to_dict(), "lr": 0.1}
+    store.check_config("job", {**identity, "chunk_size": 8})
+    store.mark_done("job/chunk0", identity="x", items=8)
+    assert _journal_chunk_size(store, "job", identity, 20, 10) == 8  # fits: its chunking is kept
+    assert _journal_chunk_size(store, "job", identity, 20, 4) == 4  # too large now: dropped
+    assert store.config("job") is None and not store.is_done("job/chunk0")
+    store.check_config("job", {**identity, "chunk_size": 4})
+    assert _journal_chunk_size(store, "job", {**identity, "lr": 0.2}, 20, 4) == 4  # other settings
+    assert store.config("job") is None
 
 
 def test_fast_preset_synset_steps_reproduce_the_target_better_than_initial_labels(tiny_task):

@@ -207,9 +207,12 @@ def distill(
     steps: int = 1,
     progress: bool = False,
     store: RunStore | None = None,
+    journal: str | None = None,
 ) -> Synset:
     """Distil a synset for every cluster with the configured target; diagnostics in `synset.info`.
-    `store`: a run's RunStore, where the 'oracle' target caches its retrains (None: not cached)."""
+    `store`: a run's RunStore, where the 'oracle' target caches its retrains (None: not cached);
+    `journal`: a job name in it where the closed-form solver saves each finished chunk of clusters,
+    so that an interrupted distillation resumes (the other solvers fit all clusters at once)."""
     check_store(store)
     if task.data.is_regression:
         raise DistdmError("distillation needs a classification task (label vectors)")
@@ -218,7 +221,9 @@ def distill(
     else:
         from .distill_influence import distill_influence
 
-        syn = distill_influence(task, cfg, clusters=clusters, lr=lr, progress=progress, store=store)
+        syn = distill_influence(
+            task, cfg, clusters=clusters, lr=lr, progress=progress, store=store, journal=journal
+        )
     syn.info["forgetting"] = forgetting_accuracy(task, syn)
     if not math.isfinite(syn.info.get("loss_last", 0.0)):
         raise DistdmError("distillation diverged (loss is not finite): lower lr_img")

@@ -44,6 +44,7 @@ from .distill_shared import (
 from .errors import DistdmError
 from .hessian import _linear_layout, cg, flat_model, gradient_rows, hvp, iter_per_sample_grads, stochastic_hvp
 from .progress import progress_bar
+from .store import ChunkedJob, digest, run_chunked
 from .synset import Synset
 from .task import Task
 
@@ -188,11 +189,15 @@ def distill_influence(
     lr: float | None = None,
     progress: bool = False,
     store: Any = None,
+    journal: str | None = None,
 ) -> Synset:
     """Distil synsets towards the influence removal update; diagnostics in `synset.info`. `store`:
-    where the oracle target's retrains are cached."""
+    where the oracle target's retrains are cached; `journal`: where the closed-form solver saves
+    its finished chunks of clusters in that store (see distill_closed_form)."""
     if cfg.solver == "closed-form":
-        return distill_closed_form(task, cfg, clusters=clusters, lr=lr, progress=progress, store=store)
+        return distill_closed_form(
+            task, cfg, clusters=clusters, lr=lr, progress=progress, store=store, journal=journal
+        )
     clusters = clusters or task.clusters
     lr = lr or task.schedule.lr
     t0 = time.perf_counter()
@@ -766,13 +771,16 @@ def distill_closed_form(
     progress: bool = False,
     curvature: Curvature | None = None,
     store: Any = None,
+    journal: str | None = None,
 ) -> Synset:
     """Synsets whose one step from theta_tau best matches the influence removal update d_k = A^-1 b_k
     in the metric: for fixed inputs the step is linear in the label vectors, so the best labels solve
     an (ipc x C)-sized least-squares problem per cluster; `input_steps` Adam steps on the inputs may be
     alternated with `label_solves` such solves. Clusters are fitted independently, in chunks that fit
     the task's memory budget (the result does not depend on the chunking). `curvature`: a prebuilt A;
-    `store`: a run's RunStore for the oracle target's retrains."""
+    `store`: a run's RunStore for the oracle target's retrains; with `journal` (a job name in that
+    store) every finished chunk of clusters is saved there, so an interrupted distillation resumes
+    from the chunks it finished (the curvature is computed again)."""
     clusters = clusters or task.clusters
     lr = lr or task.schedule.lr
     t0 = time.perf_counter()
@@ -796,51 +804,67 @@ def distill_closed_form(
     size = clusters_per_chunk(
         task, fm.n_params, cfg.ipc, onehot.shape[1], reserved=curv.nbytes, factored=factored
     )
-    xs, ys = torch.empty_like(sx), torch.empty_like(onehot)
-    sq_err: list[list[torch.Tensor]] = []
-    d_norms, cos_sum, shares = [], dict.fromkeys(slices, 0.0), []
-    t_target = t_fit = 0.0
-    starts = range(0, k_total, size)
-    with progress_bar(len(starts), "distilling (closed form)", progress) as bar:
-        for a in starts:
-            sl = slice(a, min(a + size, k_total))
-            t = time.perf_counter()
-            if oracle is None:
-                b = (
-                    flatten_batch(cluster_gradients(task, task.final, idx[sl], mask[sl], mean=False), names)
-                    / n
-                )
-                d = curv.solve(b)
-                if isinstance(curv, LowRankCurvature):
-                    shares.append(curvature_share(curv, b))
-            else:
-                d = oracle[sl]
-                b = curv.apply(d)
-            bd = b if metric is curv else metric.apply(d)
-            t_target += time.perf_counter() - t
-            t = time.perf_counter()
-            rows = slice(sl.start * cfg.ipc, sl.stop * cfg.ipc)
-            x, y, delta, errs = _fit_chunk(task, sx[rows], d, bd, metric, cfg, lr)
-            t_fit += time.perf_counter() - t
-            xs[rows], ys[rows] = x, y
-            sq_err.append(errs)
-            d_norms.append((d * bd).sum(-1))
-            for key, s in slices.items():
-                num = (delta[:, s] * d[:, s]).sum(-1)
-                cos_sum[key] += float((num / (delta[:, s].norm(dim=-1) * d[:, s].norm(dim=-1) + 1e-30)).sum())
-            bar.advance()
-    d_norm = torch.cat(d_norms)
+    if journal is not None and store is not None:
+        identity = {"settings": cfg.to_dict(), "lr": lr, "clusters": digest(clusters.assignment),
+                    "kind": clusters.kind}  # fmt: skip
+        size = _journal_chunk_size(store, journal, identity, k_total, size)
+    else:
+        store, journal, identity = None, "distill", {}
+
+    def fit(chunks: list[slice], executor: Any) -> dict[str, torch.Tensor]:
+        parts = [fit_clusters(sl) for sl in chunks]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def fit_clusters(sl: slice) -> dict[str, torch.Tensor]:
+        """Every result of one chunk of clusters, a row per cluster (what the journal stores)."""
+        t = time.perf_counter()
+        share = torch.full((sl.stop - sl.start,), float("nan"))
+        if oracle is None:
+            b = flatten_batch(cluster_gradients(task, task.final, idx[sl], mask[sl], mean=False), names) / n
+            d = curv.solve(b)
+            if isinstance(curv, LowRankCurvature):
+                share = curvature_share(curv, b)
+        else:
+            d = oracle[sl]
+            b = curv.apply(d)
+        bd = b if metric is curv else metric.apply(d)
+        t_target = time.perf_counter() - t
+        t = time.perf_counter()
+        rows = slice(sl.start * cfg.ipc, sl.stop * cfg.ipc)
+        x, y, delta, errs = _fit_chunk(task, sx[rows], d, bd, metric, cfg, lr)
+        t_fit = time.perf_counter() - t
+        cos = []
+        for s in slices.values():
+            num = (delta[:, s] * d[:, s]).sum(-1)
+            cos.append(num / (delta[:, s].norm(dim=-1) * d[:, s].norm(dim=-1) + 1e-30))
+        kc = sl.stop - sl.start
+        bar.advance(kc)
+        return {
+            "x": x.reshape(kc, cfg.ipc, *x.shape[1:]),
+            "y": y.reshape(kc, cfg.ipc, -1),
+            "errors": torch.stack(errs, dim=1),
+            "d_norm": (d * bd).sum(-1),
+            "cosine": torch.stack(cos, dim=1),
+            "share": share.to(d.device),
+            "seconds": torch.tensor([[t_target, t_fit]], device=d.device).expand(kc, 2) / kc,
+        }
+
+    with progress_bar(k_total, "distilling (closed form)", progress) as bar:
+        got = run_chunked(store, journal, identity, k_total, size, fit, device=sx.device, progress=bar)
+    xs, ys = got["x"].flatten(0, 1), got["y"].flatten(0, 1)
     # clusters whose members are fitted perfectly have d ~ 0: floor their norm so that their relative
     # error cannot swamp the summary
-    d_norm = d_norm.clamp_min(1e-3 * float(d_norm.median().clamp_min(1e-30)))
-    stages = [torch.cat([e[i] for e in sq_err]) / d_norm for i in range(len(sq_err[0]))]
+    d_norm = got["d_norm"].clamp_min(1e-3 * float(got["d_norm"].median().clamp_min(1e-30)))
+    stages = list((got["errors"] / d_norm[:, None]).T)
     final_err = stages[-1]
-    cosines = {key: v / k_total for key, v in cos_sum.items()}
+    cosines = {key: float(got["cosine"][:, i].mean()) for i, key in enumerate(slices)}
     if not all(np.isfinite(float(s.mean())) for s in stages):
         raise DistdmError("closed-form distillation diverged: lower lr_img or input_steps, or raise damping")
-    share = float(torch.cat(shares).median()) if shares else None
+    shares = got["share"][~got["share"].isnan()]
+    share = float(shares.median()) if len(shares) else None
     warn_on_cosines(cosines, fit_hint(cfg, share))
     warn_on_poor_fit(float(final_err.median()), cfg, share)
+    t_target, t_fit = (float(v) for v in got["seconds"].sum(0))
     info: dict[str, Any] = {
         "config": cfg.to_dict(),
         "factored": factored,
@@ -852,8 +876,26 @@ def distill_closed_form(
         "relative_error_median": float(final_err.median()),
         "clusters_per_chunk": size,
         "seconds_curvature": t_curv,
+        # target and fit: what computing them cost, in this process or when their chunks were journaled
         "seconds_target": t_target,
         "seconds_distill": t_fit,
-        "seconds": time.perf_counter() - t0,
+        "seconds": t_curv + t_target + t_fit,
     }
     return Synset(xs, ys, cl, torch.ones(k_total, device=xs.device), lr, 1, info)
+
+
+def _journal_chunk_size(store: Any, journal: str, identity: dict[str, Any], k_total: int, size: int) -> int:
+    """The chunk size to journal with: a journal of these settings already in the store keeps its
+    own chunking if it fits the budget (at most `size` clusters a chunk); one that does not, or one
+    made with other settings, is dropped and started again."""
+    recorded = ChunkedJob.recorded(store, journal, k_total)
+    if recorded is None:
+        return size
+    same = recorded.config == ChunkedJob(journal, identity, k_total, recorded.chunk_size).config
+    if same and recorded.chunk_size <= size:
+        return recorded.chunk_size
+    log.info(
+        "distillation journal %s: made with other settings or a larger chunk; starting it again", journal
+    )
+    store.reset(journal)
+    return size

@@ -60,11 +60,15 @@ def load_or_distill(
             with contextlib.suppress(ReadOnlyRunError):
                 store.record_result(key, SYNSET, files, identity, seconds=syn.info.get("seconds"))
         return syn
-    syn = distill(task, cfg, clusters=clusters, lr=lr, steps=steps, progress=progress, store=store)
+    journal = f"{key}/journal"  # the finished chunks of clusters, until the synset is saved whole
+    syn = distill(
+        task, cfg, clusters=clusters, lr=lr, steps=steps, progress=progress, store=store, journal=journal
+    )
     if store is not None:
         store.save_json(key, syn.info)  # info first: the tensors file marks the synset complete
         store.save_tensors(key, syn.to_tensors())
         store.record_result(key, SYNSET, files, identity, seconds=syn.info.get("seconds"))
+        store.reset(journal)  # the synset holds all of it now
     return syn
 
 
