@@ -44,7 +44,7 @@ from .distill_shared import (
 from .errors import DistdmError
 from .hessian import _linear_layout, cg, flat_model, gradient_rows, hvp, iter_per_sample_grads, stochastic_hvp
 from .progress import progress_bar
-from .store import ChunkedJob, digest, run_chunked
+from .store import CURVATURE, ChunkedJob, cached_tensors, digest, run_chunked
 from .synset import Synset
 from .task import Task
 
@@ -780,13 +780,24 @@ def distill_closed_form(
     the task's memory budget (the result does not depend on the chunking). `curvature`: a prebuilt A;
     `store`: a run's RunStore for the oracle target's retrains; with `journal` (a job name in that
     store) every finished chunk of clusters is saved there, so an interrupted distillation resumes
-    from the chunks it finished (the curvature is computed again)."""
+    from the chunks it finished (the low-rank curvature is saved there too; EK-FAC is fitted again)."""
     clusters = clusters or task.clusters
     lr = lr or task.schedule.lr
+    jstore = store if journal is not None else None  # where the journal goes, if anywhere
+    journal = journal or "distill"
+    identity = {"settings": cfg.to_dict(), "lr": lr, "clusters": digest(clusters.assignment),
+                "kind": clusters.kind}  # fmt: skip
     t0 = time.perf_counter()
-    curv = curvature if curvature is not None else make_curvature(task, cfg)
+    if curvature is not None:
+        curv = curvature
+    elif jstore is not None and cfg.curvature != "ekfac":
+        curv = _journaled_curvature(task, cfg, jstore, f"{journal}/curvature", identity)
+    else:
+        curv = make_curvature(task, cfg)
     metric: Curvature = curv if cfg.metric == "hessian" else ScaledIdentity(1.0)
     t_curv = time.perf_counter() - t0
+    if jstore is not None and curvature is None and cfg.curvature != "ekfac":  # what computing it cost
+        t_curv = jstore.stage_info(f"{journal}/curvature").get("seconds", t_curv)
     fm = flat_model(task)
     names, slices = fm.names, _layer_slices(task)
     k_total, n = clusters.n_clusters, len(clusters.assignment)
@@ -804,12 +815,8 @@ def distill_closed_form(
     size = clusters_per_chunk(
         task, fm.n_params, cfg.ipc, onehot.shape[1], reserved=curv.nbytes, factored=factored
     )
-    if journal is not None and store is not None:
-        identity = {"settings": cfg.to_dict(), "lr": lr, "clusters": digest(clusters.assignment),
-                    "kind": clusters.kind}  # fmt: skip
-        size = _journal_chunk_size(store, journal, identity, k_total, size)
-    else:
-        store, journal, identity = None, "distill", {}
+    if jstore is not None:
+        size = _journal_chunk_size(jstore, f"{journal}/chunks", identity, k_total, size)
 
     def fit(chunks: list[slice], executor: Any) -> dict[str, torch.Tensor]:
         parts = [fit_clusters(sl) for sl in chunks]
@@ -850,7 +857,9 @@ def distill_closed_form(
         }
 
     with progress_bar(k_total, "distilling (closed form)", progress) as bar:
-        got = run_chunked(store, journal, identity, k_total, size, fit, device=sx.device, progress=bar)
+        got = run_chunked(
+            jstore, f"{journal}/chunks", identity, k_total, size, fit, device=sx.device, progress=bar
+        )
     xs, ys = got["x"].flatten(0, 1), got["y"].flatten(0, 1)
     # clusters whose members are fitted perfectly have d ~ 0: floor their norm so that their relative
     # error cannot swamp the summary
@@ -882,6 +891,20 @@ def distill_closed_form(
         "seconds": t_curv + t_target + t_fit,
     }
     return Synset(xs, ys, cl, torch.ones(k_total, device=xs.device), lr, 1, info)
+
+
+def _journaled_curvature(task: Task, cfg: DistillConfig, store: Any, name: str, identity: dict) -> Curvature:
+    """make_curvature's eigenpairs, saved in the journal the first time, so a resumed distillation
+    does not compute them again (the memory budget is part of their identity: it sets the rank)."""
+
+    def compute() -> dict[str, torch.Tensor]:
+        curv = make_curvature(task, cfg)
+        assert isinstance(curv, LowRankCurvature)  # every curvature but EK-FAC is one
+        return {"vals": curv.vals, "vecs": curv.vecs}
+
+    ident = {**identity, "memory_budget_bytes": task.memory_budget_bytes}
+    got = cached_tensors(store, name, ident, compute, kind=CURVATURE, device=task.device)
+    return LowRankCurvature(got["vals"], got["vecs"], cfg.damping)
 
 
 def _journal_chunk_size(store: Any, journal: str, identity: dict[str, Any], k_total: int, size: int) -> int:

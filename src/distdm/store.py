@@ -191,6 +191,7 @@ DISTILLATION = "distillation"  # a DDM preset's (or custom settings') distillati
 SCORES = "scores"  # a method's scores for test queries, with the method's settings as identity
 APPLICATION = "application"  # an application's outputs (info: application, corruption)
 COMPARE_VARIANT = "compare-variant"  # one trained model variant of the comparison study
+CURVATURE = "curvature"  # eigenpairs a distillation in progress computed (dropped with its journal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,6 +420,13 @@ class RunStore:
             self._write(m)
             for name in gone:
                 (self.root / name).unlink(missing_ok=True)
+                for parent in (self.root / name).parents:  # the folders it leaves empty go too
+                    if parent == self.root or not parent.is_relative_to(self.root):
+                        break
+                    try:
+                        parent.rmdir()
+                    except OSError:  # not empty (or gone): so are the folders above it
+                        break
 
     # completion -------------------------------------------------------------------------------
     def is_done(self, stage: str) -> bool:
