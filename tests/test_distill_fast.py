@@ -377,7 +377,7 @@ def test_private_preset_is_default_started_from_no_member_within_the_data_range(
     d, o = preset("default", epochs=10)
     p, po = preset("private", epochs=10)
     assert po == o
-    assert p == d.replace(init="noise", input_box=True, input_steps=50, label_solves=3)
+    assert p == d.replace(init="between", input_box=True, input_steps=50, label_solves=3)
     x, _, _ = init_inputs(tiny_task, tiny_task.clusters, p.ipc, p.seed, p.init)
     xt = tiny_task.data.x_train
     # no synthetic input equals a training image, and all lie within the training inputs' range

@@ -158,7 +158,7 @@ def test_loss_attacks_see_copied_members_and_not_copied_strangers(tiny_task):
     assert set(members) >= {"ft_delta_tpr_at_1pct_fpr", "ft_loss_auc", "ft_loss_tpr_at_5pct_fpr"}
 
 
-@pytest.mark.parametrize("how", ["cluster-mean", "gaussian", "noise"])
+@pytest.mark.parametrize("how", ["cluster-mean", "gaussian", "between", "noise"])
 def test_private_inits_start_from_no_member_within_range(tiny_task, how):
     from distdm.config import DistillConfig
     from distdm.distill_influence import init_inputs
@@ -181,6 +181,31 @@ def test_private_inits_start_from_no_member_within_range(tiny_task, how):
         assert float((x[:3] - m0).flatten(1).norm(dim=1).max()) < float(
             (x[:3] - xt.mean(0)).flatten(1).norm(dim=1).min()
         )
+
+
+def test_between_init_is_the_class_noise_moved_halfway_to_the_cluster_mean(tiny_task):
+    from distdm.distill_influence import init_inputs
+
+    xt, ipc = tiny_task.data.x_train, 3
+    noise, _, _ = init_inputs(tiny_task, tiny_task.clusters, ipc, 0, "noise")
+    between, _, _ = init_inputs(tiny_task, tiny_task.clusters, ipc, 0, "between")
+    lo, hi = float(xt.min()), float(xt.max())
+    y = np.asarray(tiny_task.data.y_train)
+    checked = 0
+    for k in range(tiny_task.clusters.n_clusters):
+        members = tiny_task.clusters.members(k)
+        a, b = noise[k * ipc : (k + 1) * ipc], between[k * ipc : (k + 1) * ipc]
+        if len(members) < 5:  # too small to have a mean of its own: the class's draws
+            assert torch.equal(a, b)
+            continue
+        shift = (
+            xt[torch.as_tensor(members)].mean(0)
+            - xt[torch.as_tensor(np.flatnonzero(y == tiny_task.clusters.cluster_class[k]))].mean(0)
+        ) / 2
+        free = (a > lo) & (a < hi) & (b > lo) & (b < hi)  # neither draw clipped there
+        torch.testing.assert_close((b - a)[free], shift.expand_as(a)[free], rtol=0, atol=1e-5)
+        checked += int(free.sum())
+    assert checked > 0
 
 
 def test_unknown_init_is_refused():

@@ -223,8 +223,9 @@ class DistillConfig(_Config):
     solver: Literal["adam", "closed-form"] = "adam"
     input_steps: int = 0  # closed-form: Adam steps on the inputs (lr_img), split between label solves
     label_solves: int = 1  # closed-form: label solves; input steps run between consecutive solves
-    # closed-form: inputs from random cluster members | means of member groups
-    init: Literal["members", "means", "cluster-mean", "gaussian", "noise"] = "members"
+    # closed-form: inputs from random cluster members | means of member groups | draws that copy no
+    # member (distill_influence.init_inputs)
+    init: Literal["members", "means", "cluster-mean", "gaussian", "between", "noise"] = "members"
     # closed-form: auto (nn.Linear models with a low-rank or Euclidean metric: normal equations from the
     # per-sample gradient factors, M never formed; else as 'materialise') | materialise (the label
     # columns M, ipc x C x P per cluster: the `fast` preset's path)

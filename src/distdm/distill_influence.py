@@ -652,9 +652,10 @@ def init_inputs(
     """Initial synthetic inputs, one-hot labels and cluster ids. how: 'members' (random members of each
     cluster), 'means' (means of ipc random disjoint groups of its members; members where it has fewer),
     or inputs that start from no member: 'cluster-mean' (the cluster's mean plus noise of 0.1 of its
-    per-feature spread), 'gaussian' (draws from a diagonal Gaussian fitted to the cluster) or 'noise'
-    (draws from one fitted to the whole class; also for clusters of fewer than 5 members, whose mean
-    is nearly a copy of them). Draws are clipped to the training inputs' range."""
+    per-feature spread), 'gaussian' (draws from a diagonal Gaussian fitted to the cluster), 'between'
+    (the class's Gaussian, centred halfway between the class's mean and the cluster's) or 'noise'
+    (draws from the class's Gaussian; also for clusters of fewer than 5 members, whose mean is nearly
+    a copy of them). Draws are clipped to the training inputs' range."""
     x, onehot, cl = init_synset(task, clusters, ipc, seed)
     if how == "members":
         return x, onehot, cl
@@ -673,11 +674,14 @@ def init_inputs(
     for k in range(clusters.n_clusters):
         members = clusters.members(k)
         # the mean of a very small cluster is nearly a copy of its members: those use their class's
+        cls = xt[torch.as_tensor(np.flatnonzero(y_all == clusters.cluster_class[k]))]
+        own = xt[torch.as_tensor(members)]
         if how == "noise" or len(members) < 5:
-            pool = xt[torch.as_tensor(np.flatnonzero(y_all == clusters.cluster_class[k]))]
+            mean, spread = cls.mean(0), cls.std(0, unbiased=False)
+        elif how == "between":
+            mean, spread = (cls.mean(0) + own.mean(0)) / 2, cls.std(0, unbiased=False)
         else:
-            pool = xt[torch.as_tensor(members)]
-        mean, spread = pool.mean(0), pool.std(0, unbiased=False)
+            mean, spread = own.mean(0), own.std(0, unbiased=False)
         factor = 0.1 if how == "cluster-mean" else 1.0
         eps = torch.randn((ipc, *mean.shape), generator=gen).to(mean.device)
         x[k * ipc : (k + 1) * ipc] = mean + factor * spread * eps
