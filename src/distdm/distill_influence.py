@@ -49,6 +49,8 @@ from .synset import Synset
 from .task import Task
 
 log = logging.getLogger(__name__)
+# init 'between': how far from the class's mean towards the cluster's the draws are centred
+BETWEEN_PULL = 0.5
 
 
 def influence_targets(
@@ -679,7 +681,7 @@ def init_inputs(
         if how == "noise" or len(members) < 5:
             mean, spread = cls.mean(0), cls.std(0, unbiased=False)
         elif how == "between":
-            mean, spread = (cls.mean(0) + own.mean(0)) / 2, cls.std(0, unbiased=False)
+            mean, spread = torch.lerp(cls.mean(0), own.mean(0), BETWEEN_PULL), cls.std(0, unbiased=False)
         else:
             mean, spread = own.mean(0), own.std(0, unbiased=False)
         factor = 0.1 if how == "cluster-mean" else 1.0

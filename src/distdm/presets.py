@@ -69,10 +69,11 @@ def preset(name: str, *, epochs: int) -> tuple[DistillConfig, OnlineConfig]:
         # 'default' started from no member: draws of the class's per-feature Gaussian centred halfway
         # between the class's mean and the cluster's ('between'), kept within the data's range, 50
         # input steps between 3 solves. Measured (benchmarks/RESULTS.md, "A private preset that holds
-        # on both settings"): every membership attack at AUC <= 0.55 on digits-mlp-k100 (0.550) and
-        # fmnist-convnet-k100 (0.534), at 1.03 / 1.04 (digits) and 1.06 / 1.01 (fmnist) of 'default''s
-        # within-class Spearman / LDS; the class's noise alone ('noise') lost 8% LDS on fmnist, the
-        # cluster's own Gaussian leaked on digits (AUC 0.57). For synset packs that are shared.
+        # on both settings"): the strongest membership attack at AUC 0.534 on fmnist-convnet-k100 and
+        # 0.550-0.555 over three init seeds on digits-mlp-k100 (at the 0.55 bar), at 1.03 / 1.04
+        # (digits) and 1.06 / 1.01 (fmnist) of 'default''s within-class Spearman / LDS; the class's
+        # noise alone ('noise', AUC 0.543-0.548 on digits) lost 8% LDS on fmnist, the cluster's own
+        # Gaussian leaked on digits (AUC 0.57). For synset packs that are shared.
         d, o = preset("default", epochs=epochs)
         return d.replace(init="between", input_box=True, input_steps=50, label_solves=3), o
     raise DistdmError(f"unknown preset {name!r}; one of {', '.join(repr(p) for p in PRESETS)}")
