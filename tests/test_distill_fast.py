@@ -212,15 +212,18 @@ def test_an_interrupted_distillation_resumes_from_the_chunks_it_journaled(tiny_t
     monkeypatch.setattr(di, "make_curvature", lambda *a: pytest.fail("the journaled curvature is recomputed"))
     resumed = load_or_distill(small, cfg, small.clusters, lr, 1, store=RunStore(tmp_path / "run"))
     assert len(counted) == n_chunks - 2  # only the chunks not journaled are fitted again
-    torch.testing.assert_close(resumed.x, whole.x, rtol=0, atol=0.2 * cfg.lr_img)
-    assert resumed.info["loss_history"] == pytest.approx(whole.info["loss_history"], rel=1e-2)
+    # the same chunks from the same curvature: bit for bit what an uninterrupted distillation gives
+    assert torch.equal(resumed.x, whole.x)
+    assert torch.equal(resumed.y, whole.y)
+    assert resumed.info["loss_history"] == whole.info["loss_history"]
     # the synset holds everything now: the journal is gone from the run, and the synset is cached
     store = RunStore(tmp_path / "run")
     assert not any(name.startswith(f"{key}/journal") for name in store.manifest["artifacts"])
     assert not list((tmp_path / "run").rglob("journal/*"))
     counted.clear()
     again = load_or_distill(small, cfg, small.clusters, lr, 1, store=store)
-    assert not counted and torch.equal(again.x, resumed.x)
+    assert not counted
+    assert torch.equal(again.x, resumed.x)
 
 
 def test_a_journal_from_a_larger_budget_is_started_again_under_a_smaller_one(tiny_task, tmp_path):
