@@ -206,3 +206,24 @@ def test_each_custom_distillation_keeps_its_own_stage_in_the_run(digits, tmp_pat
     assert run.attributor("ddm", preset="paper").distill_stage_ == "distill-paper"
     run.distill("paper", first)
     assert run.store.is_done("distill-paper") and not run.store.is_done("distill-default")
+
+
+def test_a_small_budget_fine_tunes_a_few_masks_at_a_time_with_the_same_outcomes(
+    tiny_task, queries, ddm_default, monkeypatch
+):
+    import copy
+    import dataclasses
+
+    import distdm.attribution.ddm as ddm_module
+
+    x, y = queries
+    masks = np.random.default_rng(0).random((40, tiny_task.clusters.n_clusters)) < 0.1
+    whole = ddm_default.outcomes(masks, x, y, "margin")
+    calls = []
+    real_predict = ddm_module.predict
+    monkeypatch.setattr(ddm_module, "predict", lambda *a, **kw: calls.append(1) or real_predict(*a, **kw))
+    small = copy.copy(ddm_default)
+    small.task_ = dataclasses.replace(tiny_task, memory_budget_bytes=200_000)  # a few states at a time
+    chunked = small.outcomes(masks, x, y, "margin")
+    assert len(calls) > 1
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ from ..datamodel import Fit, fit_datamodel, sample_deletions
 from ..distill import distill, finetune
 from ..engine import predict
 from ..errors import DistdmError
+from ..hessian import gradient_rows
 from ..objectives import Objective, get_objective, objective_name
 from ..presets import PRESETS
 from ..presets import preset as preset_settings
@@ -231,11 +232,18 @@ class DDM(Attributor):
         """Objective values (P, outputs) of the fine-tuned model for every deletion mask."""
         task = self.task_
         fn = get_objective(objective)
-        states = self.finetuned(torch.as_tensor(delete, dtype=torch.float32, device=task.device))
-        out = predict(task.model, states, x, strategy=task.strategy)
+        masks = torch.as_tensor(delete, dtype=torch.float32, device=task.device)
         ref = task.outputs(x)
+        # the fine-tuned states of a few masks at a time: all of them (masks x P floats) at 1M
+        # parameters and 1000 masks would be 4 GB
+        n_params = sum(v.numel() for v in task.final.values())
+        rows = gradient_rows(n_params, task.memory_budget_bytes, most=max(1, len(masks)))
+        parts = []
+        for part in masks.split(rows):
+            out = predict(task.model, self.finetuned(part), x, strategy=task.strategy)
+            parts.append(fn(out, ref, y).detach())
         # the datamodel's least squares (distdm.datamodel) runs in NumPy on these (masks x queries)
-        return fn(out, ref, y).detach().cpu().numpy()
+        return torch.cat(parts).cpu().numpy()
 
     def finetuned(self, delete: torch.Tensor) -> dict[str, torch.Tensor]:
         """Stacked states after fine-tuning on the synsets of each row's deleted clusters.
