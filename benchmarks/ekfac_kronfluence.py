@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for fisher in [f for f in args.fishers.split(",") if f]:
         t = time.perf_counter()
-        method = make_attributor("if-ekfac", fisher=fisher, unit="sample", chunk=args.batch).fit(task)
+        method = make_attributor(
+            "if-ekfac", fisher=fisher, damping="kronfluence", unit="sample", chunk=args.batch
+        ).fit(task)
         d_fit = time.perf_counter() - t
         t = time.perf_counter()
         ours = method.scores(x, y, "margin").values * n  # (N, Q), kronfluence's scale
@@ -153,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             # the noise floor: each library against itself with another draw of the labels, and the
             # means over `draws` draws of each (the sampling noise averages out, a bias would not)
             more = [
-                make_attributor("if-ekfac", fisher=fisher, unit="sample", chunk=args.batch, seed=s)
-                .fit(task).scores(x, y, "margin").values * n
+                make_attributor(
+                    "if-ekfac", fisher=fisher, damping="kronfluence", unit="sample", chunk=args.batch, seed=s
+                ).fit(task).scores(x, y, "margin").values * n
                 for s in range(1, args.draws)
             ]  # fmt: skip
             theirs_more = [kronfluence_scores(task, x, y, fisher, args.batch, seed=s)[0]

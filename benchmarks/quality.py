@@ -78,13 +78,14 @@ def pick_queries(task: Task, n: int, seed: int = 0) -> tuple[torch.Tensor, torch
 
 # DDM variants of the paper's Table 1 (SPEC.md section 4), by name
 DDM_VARIANTS = (
-    "default", "default-ggn", "private", "fast", "influence-adam", "paper", "paper-lr0.01", "wo-cluster",
-    "match",
+    "default", "default-ggn", "default-auto", "default-ggn-auto", "private", "fast", "influence-adam",
+    "paper", "paper-lr0.01", "wo-cluster", "match",
 )  # fmt: skip
 
 
 def ddm_variant(name: str, epochs: int, store: RunStore | None = None) -> DDM:
-    """A DDM configured as one of DDM_VARIANTS: the presets, `default` on the Gauss-Newton curvature,
+    """A DDM configured as one of DDM_VARIANTS: the presets, `default` on the Gauss-Newton curvature and
+    with its target's damping chosen from the curvature ('auto'),
     the paper at a 10x lower online lr
     (its own lr diverges on digits), index-order units ('w/o cluster') and standard gradient
     matching ('DDM-match'), the last two otherwise as the paper writes them. `store`: where its
@@ -94,6 +95,10 @@ def ddm_variant(name: str, epochs: int, store: RunStore | None = None) -> DDM:
         return DDM(name, store=store)
     if name == "default-ggn":
         return DDM("default", distill={"curvature": "ggn"}, store=store)
+    if name == "default-auto":
+        return DDM("default", distill={"damping": "auto"}, store=store)
+    if name == "default-ggn-auto":
+        return DDM("default", distill={"curvature": "ggn", "damping": "auto"}, store=store)
     if name == "paper-lr0.01":
         return DDM("paper", online=paper_o.replace(lr=0.01), store=store)
     if name == "wo-cluster":

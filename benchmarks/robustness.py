@@ -15,9 +15,12 @@ Per setting: exact leave-unit-out retraining with two seeds is the truth (their 
 ceiling compares the first seed with the second (`metrics.noise_ceiling`); every registered method
 (except the truth itself and further training) is scored on the margin and compared with
 `metrics.compare` (Spearman over all units and within the query's class) and `metrics.lds` (LDS over
-random half-subsets retrained with the target's seed). A damping sweep of one influence function
-(`if-exact` where the dense Hessian is small, else `if-cg`), selected afterwards by the truth, is
-the 'tuned' reference a default has to reach; it is labelled as an oracle choice.
+random half-subsets retrained with the target's seed). Every influence function is also swept over
+a grid of dampings (re-solved from its fitted default with `with_damping`, no refit), and one of
+them (`if-exact` where the dense Hessian is small, else `if-cg`) on the Gauss-Newton curvature; the
+best of each sweep, selected afterwards by the truth, is the 'tuned' reference its default has to
+reach (an oracle choice, labelled NAME@d=X / NAME@ggn). DDM is also run with its target on the
+Gauss-Newton curvature (ddm@ggn), beside its default.
 
 Output under --out: <setting>.json per setting (cached: a rerun with the same settings resumes),
 robustness.md (one table per setting and the summary) and the figure
@@ -62,10 +65,17 @@ EXCLUDED = ("exact", "further-training")
 METRICS = ("spearman_class", "spearman", "lds")
 CEILING = "noise-ceiling"
 EXACT_MAX_PARAMS = 3000  # dense Hessians above this take minutes to build on 2 cores
-SWEEP = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0)  # dampings of the tuned (oracle-selected) reference
+SWEEP = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # dampings of the tuned (oracle-selected) references
 QUICK_SWEEP = (0.01, 0.3)
 NEAR_ZERO = 0.1  # |correlation| below this carries no usable signal
 TUNED_WORKS = 0.3
+DAMPING_BAR = 0.9  # issue 15: a default reaches this share of the best damping of its own sweep
+# DDM beside its default: the same preset with its influence target on another curvature, and at
+# the fixed damping 0.01 of the default before it chose the damping from the curvature (issue 15)
+DDM_VARIANTS: dict[str, dict[str, Any]] = {
+    "ddm@ggn": {"distill": {"curvature": "ggn"}},
+    "ddm@d=0.01": {"distill": {"damping": 0.01}},
+}
 
 
 class MaxPoolCNN(nn.Module):
@@ -247,12 +257,14 @@ def n_params(task: Task) -> int:
 
 
 def method_plan(
-    task: Task, quick: bool, names: Sequence[str] | None = None, overrides: dict[str, dict] | None = None
-) -> dict[str, tuple[str, dict]]:
-    """label -> (registered name, settings): every registered method with its defaults, and the
-    damping sweep of the tuned reference (if-exact where the Hessian is small, else if-cg)."""
-    small = n_params(task) <= EXACT_MAX_PARAMS
-    plan: dict[str, tuple[str, dict]] = {}
+    params: int, quick: bool, names: Sequence[str] | None = None, overrides: dict[str, dict] | None = None
+) -> dict[str, tuple[str, dict, str | None]]:
+    """label -> (registered name, settings, base label): every registered method with its defaults,
+    each influence function's damping sweep (base: the fitted default it is re-solved from), the
+    Gauss-Newton row of one (if-exact where the Hessian is small, else if-cg) and DDM's variants,
+    for a model of `params` trainable parameters."""
+    small = params <= EXACT_MAX_PARAMS
+    plan: dict[str, tuple[str, dict, str | None]] = {}
     for name in names or sorted(ATTRIBUTORS):
         if name in EXCLUDED or (name == "if-exact" and not small):
             continue
@@ -262,14 +274,20 @@ def method_plan(
         over = (overrides or {}).get(name)
         if over:
             label = name + "[" + ",".join(f"{k}={v}" for k, v in over.items()) + "]"
-            plan[label] = (name, {**settings, **over})
+            settings = {**settings, **over}
         else:
-            plan[name] = (name, settings)
+            label = name
+        plan[label] = (name, settings, None)
+    for label, (name, settings, _) in list(plan.items()):
+        if is_influence(name):
+            for d in QUICK_SWEEP if quick else SWEEP:
+                plan[f"{label}@d={d:g}"] = (name, {**settings, "damping": d}, label)
     ref = "if-exact" if small else "if-cg"
-    extra = {"max_params": EXACT_MAX_PARAMS} if small else {}
-    for d in QUICK_SWEEP if quick else SWEEP:
-        plan[f"{ref}@d={d:g}"] = (ref, {**extra, "damping": d})
-    plan[f"{ref}@ggn"] = (ref, {**extra, "curvature": "ggn"})
+    if ref in plan:
+        plan[f"{ref}@ggn"] = (ref, {**plan[ref][1], "curvature": "ggn"}, None)
+    if "ddm" in plan:
+        for label, extra in DDM_VARIANTS.items():
+            plan[label] = ("ddm", {**plan["ddm"][1], **extra}, None)
     return plan
 
 
@@ -291,7 +309,7 @@ def ddm_fit_info(method: Attributor) -> dict[str, Any]:
     """The DDM synset's fit figures: median relative error, per-layer cosines and, where the
     distiller reports it, the share of the target that comes from the curvature."""
     info = getattr(getattr(method, "synset_", None), "info", None) or {}
-    keep = {k: info[k] for k in ("relative_error_median", "layer_cosine", "seconds") if k in info}
+    keep = {k: info[k] for k in ("relative_error_median", "layer_cosine", "seconds", "damping") if k in info}
     keep.update({k: v for k, v in info.items() if "curvature" in k and "share" in k})
     return _jsonable(keep)
 
@@ -343,16 +361,20 @@ def run_setting(
     if setting.lds_subsets:
         lds_subsets = min(lds_subsets, setting.lds_subsets)
     cfg = {"queries": queries, "lds_subsets": lds_subsets, "seeds": list(seeds), "quick": quick}
-    key = setting_key(setting, {**cfg, "per_class": per_class, "methods": list(methods or [])})
+    # the key names the truth (retrains are cached under it); rows of any method join the same file
+    key = setting_key(setting, {**cfg, "per_class": per_class})
     path = out / f"{setting.name}.json"
     result: dict[str, Any] = {}
     if path.exists():
         result = json.loads(path.read_text())
         if result.get("key") != key:
             result = {}
-    if result.get("done") or not compute:
+    overrides = {name: dict(kv) for name, kv in setting.overrides}
+    planned = "params" in result and set(method_plan(result["params"], quick, methods, overrides))
+    if (planned and planned <= set(result["rows"])) or not compute:
         # compute=False: what is cached (a half-done setting as far as it got), or None
         return result if result.get("rows") else None
+    result.pop("done", None)
     t0 = time.perf_counter()
     task = build_task(setting, per_class)
     data = task.data
@@ -390,23 +412,24 @@ def run_setting(
     log(f"  truth + LDS retrains {result['truth_s']:.0f} s; ceiling {fmt_row(result['ceiling'])}")
 
     rows = result["rows"]
-    overrides = {name: dict(kv) for name, kv in setting.overrides}
-    fitted: dict[str, Attributor] = {}  # defaults fitted in this process, for the damping sweep
-    for label, (name, settings) in method_plan(task, quick, methods, overrides).items():
+    fitted: dict[str, Attributor] = {}  # defaults fitted in this process, for their damping sweeps
+    plan = method_plan(n_params(task), quick, methods, overrides)
+    swept = {b for _, _, b in plan.values() if b}  # the defaults a sweep re-solves stay in memory
+    for label, (name, settings, base_label) in plan.items():
         if label in rows:
             continue
         t = time.perf_counter()
         row: dict[str, Any] = {"method": name, "settings": _jsonable(settings)}
         try:
-            base = fitted.get(name)
-            if "damping" in settings and base is not None and hasattr(base, "with_damping"):
+            base = fitted.get(base_label) if base_label else None
+            if base is not None:
                 # the sweep re-solves the fitted default at another damping (no new Hessian or gradients)
                 m = base.with_damping(settings["damping"])
             else:
                 cache = {"store": store} if accepts(name, "store") else {}
                 m = make_attributor(name, **cache, **settings).fit(task)
-                if label == name:
-                    fitted[name] = m
+                if label in swept:
+                    fitted[label] = m
             fit_s = time.perf_counter() - t
             s = m.scores(x, y, "margin")
             values = s.to_clusters(task.clusters.assignment, task.clusters.n_clusters).values if (
@@ -424,6 +447,7 @@ def run_setting(
                     break
             if name == "ddm":
                 row["fit"] = ddm_fit_info(m)
+
         except Exception as e:  # noqa: BLE001 - a failing method is reported in its row, not dropped
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         row["seconds"] = time.perf_counter() - t
@@ -486,6 +510,13 @@ def share(v: float | None, ref: float) -> float:
     return v / ref
 
 
+def compute_seconds(result: dict[str, Any]) -> float:
+    """What a setting cost to compute: training, truth and every row, summed over the runs that
+    computed them (a resumed run adds only the rows it computed)."""
+    rows = sum(r.get("seconds", 0.0) for r in result.get("rows", {}).values())
+    return result.get("train_s", 0.0) + result.get("truth_s", 0.0) + rows
+
+
 def setting_table(result: dict[str, Any]) -> str:
     """One markdown table of a setting: every method, the ceiling, damping, seconds, DDM's fit."""
     lines = [
@@ -493,7 +524,7 @@ def setting_table(result: dict[str, Any]) -> str:
         "",
         f"{result['n_train']} training samples, {result['n_units']} units ({result['unit']}), "
         f"P = {result['params']}, test accuracy {result['accuracy']:.3f}; truth + LDS retrains "
-        f"{result.get('truth_s', math.nan):.0f} s; setting {result.get('seconds', math.nan):.0f} s",
+        f"{result.get('truth_s', math.nan):.0f} s; setting {compute_seconds(result):.0f} s",
         "",
         "| method | within class | all units | LDS | share of best (class / LDS) | damping | seconds |",
         "|---|---|---|---|---|---|---|",
@@ -555,6 +586,90 @@ def summary_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def damping_shares(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """default influence label -> its share of the best damping of its own sweep (within class,
+    LDS), the damping its default chose and the best damping of the sweep on each metric."""
+    rows = result["rows"]
+    out: dict[str, dict[str, Any]] = {}
+    for label, r in rows.items():
+        if not is_influence(label) or is_reference(label) or "error" in r:
+            continue
+        sweep = {
+            lab: row for lab, row in rows.items() if lab.startswith(f"{label}@d=") and "error" not in row
+        }
+        if not sweep:
+            continue
+        entry: dict[str, Any] = {"auto": r.get("damping")}
+        for k, key in (("spearman_class", "class"), ("lds", "lds")):
+            cands = [(row.get("damping"), row.get(k)) for row in [*sweep.values(), r]]
+            cands = [(d, v) for d, v in cands if v is not None]
+            bd, bv = max(cands, key=lambda t: t[1]) if cands else (None, math.nan)
+            entry[key] = share(r.get(k), bv)
+            entry[f"best_{key}"] = bd
+        out[label] = entry
+    return out
+
+
+def damping_table(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per default influence function (rows) and setting (columns) its share of the best
+    damping of its own sweep, within class / LDS, with the damping it chose and the best ones."""
+    per = {res["name"]: damping_shares(res) for res in results}
+    names = sorted({m for d in per.values() for m in d})
+    lines = ["| method | " + " | ".join(per) + " | settings >= 0.9 |", "|" + "---|" * (len(per) + 2)]
+    for m in names:
+        cells, ok, n = [], 0, 0
+        for d in per.values():
+            e = d.get(m)
+            if e is None:
+                cells.append("-")
+                continue
+            n += 1
+            ok += bool(e["class"] >= DAMPING_BAR and e["lds"] >= DAMPING_BAR)
+            cells.append(
+                f"{_num(e['class'], 2)} / {_num(e['lds'], 2)} (chose {_num(e['auto'], 3)}; best "
+                f"{_num(e['best_class'], 3)} / {_num(e['best_lds'], 3)})"
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {ok} of {n} |")
+    return "\n".join(lines)
+
+
+def ddm_table(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per setting DDM default and its variants within class / LDS as shares of distdm's
+    best influence function (sweeps included) and of the best default one, with the damping its
+    target chose, the share of the target from the curvature and the fit's median relative error."""
+    labels = ["ddm", *DDM_VARIANTS]
+    lines = [
+        "| setting | " + " | ".join(labels) + " | best IF | best default IF | ddm damping | "
+        "curvature share | fit rel. error |",
+        "|" + "---|" * (len(labels) + 6),
+    ]
+    for res in results:
+        rows = res["rows"]
+        bests = {k: best(res, k, is_influence) for k in ("spearman_class", "lds")}
+        dbest = {k: best(res, k, lambda lab: is_influence(lab) and not is_reference(lab)) for k in bests}
+        cells = []
+        for lab in labels:
+            r = rows.get(lab)
+            if r is None or "error" in r:
+                cells.append("-" if r is None else "failed")
+                continue
+            cells.append(
+                " / ".join(_num(r.get(k)) for k in bests)
+                + " ("
+                + " / ".join(_num(share(r.get(k), bests[k][1]), 2) for k in bests)
+                + ")"
+            )
+        fit = rows.get("ddm", {}).get("fit", {})
+        lines.append(
+            f"| {res['name']} | " + " | ".join(cells) + " | "
+            + " / ".join(f"{_num(v)} ({lab})" for lab, v in bests.values()) + " | "
+            + " / ".join(f"{_num(v)} ({lab})" for lab, v in dbest.values()) + " | "
+            + f"{_num(fit.get('damping'), 4)} | {_num(fit.get('target_curvature_share'), 3)} | "
+            + f"{_num(fit.get('relative_error_median'), 2)} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
 def findings(results: Sequence[dict[str, Any]]) -> list[str]:
     """Where DDM default falls below 0.95 of the best influence function, and where a default
     method is near 0 while the tuned sweep exceeds 0.3."""
@@ -564,14 +679,23 @@ def findings(results: Sequence[dict[str, Any]]) -> list[str]:
         ddm = rows.get("ddm", {})
         for k, what in (("spearman_class", "within class"), ("lds", "LDS")):
             bl, bv = best(res, k, is_influence)
+            dl, dv = best(res, k, lambda lab: is_influence(lab) and not is_reference(lab))
             if "error" in ddm:
                 notes.append(f"{res['name']}: DDM failed ({ddm['error'][:100]})")
                 break
             if ddm.get(k) is not None and bv > 0 and ddm[k] < 0.95 * bv:
                 notes.append(
                     f"{res['name']}: DDM {what} {ddm[k]:.3f} = {ddm[k] / bv:.2f} of the best IF "
-                    f"({bl} {bv:.3f}); ceiling {_num(res['ceiling'].get(k))}"
+                    f"({bl} {bv:.3f}), {share(ddm[k], dv):.2f} of the best default IF ({dl} {dv:.3f}); "
+                    f"ceiling {_num(res['ceiling'].get(k))}"
                 )
+        for label, e in damping_shares(res).items():
+            for key, what in (("class", "within class"), ("lds", "LDS")):
+                if e[key] < DAMPING_BAR:
+                    notes.append(
+                        f"{res['name']}: default {label} {what} at {e[key]:.2f} of its best damping "
+                        f"(chose {_num(e['auto'], 4)}, best {_num(e[f'best_{key}'], 4)})"
+                    )
         for k, what in (("spearman_class", "within class"), ("lds", "LDS")):
             tl, tv = best(res, k, is_reference)
             if not tv > TUNED_WORKS:
@@ -621,22 +745,38 @@ def plot_shares(results: Sequence[dict[str, Any]], path: Path) -> Path:
 def report(results: Sequence[dict[str, Any]], command: str) -> str:
     """The whole markdown report: header, summary, findings, one table per setting."""
     load = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else "-"
-    total = sum(r.get("seconds", 0.0) for r in results)
+    total = sum(compute_seconds(r) for r in results)
     lines = [
         f"# Robustness suite ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
         "",
         f"command: `{command}`; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
         f"load average at the end: {load}; compute {total:.0f} s over {len(results)} settings "
-        "(cached settings count the seconds of the run that computed them)",
+        "(training, truth and every row, each counted in the run that computed it)",
         "",
         "Truth: exact leave-unit-out retraining, mean of 2 seeds; noise ceiling: seed 0 against seed 1. "
-        "Margin objective. Rows NAME@d=X / NAME@ggn are a damping / curvature sweep of one influence "
-        "function, picked afterwards by the truth (an oracle, not a method a user can run blind). "
-        "Shares: of the best row of the setting (sweep included, random excluded).",
+        "Margin objective. Rows NAME@d=X are each influence function's damping sweep, NAME@ggn one "
+        "of them on the Gauss-Newton curvature, picked afterwards by the truth (an oracle, not a method "
+        "a user can run blind); ddm@ggn is DDM with its target on the Gauss-Newton curvature, "
+        "ddm@d=0.01 DDM's target at the fixed damping of the default before issue 15. "
+        "Shares: of the best row of the setting (sweeps included, random excluded).",
         "",
         "## Summary: each default's share of the best method (within class / LDS)",
         "",
         summary_table(results),
+        "",
+        "## Each default influence function's share of the best damping of its own sweep",
+        "",
+        "within class / LDS; the damping its default chose; the sweep's best damping on each metric",
+        "",
+        damping_table(results),
+        "",
+        "## DDM against distdm's influence functions",
+        "",
+        "within class / LDS (in brackets: share of the best influence function of the setting, its "
+        "damping sweep included); the damping DDM default's target chose, the share of its squared "
+        "norm from the curvature's eigenpairs (median cluster) and the fit's median relative error",
+        "",
+        ddm_table(results),
         "",
         "## Findings",
         "",

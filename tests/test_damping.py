@@ -143,10 +143,14 @@ def test_with_damping_keeps_arnoldi_eigenpairs_and_ekfac_eigenbases(diabetes_tas
         rtol=1e-4,
         atol=1e-7,
     )
-    ek = make_attributor("if-ekfac").fit(diabetes_task)  # 'auto': kronfluence's 0.1 x mean per layer
-    assert ek.damping_choice_.rule == "ekfac-mean"
+    ek = make_attributor("if-ekfac").fit(diabetes_task)  # 'auto': the mean per layer
+    assert ek.damping_choice_.rule == "ekfac-mean" and "kronfluence" not in ek.damping_choice_.reason
+    kron = ek.with_damping("kronfluence")
     for layer in ek.ekfac_.layers:
-        assert ek.damping_[layer.name] == pytest.approx(0.1 * float(layer.lam.mean()), rel=1e-6)
+        mean = float(layer.lam.mean())
+        assert ek.damping_[layer.name] == pytest.approx(mean, rel=1e-6)
+        assert kron.damping_[layer.name] == pytest.approx(0.1 * mean, rel=1e-6)
+    assert make_attributor("if-ekfac", damping="kronfluence").fit(diabetes_task).damping_ == kron.damping_
     fresh_ek = make_attributor("if-ekfac", damping=0.05).fit(diabetes_task)
     moved_ek = ek.with_damping(0.05)
     assert set(moved_ek.damping_.values()) == {0.05}

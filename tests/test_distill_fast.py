@@ -8,6 +8,7 @@ import torch
 from distdm.config import DistillConfig
 from distdm.distill import distill, finetune
 from distdm.distill_influence import (
+    SHARE_TARGET,
     EKFACCurvature,
     LowRankCurvature,
     ScaledIdentity,
@@ -24,6 +25,7 @@ from distdm.distill_influence import (
     make_curvature,
     normal_equations,
     rank_within_budget,
+    share_damping,
     solve_labels,
 )
 from distdm.errors import DistdmError
@@ -132,6 +134,64 @@ def test_curvature_share_and_hint_name_settings_not_in_use():
     assert f"ipc={2 * cfg.ipc}" in hint and "damping" in hint
     assert "ggn" not in fit_hint(cfg.replace(curvature="ggn"), 0.9)
     assert "damping" not in fit_hint(cfg, 0.9)
+
+
+def _share(vals, proj, rest, delta):
+    low = ((proj / (vals + delta)) ** 2).sum(-1)
+    return low / (low + rest / delta**2)
+
+
+def test_share_damping_finds_where_the_median_target_reaches_its_curvature_share():
+    t = SHARE_TARGET
+    # one cluster, one eigenpair: share(d) = (p/(v+d))^2 / ((p/(v+d))^2 + r/d^2) = t where
+    # p d c = sqrt(r) (v + d), c = sqrt((1 - t) / t), i.e. d = sqrt(r) v / (p c - sqrt(r))
+    vals, proj, rest = torch.tensor([4.0]), torch.tensor([[3.0]]), torch.tensor([1.0])
+    d = share_damping(vals, proj, rest)
+    assert d == pytest.approx(4.0 / (3.0 * ((1 - t) / t) ** 0.5 - 1.0), rel=1e-5)
+    assert float(_share(vals, proj, rest, d)) == pytest.approx(t, abs=1e-5)
+    # the share grows with the damping, so the choice is the smallest that reaches the target
+    g = torch.Generator().manual_seed(0)
+    vals = torch.rand(8, generator=g) * 10
+    proj, rest = torch.randn(31, 8, generator=g) * 0.1, torch.rand(31, generator=g)
+    grid = torch.logspace(-3, 1, 50)
+    shares = torch.stack([_share(vals, proj, rest, float(x)).median() for x in grid])
+    assert bool((shares[1:] >= shares[:-1] - 1e-6).all())
+    d = share_damping(vals, proj, rest)
+    assert 0.01 <= d <= float(vals.max())
+    if 0.01 < d < float(vals.max()):
+        assert float(_share(vals, proj, rest, d).median()) == pytest.approx(t, abs=1e-3)
+    # a target already mostly curvature keeps the floor; one that never gets there, the top eigenvalue
+    assert share_damping(torch.tensor([1.0]), torch.tensor([[1.0]]), torch.tensor([1e-9])) == 0.01
+    assert share_damping(torch.tensor([2.0]), torch.tensor([[1e-6]]), torch.tensor([1.0])) == 2.0
+
+
+def test_auto_damping_needs_a_low_rank_closed_form_target():
+    base = preset("default", epochs=30)[0]
+    assert base.damping == "auto"  # the default preset's
+    base = base.replace(damping=0.01)
+    for bad in (
+        base.replace(solver="adam"),
+        base.replace(curvature="ekfac"),
+        base.replace(hessian_rank=None),
+    ):
+        with pytest.raises(DistdmError, match="damping='auto'"):
+            bad.replace(damping="auto")
+
+
+def test_auto_damping_records_its_choice_and_uses_it(tiny_task):
+    cfg = FAST.replace(input_steps=0, label_solves=1)
+    curv = make_curvature(tiny_task, cfg.replace(damping="auto"))
+    auto = distill_closed_form(tiny_task, cfg.replace(damping="auto"), curvature=curv)
+    chosen = auto.info["damping"]
+    assert chosen >= 0.01 and "median curvature share" in auto.info["damping_choice"]
+    assert auto.info["target_curvature_share"] >= SHARE_TARGET - 1e-3 or chosen == pytest.approx(
+        float(curv.vals.max())
+    )
+    fixed = distill_closed_form(
+        tiny_task, cfg.replace(damping=chosen), curvature=LowRankCurvature(curv.vals, curv.vecs, chosen)
+    )
+    assert fixed.info["damping"] == chosen and fixed.info["damping_choice"] is None
+    torch.testing.assert_close(auto.y, fixed.y, rtol=1e-4, atol=1e-5)
 
 
 def test_curvatures_invert_their_products(tiny_task):
@@ -289,10 +349,11 @@ def test_old_default_stays_selectable_by_name():
     assert (o.perturbations_per_cluster, o.steps) == (4.0, 1)
     fast, default = preset("fast", epochs=30)[0], preset("default", epochs=30)[0]
     # 'fast' is the default of 2026-12-01 (label columns formed); 'default' differs in how it solves
-    # and in the split Hessian where parameters are reused
+    # and in the split Hessian where parameters are reused, and chooses its target's damping
     assert (fast.label_solver, default.label_solver) == ("materialise", "auto")
-    assert (
-        fast.replace(label_solver="auto", input_steps=20, label_solves=2, residual_subsample=200) == default
+    assert (fast.damping, default.damping) == (0.01, "auto")
+    assert default == fast.replace(
+        label_solver="auto", input_steps=20, label_solves=2, residual_subsample=200, damping="auto"
     )
     assert (fast.solver, fast.input_steps, fast.label_solves) == ("closed-form", 50, 3)
     from distdm.attribution.ddm import DDM
@@ -441,3 +502,16 @@ def test_cluster_gradients_in_passes_that_fit_a_small_budget_equal_one_pass(tiny
         passes = cluster_gradients(small, small.final, idx, mask, mean=mean)
         for k in whole:
             torch.testing.assert_close(passes[k], whole[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_changed_auto_damping_rule_names_another_synset(tiny_task, monkeypatch):
+    from distdm.attribution import ddm as ddm_mod
+
+    cfg = FAST.replace(damping="auto")
+    before = ddm_mod.synset_key(cfg, tiny_task.clusters, 0.1, 1)
+    assert ddm_mod.synset_key(FAST, tiny_task.clusters, 0.1, 1) != before
+    monkeypatch.setattr(ddm_mod, "SHARE_TARGET", 0.3)
+    assert ddm_mod.synset_key(cfg, tiny_task.clusters, 0.1, 1) != before
+    assert ddm_mod.synset_key(FAST, tiny_task.clusters, 0.1, 1) == ddm_mod.synset_key(
+        FAST, tiny_task.clusters, 0.1, 1
+    )

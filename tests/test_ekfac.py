@@ -87,9 +87,15 @@ def test_eigenvalue_correction_beats_kfac_on_an_mlp():
     # the fitted inverse inverts the fitted (damped) curvature
     v = torch.randn(3, fm.n_params)
     assert _rel(eks.ihvp(eks.mvp(v, damped=True)), v) < 1e-4
-    # the heuristic damping is 0.1 x each layer's mean corrected eigenvalue, recorded per layer
+    # the default damping is each layer's mean corrected eigenvalue; 'kronfluence' is 0.1 x it;
+    # both recorded per layer
+    kron = eks.with_damping("kronfluence")
     for layer in eks.layers:
-        assert eks.damping[layer.name] == pytest.approx(0.1 * float(layer.lam.mean()), rel=1e-6)
+        mean = float(layer.lam.mean())
+        assert kron.damping[layer.name] == pytest.approx(0.1 * mean, rel=1e-6)
+        assert eks.damping[layer.name] == pytest.approx(mean, rel=1e-6)
+    with pytest.raises(DistdmError, match="'kronfluence'"):
+        eks.with_damping("kronfluenc")
 
 
 def test_conv_path_matches_explicit_patches():
@@ -163,7 +169,7 @@ def test_unsupported_layers_use_a_reported_diagonal_fisher(caplog):
     assert _rel(torch.cat([ek.fallback["1.weight"], ek.fallback["1.bias"]]), diag) < 1e-5
     v = torch.randn(fm.n_params)
     d_w = ek.damping["1.weight"]
-    assert d_w == pytest.approx(0.1 * float(ek.fallback["1.weight"].mean()), rel=1e-6)
+    assert d_w == pytest.approx(float(ek.fallback["1.weight"].mean()), rel=1e-6)
     got = ek.ihvp(v)[ek.slices["1.weight"]]
     assert _rel(got, v[ek.slices["1.weight"]] / (ek.fallback["1.weight"] + d_w)) < 1e-6
     # grouped convolutions do not unfold into one patch matrix: the diagonal too

@@ -85,19 +85,55 @@ def test_run_setting_computes_every_row_and_resumes_from_its_json(tmp_path: Path
         lambda d: build_model("logreg", d.input_shape, 2, seed=0),
         Schedule(epochs=3, lr=0.1, batch_size=16), 3,
     )  # fmt: skip
-    kw = {"queries": 6, "lds_subsets": 8, "methods": ["grad-dot", "random"], "log": lambda _: None}
+    methods = ["grad-dot", "if-exact", "random"]
+    kw = {"queries": 6, "lds_subsets": 8, "methods": methods, "log": lambda _: None}
     res = rb.run_setting(setting, tmp_path, **kw)
     assert res["done"] and res["n_units"] == 6
-    assert {"grad-dot", "random", "if-exact@ggn"} <= set(res["rows"])
+    sweep = {f"if-exact@d={d:g}" for d in rb.SWEEP}
+    assert {"grad-dot", "random", "if-exact", "if-exact@ggn"} | sweep == set(res["rows"])
     assert all("error" not in r for r in res["rows"].values())
     assert -1 <= res["ceiling"]["spearman"] <= 1 and res["rows"]["if-exact@d=0.1"]["damping"] == 0.1
     saved = json.loads((tmp_path / "tiny.json").read_text())
     # a finished setting is read back, not recomputed; a half-done one keeps its finished rows
     saved["rows"]["grad-dot"]["marker"] = 1
+    del saved["rows"]["random"]
     saved["done"] = False
     (tmp_path / "tiny.json").write_text(json.dumps(saved))
     again = rb.run_setting(setting, tmp_path, **kw)
-    assert again["rows"]["grad-dot"]["marker"] == 1 and again["done"]
+    assert again["rows"]["grad-dot"]["marker"] == 1 and again["done"] and "random" in again["rows"]
+    # another method joins the same file and truth; the rows already there are kept, not recomputed
+    more = rb.run_setting(setting, tmp_path, **{**kw, "methods": ["grad-cos"]})
+    assert more["rows"]["grad-dot"]["marker"] == 1 and "grad-cos" in more["rows"]
+    assert len(list(tmp_path.glob("run-tiny-*"))) == 1
     table = rb.setting_table(again)
     body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [line.split(" | ")[0][2:] for line in body] == [rb.CEILING, *again["rows"]]
+
+
+def test_plan_sweeps_every_influence_default_from_its_own_fitted_row() -> None:
+    plan = rb.method_plan(10, False, ["fastif", "if-cg", "ddm"], {"fastif": {"depth": 50}})
+    assert plan["fastif[depth=50]"] == ("fastif", {"depth": 50}, None)
+    assert plan["fastif[depth=50]@d=0.3"] == ("fastif", {"depth": 50, "damping": 0.3}, "fastif[depth=50]")
+    # the small model's Gauss-Newton reference is if-exact, not in this plan
+    assert plan["if-cg@d=3"][2] == "if-cg" and "if-cg@ggn" not in plan
+    assert plan["ddm@ggn"] == ("ddm", {"progress": False, "distill": {"curvature": "ggn"}}, None)
+    # DDM is not swept: its one fixed-damping row is the default before issue 15, fitted on its own
+    assert plan["ddm@d=0.01"] == ("ddm", {"progress": False, "distill": {"damping": 0.01}}, None)
+    assert [label for label in plan if label.startswith("ddm@d=")] == ["ddm@d=0.01"]
+
+
+def test_damping_shares_and_the_finding_below_the_bar() -> None:
+    res = _result({
+        "if-cg": {"spearman_class": 0.45, "lds": 0.8, "damping": 0.2},
+        "if-cg@d=0.01": {"spearman_class": 0.1, "lds": 0.4, "damping": 0.01},
+        "if-cg@d=1": {"spearman_class": 0.6, "lds": 0.7, "damping": 1.0},
+        "if-cg@d=3": {"error": "diverged"},
+        "grad-dot": {"spearman_class": 0.9, "lds": 0.9},
+    })  # fmt: skip
+    e = rb.damping_shares(res)["if-cg"]
+    assert e["class"] == pytest.approx(0.75) and e["best_class"] == 1.0
+    assert e["lds"] == pytest.approx(1.0) and e["best_lds"] == 0.2  # the default itself is the best
+    notes = rb.findings([res])
+    assert any("if-cg within class at 0.75 of its best damping" in n for n in notes)
+    assert not any("if-cg LDS at" in n for n in notes)
+    assert "1 of 1" not in rb.damping_table([res]) and "0 of 1" in rb.damping_table([res])

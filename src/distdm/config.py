@@ -201,7 +201,10 @@ class DistillConfig(_Config):
     lr_label: float = 0.1
     real_batch: int = 256
     calibration: Literal["none", "mass", "norm"] = "none"
-    damping: float = 0.01  # influence target: lambda in (H + lambda I)
+    # influence target: lambda in (H + lambda I); 'auto' (closed-form solver, low-rank curvature): the
+    # smallest lambda >= 0.01 at which the median cluster's target takes a tenth of its squared norm
+    # from the curvature's eigenpairs (distill_influence.share_damping)
+    damping: float | Literal["auto"] = 0.01
     metric: Literal["hessian", "euclidean"] = "hessian"  # influence target
     cg_iterations: int = 50  # influence target: CG steps for d_k = (H + lambda I)^-1 g_k / N
     hessian_batch: int | None = 256  # influence target: samples per stochastic HVP of the metric (None: all)
@@ -242,7 +245,15 @@ class DistillConfig(_Config):
         _positive("momentum_img", self.momentum_img, allow_zero=True)
         _positive("lr_label", self.lr_label)
         _positive("real_batch", self.real_batch)
-        _positive("damping", self.damping, allow_zero=True)
+        if self.damping == "auto":
+            if self.solver != "closed-form" or self.curvature == "ekfac" or self.hessian_rank is None:
+                raise DistdmError(
+                    "damping='auto' needs solver='closed-form' with a low-rank curvature (hessian_rank set, "
+                    f"curvature 'hessian' or 'ggn'); got solver={self.solver!r}, curvature="
+                    f"{self.curvature!r}, hessian_rank={self.hessian_rank!r}: give a number instead"
+                )
+        else:
+            _positive("damping", self.damping, allow_zero=True)
         _positive("cg_iterations", self.cg_iterations)
         if self.hessian_batch is not None:
             _positive("hessian_batch", self.hessian_batch)

@@ -15,6 +15,7 @@ from ..clusters import Clusters, classwise, index_order
 from ..config import DistillConfig, OnlineConfig
 from ..datamodel import Fit, fit_datamodel, sample_deletions
 from ..distill import distill, finetune
+from ..distill_influence import SHARE_FLOOR, SHARE_TARGET
 from ..engine import predict
 from ..errors import DistdmError
 from ..hessian import gradient_rows
@@ -33,7 +34,10 @@ log = logging.getLogger(__name__)
 
 def synset_key(cfg: DistillConfig, clusters: Clusters, lr: float, steps: int) -> str:
     """A stable name for a synset made with these settings on these clusters."""
-    return f"synset/{clusters.kind}-{digest([cfg.to_dict(), lr, steps], clusters.assignment, length=12)}"
+    ident: list[Any] = [cfg.to_dict(), lr, steps]
+    if cfg.damping == "auto":  # the rule's constants choose the damping: a changed rule is another synset
+        ident.append({"share_damping": [SHARE_TARGET, SHARE_FLOOR]})
+    return f"synset/{clusters.kind}-{digest(ident, clusters.assignment, length=12)}"
 
 
 def load_or_distill(
