@@ -20,7 +20,11 @@ a grid of dampings (re-solved from its fitted default with `with_damping`, no re
 them (`if-exact` where the dense Hessian is small, else `if-cg`) on the Gauss-Newton curvature; the
 best of each sweep, selected afterwards by the truth, is the 'tuned' reference its default has to
 reach (an oracle choice, labelled NAME@d=X / NAME@ggn). DDM is also run with its target on the
-Gauss-Newton curvature (ddm@ggn), beside its default.
+Gauss-Newton curvature (ddm@ggn) and at the fixed damping 0.01 of its target before issue 15
+(ddm@d=0.01), beside its default.
+
+Several settings run one process each (--in-process: all in this one): one process for the whole
+suite grew to 23 GB resident by its 8th setting (2026-12-03), one per setting stays under 2 GB.
 
 Output under --out: <setting>.json per setting (cached: a rerun with the same settings resumes),
 robustness.md (one table per setting and the summary) and the figure
@@ -36,6 +40,7 @@ import datetime
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -805,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--report-only", action="store_true", help="only write the report from what --out has cached so far"
     )
+    ap.add_argument("--in-process", action="store_true", help="run several settings in this one process")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -826,6 +832,16 @@ def main(argv: list[str] | None = None) -> int:
     subsets = args.lds_subsets or (20 if args.quick else 60)
     out = Path(args.out + ("-quick" if args.quick and args.out == ap.get_default("out") else ""))
     out.mkdir(parents=True, exist_ok=True)
+    compute = not args.report_only
+    if compute and len(names) > 1 and not args.in_process:
+        # one child per setting: memory a setting leaves behind is returned with its process
+        passed = [a for a, v in (("--quick", args.quick), ("--in-process", True)) if v]
+        given = {"--methods": args.methods, "--queries": args.queries, "--lds-subsets": args.lds_subsets}
+        for flag, v in {**given, "--out": args.out, "--threads": args.threads}.items():
+            passed += [flag, str(v)] if v else []
+        for n in names:
+            subprocess.run([sys.executable, __file__, "--settings", n, *passed], check=True)
+        compute = False  # the report below reads what the children cached
     results = []
     for n in names:
         res = run_setting(
@@ -835,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
             queries=queries,
             lds_subsets=subsets,
             methods=methods,
-            compute=not args.report_only,
+            compute=compute,
         )
         if res is not None:
             results.append(res)

@@ -137,3 +137,37 @@ def test_damping_shares_and_the_finding_below_the_bar() -> None:
     assert any("if-cg within class at 0.75 of its best damping" in n for n in notes)
     assert not any("if-cg LDS at" in n for n in notes)
     assert "1 of 1" not in rb.damping_table([res]) and "0 of 1" in rb.damping_table([res])
+
+
+def test_several_settings_run_one_process_each_with_the_same_arguments(tmp_path, monkeypatch) -> None:
+    calls, reads = [], []
+    monkeypatch.setattr(rb.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    monkeypatch.setattr(
+        rb, "run_setting", lambda setting, out, **kw: reads.append((setting.name, kw["compute"]))
+    )
+    monkeypatch.setattr(rb, "plot_shares", lambda results, path: path)
+    out = str(tmp_path / "suite")
+    rb.main(
+        [
+            "--settings",
+            "wine-mlp-samples,noisy-mlp-sgd",
+            "--methods",
+            "grad-dot",
+            "--threads",
+            "1",
+            "--out",
+            out,
+        ]
+    )
+    assert [c[c.index("--settings") + 1] for c in calls] == ["wine-mlp-samples", "noisy-mlp-sgd"]
+    for c in calls:
+        assert (
+            "--in-process" in c
+            and c[c.index("--out") + 1] == out
+            and c[c.index("--methods") + 1] == "grad-dot"
+        )
+    # the parent only reads what the children cached, for its report
+    assert reads == [("wine-mlp-samples", False), ("noisy-mlp-sgd", False)]
+    calls.clear(), reads.clear()
+    rb.main(["--settings", "wine-mlp-samples,noisy-mlp-sgd", "--in-process", "--out", out])
+    assert calls == [] and reads == [("wine-mlp-samples", True), ("noisy-mlp-sgd", True)]
