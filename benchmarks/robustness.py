@@ -75,11 +75,15 @@ QUICK_SWEEP = (0.01, 0.3)
 NEAR_ZERO = 0.1  # |correlation| below this carries no usable signal
 TUNED_WORKS = 0.3
 DAMPING_BAR = 0.9  # issue 15: a default reaches this share of the best damping of its own sweep
-# DDM beside its default: the same preset with its influence target on another curvature, and at
-# the fixed damping 0.01 of the default before it chose the damping from the curvature (issue 15)
+# DDM beside its default: the same preset with its influence target on another curvature, at the
+# fixed damping 0.01 of the default before it chose the damping from the curvature (issue 15), and
+# with a closer fit
 DDM_VARIANTS: dict[str, dict[str, Any]] = {
     "ddm@ggn": {"distill": {"curvature": "ggn"}},
     "ddm@d=0.01": {"distill": {"damping": 0.01}},
+    # what the fit needs where DDM falls short of the influence function: more input steps, more samples
+    "ddm@steps50": {"distill": {"input_steps": 50, "label_solves": 3}},
+    "ddm@ipc8": {"distill": {"ipc": 8}},
 }
 
 
