@@ -47,9 +47,9 @@ def rows_per_pass(task: Task, state: State) -> int:
     params = {k: state[k].detach().requires_grad_(True) for k in names}
     rest = {k: v for k, v in state.items() if k not in params}
     x, y = task.data.x_train[:1].clone(), task.data.y_train[:1]  # own storage: a view counts it all
-    with torch.enable_grad(), saved_tensor_bytes(params.values()) as saved:
-        per_sample_loss(functional_call(model, {**params, **rest}, (x,)), y, task.loss).sum()
-    per = max(1, sum(saved.values()))
+    with torch.enable_grad():
+        one = per_sample_loss(functional_call(model, {**params, **rest}, (x,)), y, task.loss).sum()
+    per = max(1, saved_tensor_bytes([one], params.values()))
     budget = task.memory_budget_bytes or DEFAULT_BUDGET
     return max(1, min(ROWS_PER_PASS, int(ACTIVATION_SHARE * budget) // per))
 

@@ -589,7 +589,7 @@ def _chunk_operator(
     loss_i / n as a double-backward graph, built once, and the bytes that graph saves (what one
     vector's pass through it costs again in memory)."""
     th = fm.theta.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), _eval_mode(fm.model), saved_tensor_bytes([th]) as saved:
+    with torch.enable_grad(), _eval_mode(fm.model):
         out = fm.outputs(th, xb)
         if curvature == "residual":
             # H - GGN = sum_i sum_o (dloss_i / do) d2 o / dtheta2: the Hessian of the outputs
@@ -599,10 +599,10 @@ def _chunk_operator(
             w = out.new_full((len(xb),), 1.0 / n) if weights is None else weights.to(out.dtype)
             w = r * w.view(-1, *[1] * (r.ndim - 1))
             (g,) = torch.autograd.grad((out * w).sum(), th, create_graph=True)
-            return (lambda v: _vjp(g, th, v)), sum(saved.values())
+            return (lambda v: _vjp(g, th, v)), saved_tensor_bytes([g], [th])
         if curvature == "hessian":
             (g,) = torch.autograd.grad(per_sample_loss(out, yb, loss).sum() / n, th, create_graph=True)
-            return (lambda v: _vjp(g, th, v)), sum(saved.values())
+            return (lambda v: _vjp(g, th, v)), saved_tensor_bytes([g], [th])
         # generalised Gauss-Newton J^T H_out J v, every factor by reverse mode
         leaf = out.detach().requires_grad_(True)
         (g_out,) = torch.autograd.grad(per_sample_loss(leaf, yb, loss).sum() / n, leaf, create_graph=True)
@@ -613,7 +613,7 @@ def _chunk_operator(
         jv = _vjp(jt_u, u, v)  # J v by the double-vjp trick
         return _vjp(out, th, _vjp(g_out, leaf, jv))
 
-    return ggn, sum(saved.values())
+    return ggn, saved_tensor_bytes([out, g_out, jt_u], [th])
 
 
 CURVATURES = ("hessian", "ggn")
