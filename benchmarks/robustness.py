@@ -23,8 +23,9 @@ reach (an oracle choice, labelled NAME@d=X / NAME@ggn). DDM is also run with its
 Gauss-Newton curvature (ddm@ggn) and at the fixed damping 0.01 of its target before issue 15
 (ddm@d=0.01), beside its default.
 
-Several settings run one process each (--in-process: all in this one): one process for the whole
-suite grew to 23 GB resident by its 8th setting (2026-12-03), one per setting stays under 2 GB.
+Several settings run one process each (--in-process: all in this one), so that memory one setting
+leaves behind goes with its process: one process for the whole suite grew to 23 GB by its 8th
+setting (2026-12-03; the cause, HVP graphs kept alive by a saved-tensors hook, is fixed).
 
 Output under --out: <setting>.json per setting (cached: a rerun with the same settings resumes),
 robustness.md (one table per setting and the summary) and the figure
