@@ -325,9 +325,12 @@ def ddm_fit_info(method: Attributor) -> dict[str, Any]:
 
 
 def chosen_damping(method: Attributor) -> float | None:
-    """The damping an influence method used: the one it chose (damping_) or the one it was given."""
+    """The damping an influence method used: the one it chose (damping_) or the one it was given;
+    the mean over layers where it has one per layer (EK-FAC)."""
     for attr in ("damping_", "damping"):
         v = getattr(method, attr, None)
+        if isinstance(v, dict) and v:
+            return float(np.mean([float(d) for d in v.values()]))
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
     return None

@@ -72,6 +72,12 @@ def test_fit_info_and_damping_readers() -> None:
     want = {"relative_error_median": 0.2, "layer_cosine": {"w": 0.9}, "curvature_share": 0.4}
     assert rb.ddm_fit_info(M()) == want
     assert rb.chosen_damping(M()) == 0.25
+
+    class PerLayer:
+        damping = "auto"
+        damping_ = {"body.0": 0.1, "head": 0.3}  # EK-FAC: one per layer, reported as their mean
+
+    assert rb.chosen_damping(PerLayer()) == pytest.approx(0.2)
     assert rb.singletons(np.array([2, 0, 1])).cluster_class.tolist() == [2, 0, 1]
 
 
