@@ -34,18 +34,26 @@ def test_rule_on_a_quadratic_with_a_known_spectrum(caplog):
     )
     with caplog.at_level(logging.WARNING, logger="distdm.damping"):
         choice = damping_rule.choose(full)
-    assert choice.value == pytest.approx(damping_rule.SAFETY * 0.4, rel=1e-3)  # 2 x |lambda_min| = 0.8
-    assert "indefinite" in caplog.text and "0.8" in caplog.text
+    assert choice.value == pytest.approx(damping_rule.SAFETY * 0.4, rel=1e-3)  # SAFETY x |lambda_min|
+    assert "indefinite" in caplog.text and f"{damping_rule.SAFETY * 0.4:.4g}" in caplog.text
     # fewer steps: a Ritz value is never below lambda_min, so |lambda_min| is underestimated, not over
     few = damping_rule.lanczos(lambda v: a @ v, 60, iters=12)
     assert -0.4 - 1e-5 <= few.lambda_min < 0 and few.lambda_max <= 3.0 + 1e-5
+    # its residual bound: an eigenvalue lies within lambda_min_error of the Ritz value; the full
+    # basis is exact (error 0), the short one is not, and the rule damps it by the bound on top
+    assert full.lambda_min_error < 1e-4 < few.lambda_min_error
+    assert np.abs(eig - few.lambda_min).min() <= few.lambda_min_error + 1e-5
+    size = -few.lambda_min + few.lambda_min_error
+    assert damping_rule.choose(few).value == pytest.approx(damping_rule.SAFETY * size)
     # the exact spectrum; a positive definite one gets the floor; the mean rule is 0.1 x trace / P
     exact = damping_rule.exact_spectrum(torch.tensor(eig))
-    assert damping_rule.choose(exact).value == pytest.approx(0.8)
+    assert damping_rule.choose(exact).value == pytest.approx(damping_rule.SAFETY * 0.4)
     psd = damping_rule.exact_spectrum(torch.tensor(np.linspace(0.5, 3.0, 10)))
     assert damping_rule.choose(psd).value == damping_rule.FLOOR
     assert damping_rule.choose(exact, "mean").value == pytest.approx(0.1 * eig.mean())
-    assert damping_rule.choose(exact, "combined").value == pytest.approx(max(0.8, 0.1 * eig.mean()))
+    assert damping_rule.choose(exact, "combined").value == pytest.approx(
+        max(damping_rule.SAFETY * 0.4, 0.1 * eig.mean())
+    )
     # a tiny negative eigenvalue (2 x 0.001 < the floor) keeps the floor
     mild = damping_rule.exact_spectrum(torch.tensor([-0.001, 1.0]))
     assert damping_rule.choose(mild).value == damping_rule.FLOOR

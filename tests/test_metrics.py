@@ -107,6 +107,9 @@ def test_lds_is_one_for_an_exactly_additive_model_and_minus_one_with_the_wrong_s
     assert metrics.lds(s, keep, actual).mean == pytest.approx(1.0)
     assert metrics.lds(-s, keep, actual).mean == pytest.approx(-1.0)
     assert metrics.lds(Scores(s, "cluster", "margin", "x"), keep, actual).n == q
+    # per query: +1 where a query's scores are right, -1 where its sign is flipped
+    flipped = s * np.array([1.0, -1.0, 1.0, 1.0, -1.0])
+    np.testing.assert_allclose(metrics.lds_per_query(flipped, keep, actual), [1, -1, 1, 1, -1])
 
 
 def test_lds_masks_keep_a_fixed_fraction_reproducibly():

@@ -177,3 +177,58 @@ def test_several_settings_run_one_process_each_with_the_same_arguments(tmp_path,
     calls.clear(), reads.clear()
     rb.main(["--settings", "wine-mlp-samples,noisy-mlp-sgd", "--in-process", "--out", out])
     assert calls == [] and reads == [("wine-mlp-samples", True), ("noisy-mlp-sgd", True)]
+
+
+def test_crossfit_best_picks_on_the_other_queries_so_pure_noise_has_no_winner_bonus() -> None:
+    # a row that is best on every query is found, and its value is kept
+    good = {"lds_q": [0.9, 0.8, 0.9, 0.8]}
+    bad = {"lds_q": [0.1, 0.2, 0.1, 0.2]}
+    assert rb.crossfit_best([bad, good], "lds") == pytest.approx(0.85)
+    # each row wins on one fold only: the pick made on the other fold scores the loser there
+    a = {"lds_q": [1.0, 0.0, 1.0, 0.0]}
+    b = {"lds_q": [0.0, 1.0, 0.0, 1.0]}
+    assert max(np.mean(a["lds_q"]), np.mean(b["lds_q"])) == 0.5
+    assert rb.crossfit_best([a, b], "lds") == pytest.approx(0.0)
+    # many equally good noisy rows: the plain maximum is biased up, the cross-fitted one is not
+    # (8 rows, 60 queries, sd 0.3: the maximum of 8 means is ~1.4 standard errors = +0.055 high)
+    rng = np.random.default_rng(0)
+    plain, fitted = [], []
+    for _ in range(100):
+        rows = [{"lds_q": list(rng.normal(0.5, 0.3, 60))} for _ in range(8)]
+        plain.append(max(np.mean(r["lds_q"]) for r in rows))
+        fitted.append(rb.crossfit_best(rows, "lds"))
+    assert np.mean(plain) > 0.54 and abs(np.mean(fitted) - 0.5) < 0.01
+    assert math.isnan(rb.crossfit_best([good, {"lds": 0.3}], "lds"))  # a row without per-query values
+
+
+def test_damping_shares_report_the_cross_fitted_share_beside_the_oracle() -> None:
+    res = _result({
+        "if-cg": {"spearman_class": 0.5, "lds": 0.5, "damping": 0.2,
+                  "spearman_class_q": [0.5, 0.5], "lds_q": [0.5, 0.5]},
+        "if-cg@d=1": {"spearman_class": 0.5, "lds": 0.6, "damping": 1.0,
+                      "spearman_class_q": [1.0, 0.0], "lds_q": [0.6, 0.6]},
+        "if-cg@d=3": {"spearman_class": 0.5, "lds": 0.4, "damping": 3.0,
+                      "spearman_class_q": [0.0, 1.0], "lds_q": [0.4, 0.4]},
+    })  # fmt: skip
+    e = rb.damping_shares(res)["if-cg"]
+    assert e["lds"] == pytest.approx(0.5 / 0.6) and e["lds_cv"] == pytest.approx(0.5 / 0.6)
+    # within class the sweep's rows win on one query each; picked on the other query they score 0,
+    # so the cross-fitted best is 0 (no share) while the plain maximum ties the default
+    assert e["class"] == pytest.approx(1.0) and math.isnan(e["class_cv"])
+    assert "[cv - / 0.83]" in rb.damping_table([res])
+    # d=1 is best on LDS and ties within class: one damping reaches both bests
+    assert e["joint"] == pytest.approx(1.0)
+    res["rows"]["if-cg@d=1"]["spearman_class"] = 0.4
+    res["rows"]["if-cg@d=3"]["spearman_class"] = 0.6
+    # now d=3 is best within class but at 0.4 / 0.6 on LDS, d=1 the reverse: the default's 0.5 / 0.6
+    # on both is the most one damping reaches
+    assert rb.damping_shares(res)["if-cg"]["joint"] == pytest.approx(0.5 / 0.6)
+
+
+def test_damping_factor_script_refuses_unknown_settings_and_factors_at_or_below_one(tmp_path) -> None:
+    import damping_factor
+
+    with pytest.raises(rb.DistdmError, match="unknown settings"):
+        damping_factor.main(["--settings", "nope", "--out", str(tmp_path)])
+    with pytest.raises(rb.DistdmError, match="singular"):
+        damping_factor.main(["--settings", "noisy-mlp-sgd", "--factors", "1,2", "--out", str(tmp_path)])

@@ -149,15 +149,19 @@ def lds_predicted(scores: ArrayLike, keep: np.ndarray) -> np.ndarray:
     return -(keep @ s)
 
 
-def lds(scores: ArrayLike, keep: np.ndarray, actual: np.ndarray) -> Interval:
-    """Linear datamodeling score: per query, Spearman across subsets between the additive prediction
-    (`lds_predicted`) and the actual output of the model retrained on each subset; mean over queries."""
+def lds_per_query(scores: ArrayLike, keep: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Per query (Q,): Spearman across subsets between the additive prediction (`lds_predicted`)
+    and the actual output (subsets, Q) of the model retrained on each subset."""
     pred = lds_predicted(scores, keep)
     actual = np.asarray(actual, dtype=np.float64)
     if actual.shape != pred.shape:
         raise DistdmError(f"actual outputs must be (subsets, queries) = {pred.shape}, got {actual.shape}")
-    per_query = [_corr(pred[:, q], actual[:, q], stats.spearmanr) for q in range(pred.shape[1])]
-    return t_interval(per_query, bounds=CORRELATION)
+    return np.array([_corr(pred[:, q], actual[:, q], stats.spearmanr) for q in range(pred.shape[1])])
+
+
+def lds(scores: ArrayLike, keep: np.ndarray, actual: np.ndarray) -> Interval:
+    """Linear datamodeling score: `lds_per_query` averaged over queries, with a 95% t-interval."""
+    return t_interval(lds_per_query(scores, keep, actual), bounds=CORRELATION)
 
 
 # The paper's protocol ----------------------------------------------------------------------------

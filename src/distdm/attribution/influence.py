@@ -181,7 +181,7 @@ class InfluenceFunction(GradientAttributor):
     """Shared part of the influence-function solvers.
 
     damping: lambda added to the Hessian. 'auto' (default): chosen in fit from the curvature's
-    spectrum (damping.py: 2 x |smallest eigenvalue| where the curvature is indefinite, logged at
+    spectrum (damping.py: 1.25 x |smallest eigenvalue| where the curvature is indefinite, logged at
     WARNING, else 0.01); a number >= 0 is used as given (with a warning where the spectrum is known
     and shows H + damping I indefinite). The value used is `damping_`, the rule's inputs and reason
     `damping_choice_`; `with_damping(v)` re-solves at another damping without refitting.
