@@ -13,10 +13,11 @@ matrix (r = 0), else the smallest Ritz value of `iters` Lanczos steps on H (whic
 so it underestimates |lambda_min|) and r its residual norm, which bounds how far it is from an
 eigenvalue: an estimate that has not converged damps more. FLOOR keeps the default of earlier
 versions (0.01) for curvatures with no negative direction, where it held on the benchmark settings.
-SAFETY was 2 until 2026-12-03; a finer sweep on the robustness suite (benchmarks/RESULTS.md, "The
-damping rule at 1.25 x |lambda_min|") found 1.1-1.25 x best on the convolutional settings (the
-max-pool CNN within class 0.48 vs 0.45, the instance-norm ConvNet 0.81 vs 0.76) and within 0.05
-elsewhere. benchmarks/damping_rule.py measures the rule against a sweep (and the alternatives in RULES).
+SAFETY was 2 until 2026-12-03; a finer sweep on the robustness suite (benchmarks/damping_factor.py;
+benchmarks/RESULTS.md, "... the damping rule at 1.25 x |lambda_min|") found 1.1-1.25 x best on the
+convolutional settings (the max-pool CNN within class 0.48 vs 0.45, the instance-norm ConvNet 0.81
+vs 0.76) and within 0.05 elsewhere. benchmarks/damping_rule.py measures the rule against a sweep
+(and the alternatives in RULES).
 
 EK-FAC's curvature is a Fisher (never indefinite): its 'auto' is the mean corrected eigenvalue of
 each layer (ekfac.py; 'kronfluence' is kronfluence's 0.1 x it, which damped too little on 3 of the 9
