@@ -48,6 +48,27 @@ def test_summary_shares_of_best_and_ceiling_leave_out_the_sweep() -> None:
     assert math.isnan(rb.share(0.3, -0.1))
 
 
+def test_ddm_over_seeds_averages_the_default_draws_and_shares_of_the_best_if() -> None:
+    res = _result({
+        "ddm": {"spearman_class": 0.6, "lds": 0.7},
+        "ddm@seed1": {"spearman_class": 0.9, "lds": 0.7},
+        "ddm@seed2": {"error": "x", "spearman_class": 0.0},
+        "ddm@steps50": {"spearman_class": 0.99, "lds": 0.99},  # a variant, not a draw of the default
+        "if-cg": {"spearman_class": 0.5, "lds": 0.7},
+        "if-cg@d=0.1": {"spearman_class": 0.8, "lds": 0.5},
+    })  # fmt: skip
+    got = rb.ddm_over_seeds(res)
+    want = {"mean": 0.75, "min": 0.6, "max": 0.9, "n": 2, "share": 0.9375}
+    assert got["spearman_class"] == pytest.approx(want)
+    assert got["lds"]["share"] == pytest.approx(1.0)
+    table = rb.ddm_table([res])
+    assert "0.750 (0.600-0.900) (0.94) / 0.700 (0.700-0.700) (1.00), 2 seeds" in table
+    assert "ddm@seed1 |" not in table.splitlines()[0]  # draws are summarised, not columns
+    notes = rb.findings([res])
+    assert any("DDM within class 0.600" in n and "over 2 distillation seeds 0.750 = 0.94" in n for n in notes)
+    assert rb.ddm_over_seeds(_result({"if-cg": {"spearman_class": 0.5}})) == {}
+
+
 def test_findings_flag_ddm_short_of_the_best_if_and_a_dead_default() -> None:
     res = _result({
         "ddm": {"spearman_class": 0.5, "lds": 0.79},
