@@ -194,8 +194,10 @@ def _maxpool_cnn(d: TensorData) -> nn.Module:
     return MaxPoolCNN(8, d.num_classes)
 
 
-# LiSSA's default depth 500 (x batch 128 HVPs) ran > 14 minutes on the 1,900-parameter CNN
-# (load ~15 on 2 cores) without finishing: the conv settings run it at depth 50
+# LiSSA's default depth 500 (x batch 128 HVPs) costs 160-200 s per solve on the 1,900-parameter
+# CNN (one core, load 2; 26 min for a default and its sweep; measured once, benchmarks/RESULTS.md,
+# "DDM over three distillation seeds") and would take 10x depth 50's 57-213 s on the ConvNet and ViT: the
+# conv and attention settings run it at depth 50, labelled as such
 SLOW_LISSA = (("if-lissa", (("depth", 50),)), ("fastif", (("depth", 50),)))
 
 SETTINGS: dict[str, Setting] = {
