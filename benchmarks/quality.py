@@ -78,8 +78,8 @@ def pick_queries(task: Task, n: int, seed: int = 0) -> tuple[torch.Tensor, torch
 
 # DDM variants of the paper's Table 1 (SPEC.md section 4), by name
 DDM_VARIANTS = (
-    "default", "default-ggn", "default-auto", "default-ggn-auto", "private", "fast", "influence-adam",
-    "paper", "paper-lr0.01", "wo-cluster", "match",
+    "default", "default-ggn", "default-auto", "default-ggn-auto", "thorough", "private", "fast",
+    "influence-adam", "paper", "paper-lr0.01", "wo-cluster", "match",
 )  # fmt: skip
 
 
@@ -91,7 +91,7 @@ def ddm_variant(name: str, epochs: int, store: RunStore | None = None) -> DDM:
     matching ('DDM-match'), the last two otherwise as the paper writes them. `store`: where its
     synsets are cached."""
     paper_d, paper_o = preset("paper", epochs=epochs)
-    if name in ("default", "private", "fast", "influence-adam", "paper"):
+    if name in ("default", "thorough", "private", "fast", "influence-adam", "paper"):
         return DDM(name, store=store)
     if name == "default-ggn":
         return DDM("default", distill={"curvature": "ggn"}, store=store)

@@ -437,6 +437,22 @@ def test_input_box_keeps_synthetic_inputs_within_the_training_range(tiny_task):
     assert lo <= float(boxed.x.min()) and float(boxed.x.max()) <= hi
 
 
+def test_thorough_preset_is_default_with_50_input_steps_and_fits_closer(tiny_task):
+    d, o = preset("default", epochs=10)
+    t, to = preset("thorough", epochs=10)
+    assert to == o and t == d.replace(input_steps=50)
+    small = {"hessian_rank": 30, "residual_subsample": None}
+    curv = make_curvature(tiny_task, d.replace(**small))
+    fits = {
+        name: distill_closed_form(tiny_task, c.replace(**small), curvature=curv).info["relative_error_median"]
+        for name, c in (("default", d), ("thorough", t))
+    }
+    assert fits["thorough"] < fits["default"]
+    # the poor-fit hint names the preset to the default's users, and more steps to the preset's own
+    assert "preset 'thorough'" in fit_hint(d, None)
+    assert "input_steps=100, now 50" in fit_hint(t, None) and "thorough" not in fit_hint(t, None)
+
+
 def test_private_preset_is_default_started_from_no_member_within_the_data_range(tiny_task):
     d, o = preset("default", epochs=10)
     p, po = preset("private", epochs=10)

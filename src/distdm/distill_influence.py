@@ -347,8 +347,10 @@ POOR_FIT = 0.5  # median relative error above which the synsets reproduce their 
 def fit_hint(cfg: DistillConfig, share: float | None) -> str:
     """What to change when the fit is poor, naming only settings that differ from the ones in use."""
     tips = [f"more samples per cluster (ipc={2 * cfg.ipc}, now {cfg.ipc})"]
-    if cfg.input_steps < 100:
-        tips.append(f"more input steps (input_steps={max(2 * cfg.input_steps, 50)}, now {cfg.input_steps})")
+    if cfg.input_steps < 50:
+        tips.append(f"more input steps (preset 'thorough', or input_steps=50, now {cfg.input_steps})")
+    elif cfg.input_steps < 100:
+        tips.append(f"more input steps (input_steps={2 * cfg.input_steps}, now {cfg.input_steps})")
     if share is not None and share < SHARE_TARGET:
         now = f"{cfg.damping:g}" if isinstance(cfg.damping, (int, float)) else repr(cfg.damping)
         tips.append(
