@@ -1,7 +1,10 @@
-"""The automatic damping's factor: an influence function at multiples of |lambda_min| on suite settings.
+"""The automatic damping's factors: an influence function at multiples of |lambda_min| (on the
+Hessian) or of 1 / the training time (on the Gauss-Newton matrix, the default curvature) on suite settings.
 
     python benchmarks/damping_factor.py --settings digits-maxpool-cnn,noisy-mlp-sgd --method if-exact \
         --factors 1.1,1.25,1.5,2,3 --out benchmarks/out/robustness
+    python benchmarks/damping_factor.py --of training-time --settings digits-maxpool-cnn,noisy-mlp-sgd \
+        --method if-exact --factors 0.25,0.5,1,2 --out benchmarks/out/robustness
 
 damping.py's rule damps an indefinite curvature by SAFETY x |lambda_min|; the robustness suite's sweep
 (0.001-3, a factor ~3 apart) cannot tell 1.25 x from 2 x. This script fits the method once per setting
@@ -24,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import robustness as rb  # noqa: E402
 
+from distdm import damping as damping_rule  # noqa: E402
 from distdm import metrics  # noqa: E402
 from distdm.attribution import make_attributor  # noqa: E402
 from distdm.attribution.retrain import ExactRetrain  # noqa: E402
@@ -33,9 +37,16 @@ from distdm.store import RunStore, atomic_write_bytes  # noqa: E402
 
 
 def factor_rows(
-    name: str, method: str, factors: list[float], out: Path, queries: int, lds_subsets: int
+    name: str,
+    method: str,
+    factors: list[float],
+    out: Path,
+    queries: int,
+    lds_subsets: int,
+    of: str = "lambda-min",
 ) -> list[str]:
-    """Markdown rows for one setting: the method's default and each factor x |lambda_min|."""
+    """Markdown rows for one setting: the method's default and each factor x |lambda_min| (of
+    'lambda-min', on the Hessian) or x 1 / the training time (of 'training-time', on the GGN)."""
     setting = rb.SETTINGS[name]
     subsets = min(lds_subsets, setting.lds_subsets or lds_subsets)
     cfg = {"queries": queries, "lds_subsets": subsets, "seeds": [0, 1], "quick": False}
@@ -50,11 +61,18 @@ def factor_rows(
     actual = retrained_values(task, keep, x, y, objective="margin", tag="lds", store=store)
     settings: dict = {"max_params": rb.EXACT_MAX_PARAMS} if method == "if-exact" else {}
     settings.update(dict(dict(setting.overrides).get(method, ())))
-    base = make_attributor(method, **settings).fit(task)
-    spectrum = base.damping_choice_.spectrum
-    if spectrum is None or spectrum.lambda_min >= 0:
-        return [f"| {name} | {method}: curvature not indefinite (damping {base.damping_:.4g}) | |"]
-    size = -spectrum.lambda_min
+    if of == "training-time":
+        t = damping_rule.training_time(task.schedule, data.n_train)
+        if t is None:
+            return [f"| {name} | {method}: no training time (optimizer {task.schedule.optimizer}) | |"]
+        base, size = make_attributor(method, **settings).fit(task), 1.0 / t
+    else:
+        # the factor applies to an indefinite curvature: the Hessian (the default curvature is the GGN)
+        base = make_attributor(method, curvature="hessian", **settings).fit(task)
+        spectrum = base.damping_choice_.spectrum
+        if spectrum is None or spectrum.lambda_min >= 0:
+            return [f"| {name} | {method}: curvature not indefinite (damping {base.damping_:.4g}) | |"]
+        size = -spectrum.lambda_min
     cells = []
     for f in [None, *factors]:
         m = base if f is None else base.with_damping(f * size)
@@ -69,11 +87,12 @@ def factor_rows(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Score one influence function at multiples of |lambda_min| on suite settings."""
+    """Score one influence function at multiples of |lambda_min| or of 1 / the training time."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", required=True, help=f"comma-separated, of {','.join(rb.SETTINGS)}")
     ap.add_argument("--method", default="if-exact")
     ap.add_argument("--factors", default="1.1,1.25,1.5,2,3")
+    ap.add_argument("--of", choices=("lambda-min", "training-time"), default="lambda-min")
     ap.add_argument("--queries", type=int, default=120)
     ap.add_argument("--lds-subsets", type=int, default=60)
     ap.add_argument("--out", default="benchmarks/out/robustness", help="the suite's --out (cached truths)")
@@ -86,26 +105,32 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise DistdmError(f"unknown settings {unknown}; one of {list(rb.SETTINGS)}")
     factors = [float(f) for f in args.factors.split(",")]
-    if not factors or min(factors) <= 1.0:
-        raise DistdmError(f"factors must be > 1 (at 1 x |lambda_min|, H + damping I is singular): {factors}")
+    if not factors or min(factors) <= (1.0 if args.of == "lambda-min" else 0.0):
+        raise DistdmError(
+            f"factors must be > 1 for lambda-min (at 1 x |lambda_min|, H + damping I is singular), > 0 for "
+            f"training-time: {factors}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     head = ["default", *(f"{f:g} x" for f in factors)]
+    unit, col = (
+        ("|lambda_min|", "abs(lambda_min)") if args.of == "lambda-min" else ("1 / training time", "1 / t")
+    )
     lines = [
-        f"# {args.method} at multiples of |lambda_min| "
+        f"# {args.method} at multiples of {unit} "
         f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
         f"torch threads {torch.get_num_threads()})",
         "",
         "within class / LDS against the robustness suite's truth (mean of 2 seeds); command: "
         f"`python benchmarks/damping_factor.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
-        "| setting | method | abs(lambda_min) | default damping | " + " | ".join(head) + " |",
+        f"| setting | method | {col} | default damping | " + " | ".join(head) + " |",
         "|" + "---|" * (len(head) + 4),
     ]
     for n in names:
-        lines += factor_rows(n, args.method, factors, out, args.queries, args.lds_subsets)
+        lines += factor_rows(n, args.method, factors, out, args.queries, args.lds_subsets, args.of)
     text = "\n".join(lines) + "\n"
-    path = out / f"damping-factor-{args.method}.md"
+    path = out / f"damping-factor-{args.method}-{args.of}.md"
     atomic_write_bytes(path, text.encode())
     print(text)
     print(f"wrote {path}")

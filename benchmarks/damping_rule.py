@@ -107,7 +107,8 @@ def run_setting(setting: str, args: argparse.Namespace, out: Path) -> dict:
     x, y = task.data.x_test[idx], task.data.y_test[idx]
 
     t = time.perf_counter()
-    base = make_attributor("if-exact", damping="auto").fit(task)
+    # the rules read the Hessian's spectrum (the influence functions' default curvature is the GGN)
+    base = make_attributor("if-exact", damping="auto", curvature="hessian").fit(task)
     fit_s = time.perf_counter() - t
     if base.fm_.n_params <= args.max_eigh:  # the exact spectrum; every later damping costs O(P^2)
         base.eigendecompose()

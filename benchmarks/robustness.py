@@ -17,9 +17,10 @@ ceiling compares the first seed with the second (`metrics.noise_ceiling`); every
 `metrics.compare` (Spearman over all units and within the query's class) and `metrics.lds` (LDS over
 random half-subsets retrained with the target's seed). Every influence function is also swept over
 a grid of dampings (re-solved from its fitted default with `with_damping`, no refit), and one of
-them (`if-exact` where the dense Hessian is small, else `if-cg`) on the Gauss-Newton curvature; the
+them (`if-exact` where the dense Hessian is small, else `if-cg`) also on the Hessian with its own
+sweep (the influence functions' default curvature is the Gauss-Newton matrix since 2026-12-03); the
 best of each sweep, selected afterwards by the truth, is the 'tuned' reference its default has to
-reach (an oracle choice, labelled NAME@d=X / NAME@ggn). The oracle's plain maximum over a sweep of
+reach (an oracle choice, labelled NAME@d=X / NAME@hessian@d=X). The oracle's plain maximum over a sweep of
 noisy means is biased upwards, so every share is also given against a cross-fitted best (the damping
 picked on half the queries and scored on the other half, both ways; `crossfit_best`), and the
 damping table says how much any one damping reaches on both metrics at once. 120 queries per setting
@@ -286,7 +287,7 @@ def method_plan(
 ) -> dict[str, tuple[str, dict, str | None]]:
     """label -> (registered name, settings, base label): every registered method with its defaults,
     each influence function's damping sweep (base: the fitted default it is re-solved from), the
-    Gauss-Newton row of one (if-exact where the Hessian is small, else if-cg) and DDM's variants,
+    Hessian rows of one (if-exact where the Hessian is small, else if-cg) and DDM's variants,
     for a model of `params` trainable parameters."""
     small = params <= EXACT_MAX_PARAMS
     plan: dict[str, tuple[str, dict, str | None]] = {}
@@ -307,9 +308,16 @@ def method_plan(
         if is_influence(name):
             for d in QUICK_SWEEP if quick else SWEEP:
                 plan[f"{label}@d={d:g}"] = (name, {**settings, "damping": d}, label)
+    # every default that takes a curvature also on the other one (the Hessian: the default until
+    # 2026-12-03); one of them (ref) with its own sweep there
+    for label, (name, settings, base_label) in list(plan.items()):
+        if base_label is None and is_influence(name) and name != "if-ekfac":
+            plan[f"{label}@hessian"] = (name, {**settings, "curvature": "hessian"}, None)
     ref = "if-exact" if small else "if-cg"
     if ref in plan:
-        plan[f"{ref}@ggn"] = (ref, {**plan[ref][1], "curvature": "ggn"}, None)
+        for d in QUICK_SWEEP if quick else SWEEP:
+            plan[f"{ref}@hessian@d={d:g}"] = (ref, {**plan[ref][1], "curvature": "hessian", "damping": d},
+                                              f"{ref}@hessian")  # fmt: skip
     if "ddm" in plan:
         for label, extra in DDM_VARIANTS.items():
             plan[label] = ("ddm", {**plan["ddm"][1], **extra}, None)
@@ -857,8 +865,9 @@ def report(results: Sequence[dict[str, Any]], command: str) -> str:
         "(training, truth and every row, each counted in the run that computed it)",
         "",
         "Truth: exact leave-unit-out retraining, mean of 2 seeds; noise ceiling: seed 0 against seed 1. "
-        "Margin objective. Rows NAME@d=X are each influence function's damping sweep, NAME@ggn one "
-        "of them on the Gauss-Newton curvature, picked afterwards by the truth (an oracle, not a method "
+        "Margin objective. Rows NAME@d=X are each influence function's damping sweep (its default "
+        "curvature, the Gauss-Newton matrix), NAME@hessian[@d=X] one of them on the Hessian, picked "
+        "afterwards by the truth (an oracle, not a method "
         "a user can run blind); ddm@ggn is DDM with its target on the Gauss-Newton curvature, "
         "ddm@d=0.01 DDM's target at the fixed damping of the default before issue 15, "
         "ddm@seedN the default distilled from another draw of its initial samples. "

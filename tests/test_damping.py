@@ -10,6 +10,7 @@ import torch
 from distdm import damping as damping_rule
 from distdm.attribution import influence as influence_mod
 from distdm.attribution import make_attributor
+from distdm.config import Schedule
 from distdm.errors import DistdmError
 
 
@@ -66,8 +67,8 @@ def test_rule_on_a_quadratic_with_a_known_spectrum(caplog):
 
 @pytest.fixture(scope="module")
 def auto_exact(diabetes_task):
-    """if-exact with the default damping on an MLP that is not at a minimum (indefinite Hessian)."""
-    return make_attributor("if-exact").fit(diabetes_task)
+    """if-exact on the Hessian with the default damping, on an MLP that is not at a minimum (indefinite)."""
+    return make_attributor("if-exact", curvature="hessian").fit(diabetes_task)
 
 
 def test_auto_damping_on_an_indefinite_problem_exceeds_the_smallest_eigenvalue(
@@ -82,7 +83,7 @@ def test_auto_damping_on_an_indefinite_problem_exceeds_the_smallest_eigenvalue(
     d = diabetes_task.data
     # every iterative method (Lanczos on the HVP) chooses one as well, and warns at WARNING why
     with caplog.at_level(logging.WARNING, logger="distdm.damping"):
-        cg = make_attributor("if-cg", tol=1e-7, max_iter=400).fit(diabetes_task)
+        cg = make_attributor("if-cg", curvature="hessian", tol=1e-7, max_iter=400).fit(diabetes_task)
     assert "indefinite" in caplog.text and "if-cg" in caplog.text
     assert cg.damping_ >= -lam_min
     # with the same damping, CG and the exact inverse agree
@@ -95,8 +96,11 @@ def test_auto_damping_on_an_indefinite_problem_exceeds_the_smallest_eigenvalue(
     with caplog.at_level(logging.WARNING, logger="distdm.damping"):
         low = auto_exact.with_damping(0.01)
     assert low.damping_ == 0.01 and "below" in caplog.text
-    ggn = make_attributor("if-exact", curvature="ggn").fit(diabetes_task)
-    assert ggn.damping_ == damping_rule.FLOOR  # positive semi-definite: no raise
+    ggn = make_attributor("if-exact").fit(diabetes_task)  # the default curvature
+    assert ggn.curvature == "ggn" and ggn.damping_choice_.spectrum.lambda_min > -1e-6
+    # positive semi-definite: no raise for the spectrum, only the training time's 1 / t (or the floor)
+    t = damping_rule.training_time(diabetes_task.schedule, d.n_train)
+    assert ggn.damping_ == pytest.approx(max(damping_rule.FLOOR, damping_rule.TIME_FACTOR / t))
 
 
 def test_with_damping_equals_a_fresh_fit_without_curvature_work(diabetes_task, auto_exact, monkeypatch):
@@ -105,7 +109,9 @@ def test_with_damping_equals_a_fresh_fit_without_curvature_work(diabetes_task, a
     built = []
     real_dense = influence_mod.dense
     monkeypatch.setattr(influence_mod, "dense", lambda *a, **k: built.append(1) or real_dense(*a, **k))
-    fresh = {v: make_attributor("if-exact", damping=v).fit(diabetes_task) for v in (0.3, 1.0)}
+    fresh = {
+        v: make_attributor("if-exact", curvature="hessian", damping=v).fit(diabetes_task) for v in (0.3, 1.0)
+    }
     assert len(built) == 2
     hv_calls = []
     auto_exact.hvp_ = (lambda f: lambda v: hv_calls.append(1) or f(v))(auto_exact.hvp_)
@@ -171,3 +177,23 @@ def test_with_damping_keeps_arnoldi_eigenpairs_and_ekfac_eigenbases(diabetes_tas
     )
     back = moved_ek.with_damping("auto")
     assert back.damping_ == ek.damping_
+
+
+def test_training_time_is_steps_times_lr_over_one_minus_momentum_and_bounds_the_damping() -> None:
+    sgd = Schedule(epochs=2, lr=0.05, batch_size=32, momentum=0.9)
+    # 100 samples in batches of 32: 4 steps an epoch (the last one short), 8 in all; 8 x 0.05 / 0.1
+    assert damping_rule.training_time(sgd, 100) == pytest.approx(4.0)
+    assert damping_rule.training_time(Schedule(epochs=3, lr=0.1, batch_size=None), 50) == pytest.approx(0.3)
+    assert damping_rule.training_time(Schedule(optimizer="adam", lr=1e-3), 100) is None
+    psd = damping_rule.exact_spectrum(torch.tensor([0.0, 0.5, 3.0]))
+    # positive semi-definite: TIME_FACTOR / t above the floor, else the floor; no time: the floor
+    assert damping_rule.choose(psd, time=4.0).value == pytest.approx(damping_rule.TIME_FACTOR / 4.0)
+    assert "training time" in damping_rule.choose(psd, time=4.0).reason
+    assert damping_rule.choose(psd, time=1000.0).value == damping_rule.FLOOR
+    assert damping_rule.choose(psd).value == damping_rule.FLOOR
+    # indefinite: the larger of 1.25 x |lambda_min| and TIME_FACTOR / t
+    indef = damping_rule.exact_spectrum(torch.tensor([-0.4, 0.5, 3.0]))
+    assert damping_rule.choose(indef, time=4.0).value == pytest.approx(damping_rule.SAFETY * 0.4)
+    assert damping_rule.choose(indef, time=0.1).value == pytest.approx(damping_rule.TIME_FACTOR / 0.1)
+    # the alternative rules ignore the time
+    assert damping_rule.choose(psd, "mean", time=4.0).value == pytest.approx(0.1 * 3.5 / 3)

@@ -116,8 +116,12 @@ def test_run_setting_computes_every_row_and_resumes_from_its_json(tmp_path: Path
     kw = {"queries": 6, "lds_subsets": 8, "methods": methods, "log": lambda _: None}
     res = rb.run_setting(setting, tmp_path, **kw)
     assert res["done"] and res["n_units"] == 6
-    sweep = {f"if-exact@d={d:g}" for d in rb.SWEEP}
-    assert {"grad-dot", "random", "if-exact", "if-exact@ggn"} | sweep == set(res["rows"])
+    sweep = {f"if-exact{c}@d={d:g}" for d in rb.SWEEP for c in ("", "@hessian")}
+    assert {"grad-dot", "random", "if-exact", "if-exact@hessian"} | sweep == set(res["rows"])
+    assert (
+        res["rows"]["if-exact"]["curvature"] == "ggn"
+        and res["rows"]["if-exact@hessian"]["curvature"] == "hessian"
+    )
     assert all("error" not in r for r in res["rows"].values())
     assert -1 <= res["ceiling"]["spearman"] <= 1 and res["rows"]["if-exact@d=0.1"]["damping"] == 0.1
     saved = json.loads((tmp_path / "tiny.json").read_text())
@@ -141,8 +145,14 @@ def test_plan_sweeps_every_influence_default_from_its_own_fitted_row() -> None:
     plan = rb.method_plan(10, False, ["fastif", "if-cg", "ddm"], {"fastif": {"depth": 50}})
     assert plan["fastif[depth=50]"] == ("fastif", {"depth": 50}, None)
     assert plan["fastif[depth=50]@d=0.3"] == ("fastif", {"depth": 50, "damping": 0.3}, "fastif[depth=50]")
-    # the small model's Gauss-Newton reference is if-exact, not in this plan
-    assert plan["if-cg@d=3"][2] == "if-cg" and "if-cg@ggn" not in plan
+    # the small model's Hessian reference is if-exact, not in this plan
+    assert plan["if-cg@d=3"][2] == "if-cg" and not any("@hessian@d=" in label for label in plan)
+    # every default with a curvature is also run on the Hessian, once
+    assert plan["if-cg@hessian"] == ("if-cg", {"curvature": "hessian"}, None)
+    assert plan["fastif[depth=50]@hessian"] == ("fastif", {"depth": 50, "curvature": "hessian"}, None)
+    big = rb.method_plan(10**6, False, ["if-cg"])
+    assert big["if-cg@hessian"] == ("if-cg", {"curvature": "hessian"}, None)
+    assert big["if-cg@hessian@d=0.1"] == ("if-cg", {"curvature": "hessian", "damping": 0.1}, "if-cg@hessian")
     assert plan["ddm@ggn"] == ("ddm", {"progress": False, "distill": {"curvature": "ggn"}}, None)
     # DDM is not swept: its one fixed-damping row is the default before issue 15, fitted on its own
     assert plan["ddm@d=0.01"] == ("ddm", {"progress": False, "distill": {"damping": 0.01}}, None)
@@ -253,3 +263,16 @@ def test_damping_factor_script_refuses_unknown_settings_and_factors_at_or_below_
         damping_factor.main(["--settings", "nope", "--out", str(tmp_path)])
     with pytest.raises(rb.DistdmError, match="singular"):
         damping_factor.main(["--settings", "noisy-mlp-sgd", "--factors", "1,2", "--out", str(tmp_path)])
+    with pytest.raises(rb.DistdmError, match="> 0 for training-time"):
+        damping_factor.main(
+            [
+                "--of",
+                "training-time",
+                "--settings",
+                "noisy-mlp-sgd",
+                "--factors",
+                "0,1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
